@@ -1,0 +1,37 @@
+# Two commands a new user needs: `make demo` and `make test`.
+# Each creates .venv if missing, installs the pinned dependencies and the data, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nni-fedexit-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[flower,test]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package where apt-get and root are there;
+# elsewhere pass --data-dir (or download=True) as the README says.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST not installed and apt-get/root not available: see README, 'Data'."; \
+	fi
+
+demo: install data
+	$(VENV)/bin/nni-fedexit demo
+
+test: install data
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

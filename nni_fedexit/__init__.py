@@ -1,0 +1,24 @@
+"""nni-fedexit: cloud-edge collaborative training as an NNI plugin.
+
+S1 ResNetBlockPoolSpace (block pools cropped from timm ResNets), S2 data roles and client
+partitions; later stages (search strategy, multi-exit network, federated evaluator) build on these.
+"""
+
+from . import _nni  # noqa: F401  (must come before anything imports nni)
+from .data import DataBundle, DataError, ImageData, load_dataset, partition, split_roles
+from .space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataBundle",
+    "DataError",
+    "ImageData",
+    "ResNetBlockPoolSpace",
+    "SpaceSpec",
+    "SpecError",
+    "load_dataset",
+    "load_space_spec",
+    "partition",
+    "split_roles",
+]

@@ -1,0 +1,436 @@
+"""S2: image data, the server's search split, and the clients' partitions.
+
+Everything is held as in-memory tensors: the data sets used here are small enough, and it lets
+the search, the federated rounds and the tests slice by index without re-reading files.
+
+Data roles (DESIGN.md): the server keeps a slice of the training set for the architecture search
+(``search_train`` / ``search_val``), the rest is partitioned among the K edge clients, and the
+official test set is used only for final numbers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "ImageData",
+    "DataBundle",
+    "DataRoles",
+    "DATASETS",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "load_dataset",
+    "split_roles",
+    "partition",
+    "partition_iid",
+    "partition_dirichlet",
+    "partition_shards",
+    "label_skew",
+]
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "digits")
+
+_FMNIST_HELP = (
+    "Get Fashion-MNIST one of these ways: `apt-get install dataset-fashion-mnist` (puts the IDX "
+    f"files in {FASHION_MNIST_SYSTEM_DIR}; `make data` does it), pass data_dir= / --data-dir "
+    "pointing at a folder with the four *-ubyte(.gz) files, or allow download=True where there "
+    "is internet."
+)
+
+
+class DataError(RuntimeError):
+    """A data set is missing, corrupt, or cannot be split as asked."""
+
+
+@dataclass
+class ImageData:
+    """Images (N, C, H, W) as normalised float32 and labels (N,) as int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray | Sequence[int] | torch.Tensor) -> "ImageData":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageData(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class DataBundle:
+    """A data set's training and official test parts, with what a model needs to know of it."""
+
+    name: str
+    train: ImageData
+    test: ImageData
+    num_classes: int
+    class_names: tuple[str, ...]
+    source: str  # where it was read from, for reports
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+
+@dataclass
+class DataRoles:
+    """Indices into the training set: the server's search split and the clients' share."""
+
+    search_train: np.ndarray
+    search_val: np.ndarray
+    clients: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nni-fedexit"
+
+
+def _find_fmnist_files(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in ``folder`` (plain or gzipped), or None if any is missing."""
+    found: dict[str, Path] = {}
+    for sub in (folder, folder / "FashionMNIST" / "raw", folder / "raw"):
+        for stem in FASHION_MNIST_FILES:
+            for candidate in (sub / stem, sub / f"{stem}.gz"):
+                if stem not in found and candidate.is_file():
+                    found[stem] = candidate
+    return found if len(found) == len(FASHION_MNIST_FILES) else None
+
+
+def _stage_fmnist(files: dict[str, Path]) -> Path:
+    """Put the IDX files, uncompressed, where torchvision's FashionMNIST reads them.
+
+    torchvision reads ``<root>/FashionMNIST/raw/<stem>`` uncompressed; the Debian package ships
+    gzipped files, so they are decompressed once into the cache (keyed by size and mtime).
+    """
+    key = "-".join(f"{p.stat().st_size}.{int(p.stat().st_mtime)}" for p in files.values())
+    root = _cache_dir() / "fashion-mnist" / hashlib.sha1(key.encode()).hexdigest()[:12]
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for stem, src in files.items():
+        dst = raw / stem
+        if dst.is_file():
+            continue
+        tmp = dst.with_suffix(".tmp")
+        try:
+            if src.suffix == ".gz":
+                with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+            else:
+                shutil.copyfile(src, tmp)
+        except (OSError, EOFError, gzip.BadGzipFile) as err:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({err}). {_FMNIST_HELP}") from err
+        tmp.replace(dst)
+    return root
+
+
+def _normalise(train_u8: torch.Tensor, test_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, H, W) -> float32 standardised with the training set's per-channel stats."""
+    train = train_u8.float().div_(255.0)
+    test = test_u8.float().div_(255.0)
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBundle:
+    from torchvision.datasets import FashionMNIST
+
+    searched: list[Path] = []
+    folders = [Path(data_dir)] if data_dir is not None else [FASHION_MNIST_SYSTEM_DIR, _cache_dir() / "download"]
+    root: Path | None = None
+    source = ""
+    for folder in folders:
+        searched.append(folder)
+        files = _find_fmnist_files(folder)
+        if files is not None:
+            root, source = _stage_fmnist(files), str(folder)
+            break
+    if root is None:
+        if not download:
+            where = ", ".join(str(p) for p in searched)
+            raise DataError(f"Fashion-MNIST IDX files not found in {where}. {_FMNIST_HELP}")
+        root = Path(data_dir) if data_dir is not None else _cache_dir() / "download"
+        source = f"torchvision download into {root}"
+        try:
+            FashionMNIST(str(root), train=True, download=True)
+            FashionMNIST(str(root), train=False, download=True)
+        except Exception as err:  # network errors come in many types
+            raise DataError(f"Downloading Fashion-MNIST into {root} failed ({err}). {_FMNIST_HELP}") from err
+    parts = {}
+    for train in (True, False):
+        try:
+            ds = FashionMNIST(str(root), train=train, download=False)
+        except Exception as err:  # torchvision asserts on a bad header or a short file
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raise DataError(
+                f"Fashion-MNIST files in {raw} (read from {source}) are corrupt: {err or type(err).__name__}. "
+                f"Reinstall them (apt-get install --reinstall dataset-fashion-mnist) or delete {raw}. {_FMNIST_HELP}"
+            ) from err
+        parts[train] = (ds.data.unsqueeze(1), ds.targets.long())
+    x_train, x_test = _normalise(parts[True][0], parts[False][0])
+    expected = {True: 60000, False: 10000}
+    for train, (x, y) in parts.items():
+        if len(y) != expected[train] or int(y.max()) > 9:
+            raise DataError(f"Fashion-MNIST files under {root} hold {len(y)} samples, expected {expected[train]}. {_FMNIST_HELP}")
+    return DataBundle(
+        "fashion-mnist",
+        ImageData(x_train, parts[True][1]),
+        ImageData(x_test, parts[False][1]),
+        10,
+        FASHION_MNIST_CLASSES,
+        source,
+    )
+
+
+def _load_cifar(name: str, data_dir: str | Path | None, download: bool) -> DataBundle:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    root = Path(data_dir) if data_dir is not None else _cache_dir() / "download"
+    parts = {}
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=download)
+        except RuntimeError as err:
+            raise DataError(
+                f"{name} not found or corrupt under {root} ({err}). Put torchvision's "
+                f"'{cls.base_folder}' folder (from {cls.filename}) there and pass data_dir={root}, "
+                "or allow download=True where there is internet."
+            ) from err
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        parts[train] = (images, torch.as_tensor(ds.targets, dtype=torch.long))
+        class_names = tuple(ds.classes)
+    x_train, x_test = _normalise(parts[True][0], parts[False][0])
+    return DataBundle(
+        name, ImageData(x_train, parts[True][1]), ImageData(x_test, parts[False][1]),
+        len(class_names), class_names, str(root),
+    )
+
+
+def _load_digits(test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+    """scikit-learn's bundled 8x8 digits (1,797 images): no official test set, so a seeded 20%."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    labels = torch.as_tensor(d.target, dtype=torch.long)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(len(labels) * test_fraction))
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    x_train, x_test = _normalise(images[train_idx].round().to(torch.uint8), images[test_idx].round().to(torch.uint8))
+    return DataBundle(
+        "digits", ImageData(x_train, labels[train_idx]), ImageData(x_test, labels[test_idx]),
+        10, tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits",
+    )
+
+
+def load_dataset(name: str = "fashion-mnist", data_dir: str | Path | None = None, download: bool = False) -> DataBundle:
+    """Load a data set by name: ``fashion-mnist``, ``cifar10``, ``cifar100`` or ``digits``.
+
+    Fashion-MNIST is read from ``data_dir`` if given, else from the Debian package's folder
+    (``/usr/share/datasets/fashion-mnist``), else downloaded by torchvision if ``download``.
+    CIFAR loads through torchvision from ``data_dir``. Raises :class:`DataError` naming the
+    path and the fix when files are missing or corrupt.
+    """
+    key = name.lower().replace("_", "-")
+    if key in ("fashion-mnist", "fashionmnist", "fmnist"):
+        return _load_fashion_mnist(data_dir, download)
+    if key in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
+        return _load_cifar(key.replace("-", ""), data_dir, download)
+    if key == "digits":
+        return _load_digits()
+    raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles and partitions
+# ---------------------------------------------------------------------------------------------
+
+
+def split_roles(
+    n_train: int,
+    server_fraction: float = 0.2,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    server_max_samples: int | None = None,
+) -> DataRoles:
+    """Split training indices into the server's search train/val slice and the clients' share.
+
+    ``server_fraction`` of the training set goes to the server (capped at ``server_max_samples``
+    if given, so CPU runs can search on a small slice); ``val_fraction`` of that is validation.
+    Every index lands in exactly one role.
+    """
+    if not 0.0 < server_fraction < 1.0:
+        raise DataError(f"server_fraction must be in (0, 1), got {server_fraction}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n_train)
+    n_server = int(round(n_train * server_fraction))
+    if server_max_samples is not None:
+        n_server = min(n_server, int(server_max_samples))
+    n_val = int(round(n_server * val_fraction))
+    if n_val < 1 or n_server - n_val < 1 or n_train - n_server < 1:
+        raise DataError(
+            f"cannot split {n_train} training samples with server_fraction={server_fraction}, "
+            f"val_fraction={val_fraction}: a role would be empty; use more data or other fractions"
+        )
+    server = order[:n_server]
+    return DataRoles(np.sort(server[n_val:]), np.sort(server[:n_val]), np.sort(order[n_server:]))
+
+
+def _check_clients(n_samples: int, num_clients: int) -> None:
+    if num_clients < 1:
+        raise DataError(f"num_clients must be at least 1, got {num_clients}")
+    if num_clients > n_samples:
+        raise DataError(
+            f"{num_clients} clients but only {n_samples} samples to share: a client would be empty; "
+            "use fewer clients or more data"
+        )
+
+
+def partition_iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
+    """Shuffle and cut into ``num_clients`` near-equal parts."""
+    labels = np.asarray(labels)
+    _check_clients(len(labels), num_clients)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return [np.sort(p) for p in np.array_split(order, num_clients)]
+
+
+def partition_dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int = 0, min_size: int = 1, max_tries: int = 100
+) -> list[np.ndarray]:
+    """Label-skewed partition: each class is spread over clients by proportions ~ Dir(alpha).
+
+    Small ``alpha`` gives each client few classes; large ``alpha`` approaches IID. Draws again
+    (same seed stream) until every client holds at least ``min_size`` samples.
+    """
+    labels = np.asarray(labels)
+    _check_clients(len(labels), num_clients)
+    if not alpha > 0:
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    sizes = np.zeros(num_clients, dtype=int)
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            props = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        sizes = np.array([sum(len(c) for c in p) for p in parts])
+        if sizes.min() >= min_size:
+            return [np.sort(np.concatenate(p)) for p in parts]
+    empty = [int(i) for i in np.flatnonzero(sizes < min_size)]
+    raise DataError(
+        f"dirichlet(alpha={alpha}) left client(s) {empty} with fewer than {min_size} samples "
+        f"after {max_tries} draws ({len(labels)} samples, {num_clients} clients); "
+        "raise alpha, use fewer clients, or more data"
+    )
+
+
+def partition_shards(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int = 0) -> list[np.ndarray]:
+    """Pathological non-IID: each client holds exactly ``classes_per_client`` classes.
+
+    Classes are dealt round-robin over a seeded class order, so every class has an owner
+    (which needs ``num_clients * classes_per_client >= #classes``); each class's samples are
+    then cut evenly among the clients that own it.
+    """
+    labels = np.asarray(labels)
+    _check_clients(len(labels), num_clients)
+    classes = np.unique(labels)
+    k = int(classes_per_client)
+    if not 1 <= k <= len(classes):
+        raise DataError(f"classes_per_client must be in 1..{len(classes)}, got {classes_per_client}")
+    if num_clients * k < len(classes):
+        raise DataError(
+            f"shards: {num_clients} clients x {k} classes cannot cover {len(classes)} classes, so some "
+            "samples would belong to no client; raise classes_per_client or num_clients"
+        )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(classes)
+    owners: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_clients):
+        for j in range(k):
+            owners[int(order[(client * k + j) % len(classes)])].append(client)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, clients in owners.items():
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        for client, chunk in zip(clients, np.array_split(idx, len(clients))):
+            parts[client].append(chunk)
+    out = [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
+    empty = [i for i, p in enumerate(out) if len(p) == 0]
+    if empty:
+        raise DataError(f"shards left client(s) {empty} empty: too few samples per class for {num_clients} clients")
+    return out
+
+
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+) -> list[np.ndarray]:
+    """Partition sample positions among clients by ``scheme``: ``iid``, ``dirichlet`` or ``shards``.
+
+    Returns one sorted array of positions (into ``labels``) per client; every position is in
+    exactly one client; the same seed gives the same partition.
+    """
+    if scheme == "iid":
+        return partition_iid(labels, num_clients, seed)
+    if scheme == "dirichlet":
+        return partition_dirichlet(labels, num_clients, alpha, seed)
+    if scheme == "shards":
+        return partition_shards(labels, num_clients, classes_per_client, seed)
+    raise DataError(f"unknown partition scheme {scheme!r}: choose iid, dirichlet or shards")
+
+
+def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each client's label distribution and the global one.
+
+    0 for a perfectly IID split; approaches 1 as clients hold disjoint classes.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    glob = np.array([(labels == c).mean() for c in classes])
+    dists = []
+    for p in parts:
+        own = np.array([(labels[p] == c).mean() for c in classes])
+        dists.append(0.5 * np.abs(own - glob).sum())
+    return float(np.mean(dists))

@@ -1,0 +1,73 @@
+"""Plain supervised training and evaluation on in-memory tensors.
+
+Used to train one sampled architecture (the demo, ``trials`` search mode) and to score models;
+the federated clients' local training builds on the same loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import ImageData
+
+__all__ = ["TrainSettings", "train_classifier", "evaluate_accuracy"]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    #: stop an epoch after this many batches (None: the whole epoch); keeps CPU runs short
+    max_batches: int | None = None
+
+
+def train_classifier(model: nn.Module, data: ImageData, settings: TrainSettings, progress: bool = False) -> list[float]:
+    """SGD with momentum and a cosine learning-rate schedule; returns the mean loss per epoch."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    n = len(data)
+    per_epoch = -(-n // settings.batch_size)
+    if settings.max_batches is not None:
+        per_epoch = min(per_epoch, settings.max_batches)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, per_epoch * settings.epochs))
+    losses: list[float] = []
+    model.train()
+    for epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        total, seen = 0.0, 0
+        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
+        for b in bar:
+            idx = order[b * settings.batch_size : (b + 1) * settings.batch_size]
+            x, y = data.images[idx], data.labels[idx]
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.3f}")
+        losses.append(total / max(seen, 1))
+    return losses
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        logits = model(data.images[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == data.labels[start : start + batch_size]).sum())
+    return correct / max(len(data), 1)
