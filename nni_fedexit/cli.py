@@ -96,8 +96,9 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
     s = ResNetBlockPoolSpace.from_preset(
         space_preset, in_chans=data.in_chans, image_size=data.image_size, num_classes=data.num_classes
     )
-    sample: dict[str, str] = {}
-    model = s.random(memo=sample, random_state=np.random.RandomState(seed))  # NNI fills `sample`
+    rs = np.random.RandomState(seed)
+    sample = {label: choice.random(random_state=rs) for label, choice in s.simplify().items()}
+    model = s.build(sample)
     p_h, big_p = s.count_params(sample), s.baseline_params()
     click.echo(f"space: {s.num_architectures()} networks; sampled {sample}")
     click.echo(f"size: p_h = {p_h:,} parameters, baseline P = {big_p:,} (p_h/P = {p_h / big_p:.2f})")

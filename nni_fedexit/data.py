@@ -127,32 +127,48 @@ def _find_fmnist_files(folder: Path) -> dict[str, Path] | None:
     return found if len(found) == len(FASHION_MNIST_FILES) else None
 
 
-def _stage_fmnist(files: dict[str, Path]) -> Path:
-    """Put the IDX files, uncompressed, where torchvision's FashionMNIST reads them.
+def _stage_fmnist(files: dict[str, Path]) -> dict[str, Path]:
+    """The IDX files, uncompressed (torchvision's IDX reader reads plain files).
 
-    torchvision reads ``<root>/FashionMNIST/raw/<stem>`` uncompressed; the Debian package ships
-    gzipped files, so they are decompressed once into the cache (keyed by size and mtime).
+    The Debian package ships gzipped files; they are decompressed once into the cache, keyed by
+    the sources' sizes and mtimes so a replaced file is read afresh.
     """
     key = "-".join(f"{p.stat().st_size}.{int(p.stat().st_mtime)}" for p in files.values())
-    root = _cache_dir() / "fashion-mnist" / hashlib.sha1(key.encode()).hexdigest()[:12]
-    raw = root / "FashionMNIST" / "raw"
+    raw = _cache_dir() / "fashion-mnist" / hashlib.sha1(key.encode()).hexdigest()[:12]
     raw.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
     for stem, src in files.items():
-        dst = raw / stem
+        if src.suffix != ".gz":
+            staged[stem] = src
+            continue
+        dst = staged[stem] = raw / stem
         if dst.is_file():
             continue
         tmp = dst.with_suffix(".tmp")
         try:
-            if src.suffix == ".gz":
-                with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
-            else:
-                shutil.copyfile(src, tmp)
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
         except (OSError, EOFError, gzip.BadGzipFile) as err:
             tmp.unlink(missing_ok=True)
             raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({err}). {_FMNIST_HELP}") from err
         tmp.replace(dst)
-    return root
+    return staged
+
+
+def _read_idx(path: Path, source: Path, expected: int) -> torch.Tensor:
+    """One IDX file through torchvision's reader; a bad header or size names the source file."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    try:
+        tensor = read_sn3_pascalvincent_tensor(str(path), strict=True)
+    except Exception as err:  # torchvision asserts / raises RuntimeError on malformed files
+        raise DataError(f"Fashion-MNIST file {source} is corrupt ({err or type(err).__name__}). {_FMNIST_HELP}") from err
+    if tensor.shape[0] != expected:
+        raise DataError(
+            f"Fashion-MNIST file {source} holds {tensor.shape[0]} items, expected {expected}: it is "
+            f"truncated or not Fashion-MNIST. {_FMNIST_HELP}"
+        )
+    return tensor
 
 
 def _normalise(train_u8: torch.Tensor, test_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,49 +181,43 @@ def _normalise(train_u8: torch.Tensor, test_u8: torch.Tensor) -> tuple[torch.Ten
 
 
 def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBundle:
-    from torchvision.datasets import FashionMNIST
-
-    searched: list[Path] = []
     folders = [Path(data_dir)] if data_dir is not None else [FASHION_MNIST_SYSTEM_DIR, _cache_dir() / "download"]
-    root: Path | None = None
-    source = ""
+    files = None
     for folder in folders:
-        searched.append(folder)
         files = _find_fmnist_files(folder)
         if files is not None:
-            root, source = _stage_fmnist(files), str(folder)
+            source = str(folder)
             break
-    if root is None:
+    if files is None:
         if not download:
-            where = ", ".join(str(p) for p in searched)
+            where = ", ".join(str(p) for p in folders)
             raise DataError(f"Fashion-MNIST IDX files not found in {where}. {_FMNIST_HELP}")
-        root = Path(data_dir) if data_dir is not None else _cache_dir() / "download"
-        source = f"torchvision download into {root}"
+        from torchvision.datasets import FashionMNIST
+
+        root = folders[-1] if data_dir is None else Path(data_dir)
         try:
             FashionMNIST(str(root), train=True, download=True)
             FashionMNIST(str(root), train=False, download=True)
         except Exception as err:  # network errors come in many types
             raise DataError(f"Downloading Fashion-MNIST into {root} failed ({err}). {_FMNIST_HELP}") from err
-    parts = {}
-    for train in (True, False):
-        try:
-            ds = FashionMNIST(str(root), train=train, download=False)
-        except Exception as err:  # torchvision asserts on a bad header or a short file
-            raw = Path(root) / "FashionMNIST" / "raw"
-            raise DataError(
-                f"Fashion-MNIST files in {raw} (read from {source}) are corrupt: {err or type(err).__name__}. "
-                f"Reinstall them (apt-get install --reinstall dataset-fashion-mnist) or delete {raw}. {_FMNIST_HELP}"
-            ) from err
-        parts[train] = (ds.data.unsqueeze(1), ds.targets.long())
-    x_train, x_test = _normalise(parts[True][0], parts[False][0])
-    expected = {True: 60000, False: 10000}
-    for train, (x, y) in parts.items():
-        if len(y) != expected[train] or int(y.max()) > 9:
-            raise DataError(f"Fashion-MNIST files under {root} hold {len(y)} samples, expected {expected[train]}. {_FMNIST_HELP}")
+        files = _find_fmnist_files(root)
+        assert files is not None, f"torchvision downloaded Fashion-MNIST but not into {root}"
+        source = f"torchvision download in {root}"
+    plain = _stage_fmnist(files)
+    sizes = {"train": 60000, "t10k": 10000}
+    arrays = {
+        stem: _read_idx(plain[stem], files[stem], sizes[stem.split("-")[0]]) for stem in FASHION_MNIST_FILES
+    }
+    for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        if int(arrays[stem].max()) > 9:
+            raise DataError(f"Fashion-MNIST file {files[stem]} has labels above 9: it is corrupt. {_FMNIST_HELP}")
+    x_train, x_test = _normalise(
+        arrays["train-images-idx3-ubyte"].unsqueeze(1), arrays["t10k-images-idx3-ubyte"].unsqueeze(1)
+    )
     return DataBundle(
         "fashion-mnist",
-        ImageData(x_train, parts[True][1]),
-        ImageData(x_test, parts[False][1]),
+        ImageData(x_train, arrays["train-labels-idx1-ubyte"].long()),
+        ImageData(x_test, arrays["t10k-labels-idx1-ubyte"].long()),
         10,
         FASHION_MNIST_CLASSES,
         source,

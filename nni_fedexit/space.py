@@ -25,6 +25,7 @@ import torch.nn as nn
 from . import _nni  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
 from .presets import load_preset
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
+from nni.nas.space import model_context
 
 __all__ = ["SpaceSpec", "SpecError", "ResNetBlockPoolSpace", "BlockCrop", "load_space_spec"]
 
@@ -197,8 +198,8 @@ class ResNetBlockPoolSpace(ModelSpace):
     """S1: networks assembled from block pools cropped out of several timm ResNets.
 
     Build it from keyword arguments (the fields of :class:`SpaceSpec`) or from a preset with
-    :meth:`from_preset`. ``space.random()`` / ``space.freeze(sample)`` give NNI-frozen networks;
-    a sample maps ``stage1`` .. ``stageL`` to a candidate name (the source network's name, or
+    :meth:`from_preset`. ``space.random()`` / ``space.freeze(sample)`` give NNI-frozen networks
+    that share weights with the space; :meth:`build` gives an independent one. A sample maps ``stage1`` .. ``stageL`` to a candidate name (the source network's name, or
     ``<source>-d<k>`` for a depth crop of its first k blocks).
     """
 
@@ -274,6 +275,19 @@ class ResNetBlockPoolSpace(ModelSpace):
     @classmethod
     def from_spec(cls, spec: SpaceSpec) -> "ResNetBlockPoolSpace":
         return cls(**spec.to_dict())
+
+    def build(self, sample: Mapping[str, Any]) -> nn.Module:
+        """A fresh, independently initialised network for ``sample``.
+
+        NNI's ``freeze(sample)`` keeps the space's weights: the frozen network *shares* its stage
+        modules with the space (and with every other network frozen from it), which is what
+        weight inheritance wants. Training several networks side by side in one process needs
+        independent copies: this re-runs the constructor in NNI's frozen context instead, so
+        only the chosen crops are kept and nothing is shared.
+        """
+        self.validate(dict(sample))
+        with model_context(dict(sample)):
+            return type(self)(**self.spec.to_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from nni_fedexit.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def fmnist_space():
+    from nni_fedexit import ResNetBlockPoolSpace
+
+    return ResNetBlockPoolSpace.from_preset("resnet_pool_depth")
+
+
+@pytest.fixture(scope="session")
+def cifar_space():
+    from nni_fedexit import ResNetBlockPoolSpace
+
+    return ResNetBlockPoolSpace.from_preset("resnet_pool_cifar", widths=[8, 16, 32, 64])
