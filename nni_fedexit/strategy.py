@@ -1,0 +1,511 @@
+"""S3: SizeAwarePolicyGradient, an NNI 3.0 strategy (LSTM controller, REINFORCE, size-aware reward).
+
+Two modes, one controller (:mod:`nni_fedexit.controller`) and one reward (:mod:`nni_fedexit.reward`):
+
+``shared`` (default, the patent's ENAS method)
+    A one-shot strategy on NNI's ``RandomOneShot`` machinery: the space becomes a supernet of
+    path-sampling layers with one set of shared weights. Each epoch the shared weights train on
+    the training batches along controller-sampled paths, then the controller samples a path per
+    validation batch, is rewarded with ``R(accuracy on that batch, p_h)`` and takes a REINFORCE
+    step every ``samples_per_update`` batches. At the end K architectures are sampled from the
+    controller (plus its greedy choice), each is scored on the validation data with the shared
+    weights, and the one with the highest reward is exported. Needs a Lightning evaluator such
+    as ``nni.nas.evaluator.pytorch.Classification`` whose batches are ``(x, y)``.
+
+``trials``
+    A multi-trial strategy: every sampled architecture is submitted to NNI's execution engine
+    as a trial (local training service: the web UI lists it with its metrics). The trial reports
+    its accuracy (``nni.report_final_result(acc)`` or ``{"default": acc, "params": p_h}``); the
+    strategy computes the reward and updates the controller every ``samples_per_update``
+    finished trials, in whatever order they finish. Failed trials are logged and skipped, not
+    rewarded 0.
+
+``SizeAwarePolicyGradient(mode=...)`` returns the mode's class, both subclasses of it, so NNI's
+experiment picks the right engine by itself (sequential for ``shared``, training service for
+``trials``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import asdict
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from . import _nni  # noqa: F401
+from .controller import ControllerSettings, PolicyGradient
+from .reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward
+from nni.mutable import Categorical
+from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
+from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
+from nni.nas.oneshot.pytorch.strategy import RandomOneShot
+from nni.nas.space import ModelStatus
+from nni.nas.strategy.base import Strategy
+
+__all__ = ["SizeAwarePolicyGradient", "SharedSizeAwarePolicyGradient", "TrialsSizeAwarePolicyGradient"]
+
+_logger = logging.getLogger(__name__)
+
+MODES = ("shared", "trials")
+
+
+def _categorical_choices(space: Any) -> dict[str, list[Any]]:
+    """``{label: values}`` in ``simplify()`` order; anything but a single categorical choice is an error."""
+    choices: dict[str, list[Any]] = {}
+    for label, mutable in space.simplify().items():
+        if isinstance(mutable, Categorical):
+            choices[label] = list(mutable.values)
+        else:
+            raise ValueError(
+                f"SizeAwarePolicyGradient supports Categorical choices only, but label {label!r} is "
+                f"{type(mutable).__name__}: use nni.choice or LayerChoice there"
+            )
+    if not choices:
+        raise ValueError("the model space has no choices to search")
+    return choices
+
+
+def _sample_key(sample: Mapping[str, Any]) -> str:
+    return repr(sorted((str(k), repr(v)) for k, v in sample.items()))
+
+
+class SizeAwarePolicyGradient(Strategy):
+    """Policy-gradient NAS whose reward weighs accuracy against parameter count (claims 3 and 4).
+
+    Parameters
+    ----------
+    mode
+        ``"shared"`` (weight-sharing ENAS, default) or ``"trials"`` (one NNI trial per sample).
+    beta
+        Reward exponent: ``R = Acc * (p_h / P) ** (-1 / beta)``; a positive integer.
+    baseline_params
+        P. Default: the space's ``baseline_params()`` (ResNetBlockPoolSpace), else the parameter
+        count of the sample that takes every label's first value.
+    reward
+        Replaces the reward: any ``reward(accuracy, params) -> float``, e.g.
+        :class:`~nni_fedexit.reward.HardBudgetReward`. ``beta`` and ``baseline_params`` are then
+        unused except for P's default.
+    controller
+        :class:`~nni_fedexit.controller.ControllerSettings` (or a dict of its fields); its seed
+        defaults to ``seed``.
+    samples_per_update
+        Finished samples (trials, or validation batches in ``shared`` mode) per controller update.
+    final_samples
+        ``shared`` mode: K, the architectures sampled at the end and scored with the shared weights.
+    final_eval_batches
+        ``shared`` mode: validation batches used to score each of the K (None: all).
+    warmup_epochs
+        ``shared`` mode: epochs in which the controller samples but does not learn yet.
+    seed
+        Seeds the controller's weights and every sample it draws.
+    """
+
+    MODE = ""
+
+    def __new__(cls, *args: Any, mode: str | None = None, **kwargs: Any):
+        if cls is SizeAwarePolicyGradient:
+            mode = mode or "shared"
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            cls = SharedSizeAwarePolicyGradient if mode == "shared" else TrialsSizeAwarePolicyGradient
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        *,
+        mode: str | None = None,
+        beta: int = DEFAULT_BETA,
+        baseline_params: int | None = None,
+        reward: Reward | None = None,
+        controller: ControllerSettings | Mapping[str, Any] | None = None,
+        samples_per_update: int = 4,
+        final_samples: int = 16,
+        final_eval_batches: int | None = None,
+        warmup_epochs: int = 0,
+        seed: int = 0,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
+            raise ValueError(f"beta must be a positive integer, got {beta!r}")
+        if samples_per_update < 1:
+            raise ValueError(f"samples_per_update must be >= 1, got {samples_per_update}")
+        if final_samples < 1:
+            raise ValueError(f"final_samples must be >= 1, got {final_samples}")
+        if mode is not None and mode != self.MODE:
+            raise ValueError(f"{type(self).__name__} runs mode {self.MODE!r}, not {mode!r}")
+        self.mode = self.MODE
+        self.beta = beta
+        self.baseline_params = baseline_params
+        self.custom_reward = reward
+        if controller is None:
+            controller = ControllerSettings(seed=seed)
+        elif not isinstance(controller, ControllerSettings):
+            controller = ControllerSettings(**{"seed": seed, **dict(controller)})
+        self.controller_settings = controller
+        self.samples_per_update = samples_per_update
+        self.final_samples = final_samples
+        self.final_eval_batches = final_eval_batches
+        self.warmup_epochs = warmup_epochs
+        self.seed = seed
+        self.learner: PolicyGradient | None = None
+        self.reward_fn: Reward | None = None
+        self.profiler: ParamsProfiler | None = None
+        #: every scored sample: {"sample", "accuracy", "params", "reward", "step"}
+        self.records: list[dict[str, Any]] = []
+        self._buffer: list[tuple[dict[str, Any], float]] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._lock = threading.RLock()
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode!r}, beta={self.beta}, samples_per_update={self.samples_per_update}, "
+            f"seed={self.seed}"
+        )
+
+    # ---- shared by both modes ---------------------------------------------------------------
+
+    def _setup_search(self, space: Any, profiled: Any) -> None:
+        """Controller over ``space``'s labels; reward with P; the state loaded before initialize."""
+        choices = _categorical_choices(space)
+        self.learner = PolicyGradient(choices, self.controller_settings)
+        self.profiler = ParamsProfiler(profiled)
+        if self.baseline_params is None:
+            own = getattr(self.profiler.space, "baseline_params", None)
+            if callable(own):
+                self.baseline_params = int(own())
+            else:
+                first = {label: values[0] for label, values in choices.items()}
+                self.baseline_params = self.profiler.profile(first)
+                _logger.info("Baseline P = %s parameters (the sample of every label's first value)", self.baseline_params)
+        if self.custom_reward is not None:
+            self.reward_fn = self.custom_reward
+        elif self.baseline_params:
+            self.reward_fn = SizeAwareReward(self.baseline_params, self.beta)
+        else:
+            self.reward_fn = lambda accuracy, params: float(accuracy)
+        if self._pending_state is not None:
+            self._load_search_state(self._pending_state)
+            self._pending_state = None
+
+    def score(self, accuracy: float, sample: Mapping[str, Any], params: int | None = None) -> tuple[float, int | None]:
+        """(reward, p_h) of a sample with this accuracy; p_h from the trial if it reported one."""
+        assert self.reward_fn is not None and self.profiler is not None
+        if params is None:
+            params = self.profiler.profile(sample)
+        reward = self.reward_fn(accuracy, params if params is not None else self.baseline_params or 1)
+        return float(reward), params
+
+    def observe(self, sample: Mapping[str, Any], accuracy: float, params: int | None = None, learn: bool = True) -> float:
+        """Score a finished sample, record it, and update the controller when a batch is full."""
+        assert self.learner is not None
+        with self._lock:
+            reward, params = self.score(accuracy, sample, params)
+            self.records.append({
+                "sample": dict(sample), "accuracy": float(accuracy), "params": params,
+                "reward": reward, "step": self.learner.steps,
+            })
+            if learn:
+                self._buffer.append((dict(sample), reward))
+                if len(self._buffer) >= self.samples_per_update:
+                    samples, rewards = zip(*self._buffer)
+                    stats = self.learner.update(list(samples), list(rewards))
+                    self._buffer.clear()
+                    _logger.info(
+                        "[controller step %d] mean reward %.4f, baseline %.4f, entropy %.3f",
+                        stats["step"], stats["mean_reward"], stats["baseline"], stats["entropy"],
+                    )
+            return reward
+
+    def best_record(self) -> dict[str, Any] | None:
+        return max(self.records, key=lambda r: r["reward"], default=None)
+
+    def _search_state(self) -> dict[str, Any]:
+        if self.learner is None:
+            return dict(self._pending_state or {})
+        return {
+            "controller": self.learner.state_dict(),
+            "records": [dict(r) for r in self.records],
+            "buffer": [[dict(s), float(r)] for s, r in self._buffer],
+            "baseline_params": self.baseline_params,
+        }
+
+    def _load_search_state(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        if self.learner is None:
+            _logger.info("Strategy state kept; it is restored when the strategy is initialized with a space.")
+            self._pending_state = dict(state)
+            return
+        self.learner.load_state_dict(state["controller"])
+        self.records = [dict(r) for r in state["records"]]
+        self._buffer = [(dict(s), float(r)) for s, r in state["buffer"]]
+
+    def state_dict(self) -> dict:
+        return self._search_state()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._load_search_state(state_dict)
+
+
+class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
+    """``mode="trials"``: each sampled architecture is an NNI trial (see the module docstring)."""
+
+    MODE = "trials"
+
+    def _initialize(self, model_space: Any, engine: Any) -> Any:
+        self._setup_search(model_space, model_space)
+        # strong references: NNI's engine only keeps weak ones, and drops events of collected models
+        self._running: list[tuple[Any, dict[str, Any]]] = []
+        self._final_metrics: list[tuple[Any, Any]] = []
+        self._finished: list[tuple[Any, float]] = []
+        engine.register_model_event_callback(ModelEventType.FinalMetric, self._on_final_metric)
+        engine.register_model_event_callback(ModelEventType.TrainingEnd, self._on_training_end)
+        return model_space
+
+    def _cleanup(self) -> None:
+        self.engine.unregister_model_event_callback(ModelEventType.FinalMetric, self._on_final_metric)
+        self.engine.unregister_model_event_callback(ModelEventType.TrainingEnd, self._on_training_end)
+
+    def _run(self) -> None:
+        assert self.learner is not None
+        while self.wait_for_resource():
+            with self._lock:
+                sample = self.learner.sample()
+                model = self.model_space.freeze(sample)
+                self._running.append((model, sample))
+            _logger.info("[trial %d] submitting %s", len(self.records) + len(self._running), sample)
+            self.engine.submit_models(model)  # the sequential engine runs it (and its callbacks) here
+        self.engine.wait_models()
+
+    @staticmethod
+    def _pop(pairs: list[tuple[Any, Any]], model: Any) -> Any:
+        for i, (m, value) in enumerate(pairs):
+            if m is model:
+                del pairs[i]
+                return value
+        return None
+
+    def _on_final_metric(self, event: FinalMetricEvent) -> None:
+        with self._lock:
+            self._final_metrics.append((event.model, event.metric))
+
+    def _on_training_end(self, event: TrainingEndEvent) -> None:
+        with self._lock:
+            sample = self._pop(self._running, event.model)
+            raw = self._pop(self._final_metrics, event.model)
+            if sample is None:
+                _logger.debug("%s was not submitted by this strategy; ignored", event.model)
+                return
+            if raw is None:
+                raw = event.model.metric
+            if event.status != ModelStatus.Trained or raw is None:
+                _logger.warning("Trial of %s ended %s without a final metric: skipped, no reward", sample,
+                                getattr(event.status, "value", event.status))
+                return
+            accuracy, params = _parse_metric(raw)
+            if accuracy is None:
+                _logger.warning("Trial of %s reported %r, not a number or {'default': number}: skipped", sample, raw)
+                return
+            reward = self.observe(sample, accuracy, params)
+            self._finished.append((event.model, reward))
+
+    def list_models(self, sort: bool = True, limit: int | None = None) -> Iterator[Any]:
+        """Models trained in this run, best *reward* first (NNI's default sorts by the raw metric)."""
+        if not sort:
+            yield from super().list_models(sort=False, limit=limit)
+            return
+        ranked = sorted(self._finished, key=lambda pair: pair[1], reverse=True)
+        yield from (model for model, _ in ranked[:limit])
+
+
+def _parse_metric(raw: Any) -> tuple[float | None, int | None]:
+    """(accuracy, p_h or None) from what a trial reported."""
+    params = None
+    if isinstance(raw, Mapping):
+        value = raw.get("default")
+        p = raw.get("params")
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            params = int(p)
+    else:
+        value = raw
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, params
+    return float(value), params
+
+
+class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
+    """``mode="shared"``: ENAS on NNI's one-shot machinery (see the module docstring)."""
+
+    MODE = "shared"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._val_loader: Any = None
+        self.final_candidates: list[dict[str, Any]] = []
+        self._exported: dict[str, Any] | None = None
+
+    def mutate_model(self, model: Any) -> Any:
+        _categorical_choices(model)  # fail early, naming the label, before anything is mutated
+        return super().mutate_model(model)
+
+    def _initialize(self, model_space: Any, engine: Any) -> Any:
+        mutated = super()._initialize(model_space, engine)
+        self._setup_search(self.supernet, self.supernet)
+        return mutated
+
+    def configure_oneshot_module(self, training_module: Any) -> "SizeAwareEnasModule":
+        return SizeAwareEnasModule(training_module, self)
+
+    def train_dataloader(self, train_dataloader_fn: Callable[[], Any], val_dataloader_fn: Callable[[], Any]) -> Any:
+        self._val_loader = val_dataloader_fn()
+        return TaggedConcatLoader(train_dataloader_fn(), self._val_loader)
+
+    def val_dataloader(self, train_dataloader_fn: Callable[[], Any], val_dataloader_fn: Callable[[], Any]) -> Any:
+        return None
+
+    def select_final(self) -> dict[str, Any]:
+        """Sample K architectures (plus the greedy one), score each with the shared weights, keep the best."""
+        if self._exported is not None:
+            return self._exported
+        assert self.learner is not None
+        module = self.oneshot_module
+        candidates: dict[str, dict[str, Any]] = {}
+        greedy = self.learner.sample(greedy=True)
+        candidates[_sample_key(greedy)] = greedy
+        for _ in range(self.final_samples):
+            s = self.learner.sample()
+            candidates.setdefault(_sample_key(s), s)
+        self.final_candidates = []
+        for sample in candidates.values():
+            accuracy = module.evaluate_path(sample, self._val_loader, self.final_eval_batches)
+            reward, params = self.score(accuracy, sample)
+            self.final_candidates.append({"sample": sample, "accuracy": accuracy, "params": params, "reward": reward})
+            _logger.info("[final] %s: accuracy %.4f, %s params, reward %.4f", sample, accuracy, params, reward)
+        best = max(self.final_candidates, key=lambda c: c["reward"])
+        self._exported = dict(best["sample"])
+        return self._exported
+
+    def state_dict(self) -> dict:
+        state = RandomOneShot.state_dict(self)
+        state.update(self._search_state())
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "ckpt_path" in state_dict and self._mutated_model_space is not None:
+            RandomOneShot.load_state_dict(self, state_dict)
+        self._load_search_state({k: v for k, v in state_dict.items() if k != "ckpt_path"})
+
+
+class TaggedConcatLoader:
+    """Each epoch: every training batch, then every validation batch, tagged "train" / "val".
+
+    NNI's own ConcatLoader relies on Lightning passing the dataloader index to
+    ``training_step``; Lightning 2.6 drops it (so NNI 3.0's ENAS cannot tell the two apart
+    there). Tagging the batches ourselves works on every Lightning version.
+    """
+
+    def __init__(self, train: Any, val: Any):
+        self.train, self.val = train, val
+
+    def __iter__(self) -> Iterator[tuple[Any, str]]:
+        for batch in self.train:
+            yield batch, "train"
+        for batch in self.val:
+            yield batch, "val"
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.val)
+
+
+class SizeAwareEnasModule(BaseOneShotLightningModule):
+    """The training loop of ``shared`` mode: shared weights on train batches, controller on val batches."""
+
+    def __init__(self, training_module: Any, strategy: SharedSizeAwarePolicyGradient):
+        super().__init__(training_module)
+        self._strategy = [strategy]  # in a list so Lightning does not treat it as a submodule
+
+    @property
+    def strategy(self) -> SharedSizeAwarePolicyGradient:
+        return self._strategy[0]
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return False
+
+    def _use_path(self, sample: Mapping[str, Any]) -> None:
+        for module in self.supernet_modules():
+            module.resample(memo=dict(sample))
+
+    def resample(self) -> dict[str, Any]:
+        learner = self.strategy.learner
+        assert learner is not None
+        sample = learner.sample()
+        self._use_path(sample)
+        return sample
+
+    def training_step(self, tagged: tuple[Any, str], batch_idx: int) -> Any:
+        batch, mode = tagged
+        if mode == "train":
+            self.resample()
+            output = self.training_module.training_step(batch, batch_idx)
+            loss = output["loss"] if isinstance(output, dict) else output
+            self.advance_optimization(loss, batch_idx)
+        else:
+            sample = self.resample()
+            accuracy = self._batch_accuracy(batch)
+            learn = self.trainer.current_epoch >= self.strategy.warmup_epochs
+            reward = self.strategy.observe(sample, accuracy, learn=learn)
+            self.log("search/reward", reward, batch_size=len(batch[1]))
+            self.log("search/val_acc", accuracy, batch_size=len(batch[1]))
+            output = None
+        self.advance_lr_schedulers(batch_idx)
+        return output
+
+    @torch.no_grad()
+    def _batch_accuracy(self, batch: Any) -> float:
+        x, y = batch
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return float((self.model(x).argmax(dim=1) == y).float().mean())
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def evaluate_path(self, sample: Mapping[str, Any], loader: Any, max_batches: int | None = None) -> float:
+        """Accuracy of one path of the supernet (shared weights) on ``loader``."""
+        self._use_path(sample)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        correct = total = 0
+        try:
+            for i, (x, y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = x.to(device), y.to(device)
+                correct += int((self.model(x).argmax(dim=1) == y).sum())
+                total += len(y)
+        finally:
+            self.model.train(was_training)
+        return correct / max(total, 1)
+
+    def export(self) -> dict[str, Any]:
+        return self.strategy.select_final()
+
+    def export_probs(self) -> dict[str, Any]:
+        learner = self.strategy.learner
+        return learner.probabilities() if learner is not None else {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["size_aware_pg"] = self.strategy._search_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "size_aware_pg" in checkpoint:
+            self.strategy._load_search_state(checkpoint["size_aware_pg"])
