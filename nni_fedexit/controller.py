@@ -127,8 +127,8 @@ class PolicyGradient:
 
     def __init__(self, choices: Mapping[str, Sequence[Any]], settings: ControllerSettings | None = None):
         self.settings = settings or ControllerSettings()
-        self.labels = list(choices)
-        self.values = {label: list(vals) for label, vals in choices.items()}
+        self.labels = [str(label) for label in choices]  # plain str: NNI labels do not unpickle safely
+        self.values = {str(label): list(vals) for label, vals in choices.items()}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.settings.seed)
             self.controller = LSTMController([len(self.values[l]) for l in self.labels], self.settings)

@@ -1,0 +1,234 @@
+"""SizeAwarePolicyGradient as NNI runs it: sequential engine, real NAS experiments, resume."""
+
+import io
+import json
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import nni
+from nni.mutable import ensure_frozen
+from nni.nas.evaluator import FunctionalEvaluator
+from nni.nas.execution import SequentialExecutionEngine
+from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, model_context
+
+from nni_fedexit import ResNetBlockPoolSpace
+from nni_fedexit.strategy import (
+    SharedSizeAwarePolicyGradient,
+    SizeAwarePolicyGradient,
+    TrialsSizeAwarePolicyGradient,
+)
+
+
+@nni.trace
+class NumberSpace(BaseModelSpace):
+    """A space without weights (as in NNI's own strategy tests): two choices, value = their sum."""
+
+    def __init__(self, mutables):
+        self.mutables = nni.mutable.MutableList(mutables)
+        if current_model() is not None:
+            self.numbers = ensure_frozen(self.mutables)
+
+    def leaf_mutables(self, is_leaf):
+        yield from self.mutables.leaf_mutables(is_leaf)
+
+    def check_contains(self, sample):
+        for m in self.mutables:
+            exc = m.check_contains(sample)
+            if exc is not None:
+                return exc
+        return None
+
+    def freeze(self, sample):
+        with model_context(sample):
+            return NumberSpace(self.mutables)
+
+
+def report_normalised(model, shift):
+    """Best is a=3, b=7, shift=1 (value 11), worst a=1, b=4, shift=0 (value 5)."""
+    nni.report_final_result((sum(model.numbers) + shift - 5) / 6)
+
+
+def fail_on_a2(model, shift):
+    if model.numbers[0] == 2:
+        raise RuntimeError("trial crashed")
+    report_normalised(model, shift)
+
+
+def number_space(fn=report_normalised):
+    space = NumberSpace([nni.choice("a", [1, 2, 3]), nni.choice("b", [4, 5, 6, 7])])
+    return SimplifiedModelSpace.from_model(space, FunctionalEvaluator(fn, shift=nni.choice("c", [0, 1])))
+
+
+def test_mode_picks_the_class_and_bad_options_are_refused():
+    assert isinstance(SizeAwarePolicyGradient(), SharedSizeAwarePolicyGradient)
+    trials = SizeAwarePolicyGradient(mode="trials", seed=1)
+    assert isinstance(trials, TrialsSizeAwarePolicyGradient) and isinstance(trials, SizeAwarePolicyGradient)
+    assert repr(trials) == "TrialsSizeAwarePolicyGradient(mode='trials', beta=14, samples_per_update=4, seed=1)"
+    with pytest.raises(ValueError, match="mode"):
+        SizeAwarePolicyGradient(mode="evolution")
+    with pytest.raises(ValueError, match="beta"):
+        SizeAwarePolicyGradient(beta=0.5)
+
+
+def test_numerical_choices_are_refused_naming_the_label():
+    space = NumberSpace([nni.choice("a", [1, 2]), nni.uniform("lr", 0.1, 1.0)])
+    model_space = SimplifiedModelSpace.from_model(space, FunctionalEvaluator(report_normalised, shift=0))
+    with pytest.raises(ValueError, match="Categorical.*'lr'"):
+        SizeAwarePolicyGradient(mode="trials")(model_space, SequentialExecutionEngine(max_model_count=3))
+
+
+def test_uses_the_whole_budget_and_lists_best_reward_first():
+    model_space, engine = number_space(), SequentialExecutionEngine(max_model_count=30)
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=3, seed=0)
+    strategy(model_space, engine)
+    assert len(list(engine.list_models())) == 30
+    assert all(model_space.contains(m.sample) for m in engine.list_models())
+    assert len(strategy.records) == 30 and strategy.learner.steps == 10
+    ranked = list(strategy.list_models())
+    assert ranked[0].metric == max(r["reward"] for r in strategy.records)  # no size here: reward = accuracy
+    assert [m.metric for m in ranked] == sorted((m.metric for m in ranked), reverse=True)
+    with pytest.raises(RuntimeError, match="already been initialized"):
+        strategy(model_space, engine)
+
+
+def test_controller_learns_towards_the_best_sample():
+    model_space, engine = number_space(), SequentialExecutionEngine(max_model_count=160)
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=4, seed=0, controller={"lr": 0.05})
+    strategy(model_space, engine)
+    first, last = strategy.records[:8], strategy.records[-40:]
+    assert np.mean([r["reward"] for r in last]) > np.mean([r["reward"] for r in first]) + 0.1
+    assert strategy.learner.sample(greedy=True) == {"a": 3, "b": 7, "c": 1}
+
+
+def test_failed_trials_are_skipped_not_rewarded_zero(caplog):
+    model_space = number_space(fail_on_a2)
+    engine = SequentialExecutionEngine(max_model_count=20, continue_on_failure=True)
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=2, seed=0)
+    strategy(model_space, engine)
+    failed = [m for m in engine.list_models() if m.sample["a"] == 2]
+    assert failed, "the seed should sample a=2 at least once"
+    assert len(strategy.records) == 20 - len(failed)
+    assert all(r["sample"]["a"] != 2 for r in strategy.records)
+    assert "without a final metric: skipped" in caplog.text
+
+
+def test_stopped_search_resumes_to_the_same_state():
+    kwargs = dict(mode="trials", samples_per_update=2, seed=4)
+    full = SizeAwarePolicyGradient(**kwargs)
+    full(number_space(), SequentialExecutionEngine(max_model_count=15))
+
+    first = SizeAwarePolicyGradient(**kwargs)
+    first(number_space(), SequentialExecutionEngine(max_model_count=7))  # ends with one sample buffered
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)  # NNI's checkpoint serializer is torch.save
+    buf.seek(0)
+    resumed = SizeAwarePolicyGradient(**kwargs)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))  # before initialize, as NNI's resume does
+    resumed(number_space(), SequentialExecutionEngine(max_model_count=8))
+
+    assert [r["sample"] for r in resumed.records] == [r["sample"] for r in full.records]
+    assert resumed.learner.steps == full.learner.steps == 7
+    for a, b in zip(full.learner.controller.parameters(), resumed.learner.controller.parameters()):
+        assert torch.equal(a, b)
+
+
+def _digits_loaders(digits, size=None):
+    x = digits.train.images
+    if size is not None:  # NAS-Bench-201 wants 32x32x3
+        x = F.interpolate(x, size=size).repeat(1, 3, 1, 1)
+    train = TensorDataset(x[:1000], digits.train.labels[:1000])
+    val = TensorDataset(x[1000:], digits.train.labels[1000:])
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(train, batch_size=64, shuffle=True, generator=g), DataLoader(val, batch_size=64)
+
+
+def _classification(digits, max_epochs, size=None):
+    from nni.nas.evaluator.pytorch import Classification
+
+    train, val = _digits_loaders(digits, size)
+    return Classification(
+        train_dataloaders=train, val_dataloaders=val, max_epochs=max_epochs, num_classes=10,
+        learning_rate=0.01, accelerator="cpu", enable_progress_bar=False, logger=False, enable_checkpointing=False,
+    )
+
+
+def test_shared_mode_nas_experiment_exports_the_best_scored_sample(digits, tmp_path):
+    from nni.nas.experiment import NasExperiment
+
+    torch.manual_seed(0)
+    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    strategy = SizeAwarePolicyGradient(final_samples=6, samples_per_update=2, seed=0)
+    exp = NasExperiment(space, _classification(digits, max_epochs=2), strategy)
+    exp.config.experiment_working_directory = str(tmp_path)
+    try:
+        exp.run()
+        exported = exp.export_top_models(formatter="dict")
+    finally:
+        exp.stop()
+    assert len(exported) == 1 and space.contains(exported[0])
+    assert strategy.learner.steps == 2 * 7 // 2  # 7 validation batches an epoch, 2 per update
+    best = max(strategy.final_candidates, key=lambda c: c["reward"])
+    assert exported[0] == best["sample"]
+    assert best["params"] == space.count_params(best["sample"])
+    assert 0.0 <= best["accuracy"] <= 1.0 and best["reward"] > 0
+
+
+def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
+    from nni.nas.experiment import NasExperiment
+    from nni.nas.hub.pytorch import NasBench201
+
+    torch.manual_seed(0)
+    space = NasBench201(stem_out_channels=4, num_modules_per_stack=1)
+    strategy = SizeAwarePolicyGradient(final_samples=3, samples_per_update=2, seed=0)
+    exp = NasExperiment(space, _classification(digits, max_epochs=1, size=32), strategy)
+    exp.config.experiment_working_directory = str(tmp_path)
+    try:
+        exp.run()
+        (sample,) = exp.export_top_models(formatter="dict")
+    finally:
+        exp.stop()
+    assert set(sample) == {f"cell/{j}_{i}" for i in range(1, 4) for j in range(i)}
+    assert space.contains(sample) and strategy.learner.steps == 3
+    assert strategy.baseline_params > 0  # P: the sample of every label's first choice
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trials_mode_real_experiment_lists_trials_with_metrics(tmp_path):
+    from nni.nas.experiment import NasExperiment
+
+    from nni_fedexit.trial import search_evaluator
+
+    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=2, seed=0)
+    exp = NasExperiment(space, search_evaluator(dataset="digits", train_samples=None, epochs=1), strategy)
+    exp.config.max_trial_number = 4
+    exp.config.trial_concurrency = 2
+    exp.config.training_service.use_active_gpu = False
+    exp.config.experiment_working_directory = str(tmp_path)
+    port = _free_port()
+    try:
+        exp.run(port=port)
+        jobs = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/trial-jobs", timeout=10))
+        exported = exp.export_top_models(formatter="dict")
+    finally:
+        exp.stop()
+    assert [j["status"] for j in jobs] == ["SUCCEEDED"] * 4
+    reported = [json.loads(json.loads(j["finalMetricData"][0]["data"])) for j in jobs]
+    assert all(0.0 <= r["default"] <= 1.0 and r["params"] > 0 for r in reported)
+    assert len(strategy.records) == 4 and strategy.learner.steps == 2
+    assert sorted(r["accuracy"] for r in strategy.records) == sorted(r["default"] for r in reported)
+    for record in strategy.records:  # p_h the trial reported equals the space's own count
+        assert record["params"] == space.count_params(record["sample"])
+    assert space.contains(exported[0])
+    assert exported[0] == max(strategy.records, key=lambda r: r["reward"])["sample"]
