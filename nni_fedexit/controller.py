@@ -154,6 +154,13 @@ class PolicyGradient:
         actions, _, _, _ = self.controller(greedy=greedy, generator=self.generator)
         return self._to_sample(actions)
 
+    def sample_uniform(self) -> dict[str, Any]:
+        """A uniformly random architecture, drawn with the learner's own (checkpointed) generator."""
+        return {
+            label: self.values[label][int(torch.randint(len(self.values[label]), (1,), generator=self.generator))]
+            for label in self.labels
+        }
+
     @torch.no_grad()
     def log_prob(self, sample: Mapping[str, Any]) -> float:
         _, log_prob, _, _ = self.controller(actions=self._to_actions(sample))

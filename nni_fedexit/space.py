@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import _nni  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
 from .presets import load_preset
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
-from nni.nas.space import model_context
+from nni.nas.space import current_model, model_context
 
 __all__ = ["SpaceSpec", "SpecError", "ResNetBlockPoolSpace", "BlockCrop", "load_space_spec"]
 
@@ -242,6 +242,9 @@ class ResNetBlockPoolSpace(ModelSpace):
             self.pools[label] = {key: _num_params(m) for key, m in candidates.items()}
             stages[label] = LayerChoice(candidates, label=label)
         self.stages = nn.Sequential(stages)
+        context = current_model()  # the sample, when NNI builds a frozen network (build, trials)
+        #: the architecture of a frozen network ({label: candidate}); None on the space itself
+        self.arch: dict[str, str] | None = {l: context[l] for l in self.pools} if context else None
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(interface[-1], spec.num_classes))
         self._fixed_params = _num_params(self.stem) + _num_params(self.head)
 
@@ -288,6 +291,12 @@ class ResNetBlockPoolSpace(ModelSpace):
         self.validate(dict(sample))
         with model_context(dict(sample)):
             return type(self)(**self.spec.to_dict())
+
+    def freeze(self, sample: Mapping[str, Any]) -> nn.Module:
+        """NNI's freeze (sharing the space's weights), with the frozen network's ``arch`` set."""
+        frozen = super().freeze(dict(sample))
+        frozen.arch = {label: sample[label] for label in self.pools}
+        return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))

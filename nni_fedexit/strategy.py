@@ -99,6 +99,11 @@ class SizeAwarePolicyGradient(Strategy):
         ``shared`` mode: validation batches used to score each of the K (None: all).
     warmup_epochs
         ``shared`` mode: epochs in which the controller samples but does not learn yet.
+    dedup
+        ``trials`` mode: an architecture is trained once. When the controller samples one that
+        was already trained, it learns from the recorded reward and samples again; after 100
+        such draws in a row, an untrained architecture is drawn uniformly instead, and when
+        none is left the search stops.
     seed
         Seeds the controller's weights and every sample it draws.
     """
@@ -125,6 +130,7 @@ class SizeAwarePolicyGradient(Strategy):
         final_samples: int = 16,
         final_eval_batches: int | None = None,
         warmup_epochs: int = 0,
+        dedup: bool = True,
         seed: int = 0,
         **kwargs: Any,
     ):
@@ -150,6 +156,7 @@ class SizeAwarePolicyGradient(Strategy):
         self.final_samples = final_samples
         self.final_eval_batches = final_eval_batches
         self.warmup_epochs = warmup_epochs
+        self.dedup = dedup
         self.seed = seed
         self.learner: PolicyGradient | None = None
         self.reward_fn: Reward | None = None
@@ -200,7 +207,7 @@ class SizeAwarePolicyGradient(Strategy):
         return float(reward), params
 
     def observe(self, sample: Mapping[str, Any], accuracy: float, params: int | None = None, learn: bool = True) -> float:
-        """Score a finished sample, record it, and update the controller when a batch is full."""
+        """Score a finished sample, record it, and feed it to the controller (if ``learn``)."""
         assert self.learner is not None
         with self._lock:
             reward, params = self.score(accuracy, sample, params)
@@ -209,16 +216,22 @@ class SizeAwarePolicyGradient(Strategy):
                 "reward": reward, "step": self.learner.steps,
             })
             if learn:
-                self._buffer.append((dict(sample), reward))
-                if len(self._buffer) >= self.samples_per_update:
-                    samples, rewards = zip(*self._buffer)
-                    stats = self.learner.update(list(samples), list(rewards))
-                    self._buffer.clear()
-                    _logger.info(
-                        "[controller step %d] mean reward %.4f, baseline %.4f, entropy %.3f",
-                        stats["step"], stats["mean_reward"], stats["baseline"], stats["entropy"],
-                    )
+                self.feed(sample, reward)
             return reward
+
+    def feed(self, sample: Mapping[str, Any], reward: float) -> None:
+        """Give the controller one (sample, reward); it takes a step when a batch is full."""
+        assert self.learner is not None
+        with self._lock:
+            self._buffer.append((dict(sample), float(reward)))
+            if len(self._buffer) >= self.samples_per_update:
+                samples, rewards = zip(*self._buffer)
+                stats = self.learner.update(list(samples), list(rewards))
+                self._buffer.clear()
+                _logger.info(
+                    "[controller step %d] mean reward %.4f, baseline %.4f, entropy %.3f",
+                    stats["step"], stats["mean_reward"], stats["baseline"], stats["entropy"],
+                )
 
     def best_record(self) -> dict[str, Any] | None:
         return max(self.records, key=lambda r: r["reward"], default=None)
@@ -270,16 +283,43 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
         self.engine.unregister_model_event_callback(ModelEventType.FinalMetric, self._on_final_metric)
         self.engine.unregister_model_event_callback(ModelEventType.TrainingEnd, self._on_training_end)
 
+    max_dedup_draws = 100
+    max_uniform_draws = 1000
+
     def _run(self) -> None:
         assert self.learner is not None
         while self.wait_for_resource():
             with self._lock:
-                sample = self.learner.sample()
+                sample = self._next_sample()
+                if sample is None:
+                    _logger.info("No architecture left that was not trained yet: the search stops.")
+                    break
                 model = self.model_space.freeze(sample)
                 self._running.append((model, sample))
             _logger.info("[trial %d] submitting %s", len(self.records) + len(self._running), sample)
             self.engine.submit_models(model)  # the sequential engine runs it (and its callbacks) here
         self.engine.wait_models()
+
+    def _next_sample(self) -> dict[str, Any] | None:
+        """The controller's next architecture; with ``dedup``, one not trained or running yet."""
+        assert self.learner is not None
+        if not self.dedup:
+            return self.learner.sample()
+        known = {_sample_key(r["sample"]): r["reward"] for r in self.records}
+        running = {_sample_key(s) for _, s in self._running}
+        for _ in range(self.max_dedup_draws):
+            sample = self.learner.sample()
+            key = _sample_key(sample)
+            if key in known:
+                self.feed(sample, known[key])  # learn from what was measured, spend no trial
+            elif key not in running:
+                return sample
+        for _ in range(self.max_uniform_draws):  # the controller has converged: explore
+            sample = self.learner.sample_uniform()
+            key = _sample_key(sample)
+            if key not in known and key not in running:
+                return sample
+        return None
 
     @staticmethod
     def _pop(pairs: list[tuple[Any, Any]], model: Any) -> Any:
