@@ -1,16 +1,27 @@
 """nni-fedexit: cloud-edge collaborative training as an NNI plugin.
 
 S1 ResNetBlockPoolSpace (block pools cropped from timm ResNets), S2 data roles and client
-partitions; later stages (search strategy, multi-exit network, federated evaluator) build on these.
+partitions, S3 SizeAwarePolicyGradient (LSTM controller, REINFORCE, size-aware reward); the
+multi-exit network and the federated evaluator build on these.
 """
 
 from . import _nni  # noqa: F401  (must come before anything imports nni)
 from .data import DataBundle, DataError, ImageData, load_dataset, partition, split_roles
 from .space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
+from .controller import ControllerSettings, PolicyGradient
+from .reward import HardBudgetReward, LinearPenaltyReward, SizeAwareReward, size_aware_reward
+from .strategy import SizeAwarePolicyGradient
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ControllerSettings",
+    "HardBudgetReward",
+    "LinearPenaltyReward",
+    "PolicyGradient",
+    "SizeAwarePolicyGradient",
+    "SizeAwareReward",
+    "size_aware_reward",
     "DataBundle",
     "DataError",
     "ImageData",

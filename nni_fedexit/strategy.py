@@ -37,6 +37,7 @@ import torch
 
 from . import _nni  # noqa: F401
 from .controller import ControllerSettings, PolicyGradient
+from .presets import PresetError, load_preset
 from .reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward
 from nni.mutable import Categorical
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
@@ -101,7 +102,7 @@ class SizeAwarePolicyGradient(Strategy):
         ``shared`` mode: epochs in which the controller samples but does not learn yet.
     dedup
         ``trials`` mode: an architecture is trained once. When the controller samples one that
-        was already trained, it learns from the recorded reward and samples again; after 100
+        was already trained, it learns from the recorded reward and samples again; after 20
         such draws in a row, an untrained architecture is drawn uniformly instead, and when
         none is left the search stops.
     seed
@@ -166,6 +167,30 @@ class SizeAwarePolicyGradient(Strategy):
         self._buffer: list[tuple[dict[str, Any], float]] = []
         self._pending_state: dict[str, Any] | None = None
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_preset(cls, name_or_path: str = "size_aware_pg", **overrides: Any) -> "SizeAwarePolicyGradient":
+        """A strategy from a YAML preset in ``strategies/`` (by name) or a file, with overrides."""
+        import inspect
+
+        data, where = load_preset("strategies", name_or_path)
+        data.update(overrides)
+        known = set(inspect.signature(SizeAwarePolicyGradient.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PresetError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        controller = data.get("controller")
+        if controller is not None:
+            if not isinstance(controller, Mapping):
+                raise PresetError(f"{where}: key 'controller' must be a mapping of ControllerSettings fields")
+            fields = set(ControllerSettings.__dataclass_fields__)
+            bad = sorted(set(controller) - fields)
+            if bad:
+                raise PresetError(f"{where}: unknown key(s) {bad} under 'controller'; known: {sorted(fields)}")
+        try:
+            return SizeAwarePolicyGradient(**data)
+        except (TypeError, ValueError) as err:
+            raise PresetError(f"{where}: {err}") from err
 
     def extra_repr(self) -> str:
         return (
@@ -283,7 +308,7 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
         self.engine.unregister_model_event_callback(ModelEventType.FinalMetric, self._on_final_metric)
         self.engine.unregister_model_event_callback(ModelEventType.TrainingEnd, self._on_training_end)
 
-    max_dedup_draws = 100
+    max_dedup_draws = 20
     max_uniform_draws = 1000
 
     def _run(self) -> None:

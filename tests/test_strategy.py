@@ -242,3 +242,22 @@ def test_trials_mode_real_experiment_lists_trials_with_metrics(tmp_path):
         assert record["params"] == space.count_params(record["sample"])
     assert space.contains(exported[0])
     assert exported[0] == max(strategy.records, key=lambda r: r["reward"])["sample"]
+
+
+def test_presets_build_strategies_and_bad_keys_are_named(tmp_path):
+    from nni_fedexit.presets import PresetError
+
+    shared = SizeAwarePolicyGradient.from_preset("size_aware_pg")
+    assert isinstance(shared, SharedSizeAwarePolicyGradient) and shared.final_samples == 16
+    trials = SizeAwarePolicyGradient.from_preset("size_aware_pg_trials", seed=3)
+    assert isinstance(trials, TrialsSizeAwarePolicyGradient) and trials.controller_settings.seed == 3
+    bad = tmp_path / "s.yaml"
+    bad.write_text("mode: trials\nbeta: 14\nbatch: 3\n")
+    with pytest.raises(PresetError, match=r"unknown key\(s\) \['batch'\]"):
+        SizeAwarePolicyGradient.from_preset(bad)
+    bad.write_text("controller: {lr: 0.1, layers: 2}\n")
+    with pytest.raises(PresetError, match=r"\['layers'\] under 'controller'"):
+        SizeAwarePolicyGradient.from_preset(bad)
+    bad.write_text("beta: 0\n")
+    with pytest.raises(PresetError, match="beta must be a positive integer"):
+        SizeAwarePolicyGradient.from_preset(bad)
