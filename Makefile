@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[flower,test]'
+	$(PY) -m pip install --quiet -e '.[flower,onnx,test]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package where apt-get and root are there;

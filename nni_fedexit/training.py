@@ -7,6 +7,7 @@ the federated clients' local training builds on the same loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -30,8 +31,18 @@ class TrainSettings:
     max_batches: int | None = None
 
 
-def train_classifier(model: nn.Module, data: ImageData, settings: TrainSettings, progress: bool = False) -> list[float]:
-    """SGD with momentum and a cosine learning-rate schedule; returns the mean loss per epoch."""
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def train_classifier(
+    model: nn.Module, data: ImageData, settings: TrainSettings, progress: bool = False, loss_fn: LossFn | None = None,
+) -> list[float]:
+    """SGD with momentum and a cosine learning-rate schedule; returns the mean loss per epoch.
+
+    ``loss_fn(outputs, labels)`` defaults to cross-entropy; a multi-exit network passes its
+    weighted sum over exits.
+    """
+    loss_fn = loss_fn or F.cross_entropy
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -50,7 +61,7 @@ def train_classifier(model: nn.Module, data: ImageData, settings: TrainSettings,
         for b in bar:
             idx = order[b * settings.batch_size : (b + 1) * settings.batch_size]
             x, y = data.images[idx], data.labels[idx]
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import nni
 from nni.mutable import ensure_frozen
 from nni.nas.evaluator import FunctionalEvaluator
+from nni.nas.evaluator.pytorch import DataLoader  # traced: NNI can ship it to trials
 from nni.nas.execution import SequentialExecutionEngine
 from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, model_context
 

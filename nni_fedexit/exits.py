@@ -1,0 +1,453 @@
+"""S4: the exit-point model: a multi-exit network, its branch models, early-exit inference.
+
+The central server turns the searched network into an exit-point model: the input layer (stem),
+the L stages, and a branch classifier (an *exit*) after every stage; the last exit is the output
+layer. Branch model i is the stem, stages 1..i and exit i; its parameters and buffers carry
+exactly the full model's names, so its state dict is a subset of the full one's and the server
+can aggregate branches by name (S5).
+
+Early exits: at inference a sample leaves at the first exit whose confidence reaches that exit's
+threshold. :func:`calibrate` chooses the thresholds on validation data for a target (an accuracy
+drop against the last exit, or a compute budget) and returns the accuracy-vs-MACs curve it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import ImageData
+
+__all__ = [
+    "EXIT_HEADS",
+    "MultiExitNetwork",
+    "BranchModel",
+    "ExitCost",
+    "CalibrationResult",
+    "multi_exit_loss",
+    "confidence",
+    "exit_costs",
+    "exit_outputs",
+    "exit_accuracies",
+    "early_exit_metrics",
+    "early_exit_predict",
+    "calibrate",
+    "export_branches",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: exit head designs: "linear" = global average pool + linear (the ResNet head);
+#: "conv" = 3x3 conv + BN + ReLU, then pool + linear (as in Shallow-Deep Networks)
+EXIT_HEADS = ("linear", "conv")
+
+
+def _make_exit(in_width: int, num_classes: int, head: str, head_width: int | None) -> nn.Sequential:
+    if head == "linear":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_width, num_classes))
+    if head == "conv":
+        width = head_width or in_width
+        return nn.Sequential(
+            nn.Conv2d(in_width, width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, num_classes),
+        )
+    raise ValueError(f"exit head must be one of {EXIT_HEADS}, got {head!r}")
+
+
+class MultiExitNetwork(nn.Module):
+    """Stem, L stages, and an exit after every stage (claim 1, S4).
+
+    Build it from a frozen architecture of the block-pool space with :meth:`from_architecture`,
+    or from any stem and ordered stage modules with their output widths. ``forward`` returns the
+    logits of every exit, first to last.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        stages: Sequence[nn.Module],
+        stage_widths: Sequence[int],
+        num_classes: int,
+        head: str = "linear",
+        head_width: int | None = None,
+        loss_weights: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        if len(stages) < 1 or len(stages) != len(stage_widths):
+            raise ValueError(f"need one output width per stage: {len(stages)} stages, {len(stage_widths)} widths")
+        if head not in EXIT_HEADS:
+            raise ValueError(f"exit head must be one of {EXIT_HEADS}, got {head!r}")
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.exits = nn.ModuleList(_make_exit(w, num_classes, head, head_width) for w in stage_widths)
+        weights = [1.0] * len(stages) if loss_weights is None else [float(w) for w in loss_weights]
+        if len(weights) != len(stages) or any(w < 0 or not math.isfinite(w) for w in weights):
+            raise ValueError(f"loss_weights: need {len(stages)} finite non-negative weights, got {loss_weights}")
+        self.loss_weights = tuple(weights)
+        self.num_classes = num_classes
+        self.head = head
+        #: early-exit thresholds (one per exit; the last exit takes every remaining sample)
+        self.thresholds: list[float] | None = None
+        self.criterion = "max_prob"
+        self.arch: dict[str, Any] | None = None
+
+    @classmethod
+    def from_architecture(
+        cls, space: Any, sample: Mapping[str, Any], *, head: str = "linear", head_width: int | None = None,
+        loss_weights: Sequence[float] | None = None,
+    ) -> "MultiExitNetwork":
+        """The exit-point model of one architecture of a :class:`~nni_fedexit.ResNetBlockPoolSpace`."""
+        net = space.build(sample)
+        model = cls(
+            net.stem, list(net.stages.children()), space.interface_widths[1:], space.spec.num_classes,
+            head=head, head_width=head_width, loss_weights=loss_weights,
+        )
+        model.arch = dict(net.arch or sample)
+        return model
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.stem(x)
+        outputs = []
+        for stage, exit_ in zip(self.stages, self.exits):
+            x = stage(x)
+            outputs.append(exit_(x))
+        return tuple(outputs)
+
+    def branch(self, depth: int, all_exits: bool = False) -> "BranchModel":
+        """Branch model ``depth`` (1-based): stem + stages 1..depth + exit ``depth``.
+
+        With ``all_exits`` it also holds exits 1..depth-1 (deep supervision along its path).
+        It shares its modules with this network: training it trains them.
+        """
+        if not 1 <= depth <= self.num_exits:
+            raise ValueError(f"branch depth must be in 1..{self.num_exits}, got {depth}")
+        held = list(range(1, depth + 1)) if all_exits else [depth]
+        return BranchModel(self, depth, held)
+
+    def exit_weights(self, exits: Iterable[int]) -> list[float]:
+        """lambda_i of the given (1-based) exits."""
+        return [self.loss_weights[i - 1] for i in exits]
+
+
+class BranchModel(nn.Module):
+    """A prefix of a MultiExitNetwork whose parameter names are the full model's names.
+
+    ``stages`` is a ModuleList of the first stages (``stages.0`` ...), ``exits`` a ModuleDict
+    keyed by the exits' indices in the full model (``exits.3`` ...), so ``state_dict()`` keys
+    are a subset of the full model's. ``forward`` returns the logits of the exits it holds.
+    """
+
+    def __init__(self, full: MultiExitNetwork, depth: int, exits: Sequence[int]):
+        super().__init__()
+        self.stem = full.stem
+        self.stages = nn.ModuleList(list(full.stages)[:depth])
+        self.exits = nn.ModuleDict(OrderedDict((str(i - 1), full.exits[i - 1]) for i in exits))
+        self.depth = depth
+        self.held_exits = tuple(exits)
+        self.loss_weights = tuple(full.exit_weights(exits))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.stem(x)
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            key = str(i)
+            if key in self.exits:
+                outputs.append(self.exits[key](x))
+        return tuple(outputs)
+
+
+def multi_exit_loss(logits: Sequence[torch.Tensor], target: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i lambda_i * CE(softmax(z_i), y)`` over the exits given (claims 6 and 7)."""
+    if len(logits) != len(weights) or not logits:
+        raise ValueError(f"need one weight per exit output: {len(logits)} outputs, {len(weights)} weights")
+    total = logits[0].new_zeros(())
+    for z, w in zip(logits, weights):
+        total = total + w * F.cross_entropy(z, target)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost per exit
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExitCost:
+    """Cost of leaving at one exit (MACs for one input image)."""
+
+    exit: int
+    #: parameters of branch model i (stem + stages 1..i + exit i)
+    params: int
+    #: MACs of branch model i alone
+    macs: int
+    #: MACs of early-exit inference that stops here: stem + stages 1..i + exits 1..i
+    early_exit_macs: int
+
+
+def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(multiply-accumulates, output) of one forward, counted by torch.utils.flop_counter."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        y = module(x)
+    return counter.get_total_flops() // 2, y
+
+
+@torch.no_grad()
+def exit_costs(model: MultiExitNetwork, example: torch.Tensor) -> list[ExitCost]:
+    """Parameters and MACs of the path to every exit, for one image shaped like ``example``."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = example[:1]
+        stem_macs, x = _macs(model.stem, x)
+        path_macs, exits_so_far, costs = stem_macs, 0, []
+        for i, (stage, exit_) in enumerate(zip(model.stages, model.exits), start=1):
+            stage_macs, x = _macs(stage, x)
+            exit_macs, _ = _macs(exit_, x)
+            path_macs += stage_macs
+            exits_so_far += exit_macs
+            params = sum(p.numel() for p in model.branch(i).parameters())
+            costs.append(ExitCost(i, params, path_macs + exit_macs, path_macs + exits_so_far))
+    finally:
+        model.train(was_training)
+    return costs
+
+
+# ---------------------------------------------------------------------------------------------
+# Early-exit inference
+# ---------------------------------------------------------------------------------------------
+
+
+def confidence(logits: torch.Tensor, criterion: str = "max_prob") -> torch.Tensor:
+    """Per-sample confidence in [0, 1]: the max softmax probability, or 1 - normalised entropy."""
+    probs = F.softmax(logits.float(), dim=-1)
+    if criterion == "max_prob":
+        return probs.max(dim=-1).values
+    if criterion == "entropy":
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+        return 1.0 - ent / math.log(logits.shape[-1])
+    raise ValueError(f"criterion must be 'max_prob' or 'entropy', got {criterion!r}")
+
+
+def _check_thresholds(model: MultiExitNetwork, thresholds: Sequence[float]) -> list[float]:
+    t = [float(v) for v in thresholds]
+    if len(t) == model.num_exits - 1:
+        t.append(0.0)
+    if len(t) != model.num_exits:
+        raise ValueError(f"need {model.num_exits} thresholds (or {model.num_exits - 1}), got {len(t)}")
+    return t
+
+
+@torch.no_grad()
+def early_exit_predict(
+    model: MultiExitNetwork, x: torch.Tensor, thresholds: Sequence[float] | None = None, criterion: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, 1-based exit taken) per sample, computing each stage only for the
+    samples still inside the network."""
+    t = _check_thresholds(model, thresholds if thresholds is not None else (model.thresholds or [2.0] * model.num_exits))
+    criterion = criterion or model.criterion
+    model.eval()
+    n = x.shape[0]
+    preds = torch.empty(n, dtype=torch.long, device=x.device)
+    taken = torch.empty(n, dtype=torch.long, device=x.device)
+    alive = torch.arange(n, device=x.device)
+    h = model.stem(x)
+    for i, (stage, exit_) in enumerate(zip(model.stages, model.exits), start=1):
+        h = stage(h)
+        logits = exit_(h)
+        leave = confidence(logits, criterion) >= t[i - 1] if i < model.num_exits else torch.ones_like(alive, dtype=torch.bool)
+        preds[alive[leave]] = logits[leave].argmax(dim=-1)
+        taken[alive[leave]] = i
+        alive, h = alive[~leave], h[~leave]
+        if alive.numel() == 0:
+            break
+    return preds, taken
+
+
+def exit_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Top-1 accuracy of every exit, from :func:`exit_outputs`."""
+    return (logits.argmax(dim=-1) == labels.unsqueeze(0)).double().mean(dim=1).tolist()
+
+
+@torch.no_grad()
+def exit_outputs(model: MultiExitNetwork, data: ImageData, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of every exit (L, N, C), labels (N,)) on ``data``; the basis of calibration."""
+    model.eval()
+    device = next(model.parameters()).device
+    outs: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
+    for start in range(0, len(data), batch_size):
+        for i, z in enumerate(model(data.images[start : start + batch_size].to(device))):
+            outs[i].append(z.cpu())
+    return torch.stack([torch.cat(o) for o in outs]), data.labels
+
+
+def early_exit_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, thresholds: Sequence[float], costs: Sequence[ExitCost],
+    criterion: str = "max_prob",
+) -> dict[str, Any]:
+    """Accuracy, expected MACs and exit shares of early-exit inference, from precomputed logits."""
+    num_exits, n = logits.shape[0], logits.shape[1]
+    t = [float(v) for v in thresholds][: num_exits - 1]
+    conf = torch.stack([confidence(z, criterion) for z in logits])  # (L, N)
+    correct = logits.argmax(dim=-1) == labels.unsqueeze(0)  # (L, N)
+    taken = torch.full((n,), num_exits - 1, dtype=torch.long)
+    decided = torch.zeros(n, dtype=torch.bool)
+    for i in range(num_exits - 1):
+        leave = ~decided & (conf[i] >= t[i])
+        taken[leave] = i
+        decided |= leave
+    macs = torch.tensor([c.early_exit_macs for c in costs], dtype=torch.float64)
+    share = torch.bincount(taken, minlength=num_exits).double() / n
+    return {
+        "thresholds": t + [0.0],
+        "accuracy": float(correct[taken, torch.arange(n)].double().mean()),
+        "expected_macs": float((share * macs).sum()),
+        "exit_share": share.tolist(),
+    }
+
+
+@dataclass
+class CalibrationResult:
+    """Chosen thresholds, what they give on the calibration data, and the curve explored."""
+
+    thresholds: list[float]
+    accuracy: float
+    expected_macs: float
+    exit_share: list[float]
+    target: dict[str, float]
+    last_exit_accuracy: float
+    last_exit_macs: float
+    #: every threshold setting tried: {"thresholds", "accuracy", "expected_macs", "exit_share"}
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def macs_saved(self) -> float:
+        """Fraction of the last exit's compute that early exits save."""
+        return 1.0 - self.expected_macs / self.last_exit_macs
+
+
+def calibrate(
+    model: MultiExitNetwork,
+    data: ImageData,
+    *,
+    max_accuracy_drop: float | None = 0.01,
+    macs_budget: float | None = None,
+    criterion: str = "max_prob",
+    num_thresholds: int = 101,
+    costs: Sequence[ExitCost] | None = None,
+) -> CalibrationResult:
+    """Choose early-exit thresholds on validation ``data`` and store them on ``model``.
+
+    Explores one shared threshold for all exits (``num_thresholds`` values from 0 to 1, plus one
+    above 1 that sends everything to the last exit). Targets: ``max_accuracy_drop`` (absolute,
+    against the last exit's accuracy): the cheapest setting within the drop; or ``macs_budget``
+    (expected MACs per image): the most accurate setting within the budget.
+    """
+    if (max_accuracy_drop is None) == (macs_budget is None):
+        raise ValueError("give exactly one target: max_accuracy_drop or macs_budget")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    if costs is None:
+        costs = exit_costs(model, data.images[:1].to(next(model.parameters()).device))
+    logits, labels = exit_outputs(model, data)
+    values = [i / (num_thresholds - 1) for i in range(num_thresholds)] + [1.0 + 1e-6]
+    curve = [early_exit_metrics(logits, labels, [v] * (model.num_exits - 1), costs, criterion) for v in values]
+    last = curve[-1]
+    if max_accuracy_drop is not None:
+        feasible = [p for p in curve if p["accuracy"] >= last["accuracy"] - max_accuracy_drop - 1e-12]
+        best = min(feasible, key=lambda p: (p["expected_macs"], -p["accuracy"]))
+        target = {"max_accuracy_drop": float(max_accuracy_drop)}
+    else:
+        cheapest = min(p["expected_macs"] for p in curve)
+        if macs_budget < cheapest:
+            raise ValueError(
+                f"macs_budget {macs_budget:,.0f} is below the cheapest setting ({cheapest:,.0f} MACs per image, "
+                "every sample at exit 1): raise the budget"
+            )
+        feasible = [p for p in curve if p["expected_macs"] <= macs_budget]
+        best = max(feasible, key=lambda p: (p["accuracy"], -p["expected_macs"]))
+        target = {"macs_budget": float(macs_budget)}
+    model.thresholds = list(best["thresholds"])
+    model.criterion = criterion
+    return CalibrationResult(
+        thresholds=list(best["thresholds"]), accuracy=best["accuracy"], expected_macs=best["expected_macs"],
+        exit_share=best["exit_share"], target=target, last_exit_accuracy=last["accuracy"],
+        last_exit_macs=last["expected_macs"], curve=curve,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def export_branches(
+    model: MultiExitNetwork, out_dir: str | Path, example: torch.Tensor, onnx: bool | None = None, atol: float = 1e-5,
+) -> list[dict[str, Any]]:
+    """Export every branch model to TorchScript (and ONNX, when onnx/onnxruntime are installed).
+
+    Each file is loaded back and run on ``example``; its outputs must match PyTorch's within
+    ``atol`` or a RuntimeError names the file. Returns one record per file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    if onnx is None:
+        onnx = _onnx_available()
+    records = []
+    for depth in range(1, model.num_exits + 1):
+        branch = model.branch(depth).eval()
+        want = branch(example)[0]
+        path = out / f"branch{depth}.pt"
+        with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; it is still what we ship
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+            torch.jit.trace(branch, example).save(str(path))
+            got = torch.jit.load(str(path))(example)[0]
+        records.append(_check_export(path, want, got, atol, "torchscript", depth))
+        if onnx:
+            onnx_path = out / f"branch{depth}.onnx"
+            torch.onnx.export(branch, (example,), str(onnx_path), input_names=["image"],
+                              output_names=[f"exit{depth}"], dynamo=True, external_data=False, verbose=False)
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {"image": example.cpu().numpy()})[0])
+            records.append(_check_export(onnx_path, want.cpu(), got, atol, "onnx", depth))
+    return records
+
+
+def _check_export(path: Path, want: torch.Tensor, got: torch.Tensor, atol: float, fmt: str, depth: int) -> dict[str, Any]:
+    err = float((want - got).abs().max())
+    if not err <= atol:
+        raise RuntimeError(f"exported {fmt} branch {path} differs from PyTorch by {err:.2e} (> {atol:.0e})")
+    return {"branch": depth, "format": fmt, "path": str(path), "max_abs_error": err}
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
