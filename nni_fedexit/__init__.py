@@ -1,8 +1,9 @@
 """nni-fedexit: cloud-edge collaborative training as an NNI plugin.
 
 S1 ResNetBlockPoolSpace (block pools cropped from timm ResNets), S2 data roles and client
-partitions, S3 SizeAwarePolicyGradient (LSTM controller, REINFORCE, size-aware reward); the
-multi-exit network and the federated evaluator build on these.
+partitions, S3 SizeAwarePolicyGradient (LSTM controller, REINFORCE, size-aware reward), S4
+MultiExitNetwork (exits after every stage, branch models, early exits); the federated evaluator
+builds on these.
 """
 
 from . import _nni  # noqa: F401  (must come before anything imports nni)
@@ -11,10 +12,15 @@ from .space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
 from .controller import ControllerSettings, PolicyGradient
 from .reward import HardBudgetReward, LinearPenaltyReward, SizeAwareReward, size_aware_reward
 from .strategy import SizeAwarePolicyGradient
+from .exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BranchModel",
+    "MultiExitNetwork",
+    "calibrate",
+    "multi_exit_loss",
     "ControllerSettings",
     "HardBudgetReward",
     "LinearPenaltyReward",

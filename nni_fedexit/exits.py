@@ -335,13 +335,14 @@ class CalibrationResult:
     exit_share: list[float]
     target: dict[str, float]
     last_exit_accuracy: float
+    #: MACs of the last exit's branch alone: the network without early exits
     last_exit_macs: float
     #: every threshold setting tried: {"thresholds", "accuracy", "expected_macs", "exit_share"}
     curve: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def macs_saved(self) -> float:
-        """Fraction of the last exit's compute that early exits save."""
+        """Fraction of compute saved against the same network without early exits (last exit only)."""
         return 1.0 - self.expected_macs / self.last_exit_macs
 
 
@@ -391,7 +392,7 @@ def calibrate(
     return CalibrationResult(
         thresholds=list(best["thresholds"]), accuracy=best["accuracy"], expected_macs=best["expected_macs"],
         exit_share=best["exit_share"], target=target, last_exit_accuracy=last["accuracy"],
-        last_exit_macs=last["expected_macs"], curve=curve,
+        last_exit_macs=float(costs[-1].macs), curve=curve,
     )
 
 

@@ -53,6 +53,7 @@ def train_classifier(
         per_epoch = min(per_epoch, settings.max_batches)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, per_epoch * settings.epochs))
     losses: list[float] = []
+    device = next(model.parameters()).device
     model.train()
     for epoch in range(settings.epochs):
         order = torch.randperm(n, generator=gen)
@@ -60,7 +61,7 @@ def train_classifier(
         bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
         for b in bar:
             idx = order[b * settings.batch_size : (b + 1) * settings.batch_size]
-            x, y = data.images[idx], data.labels[idx]
+            x, y = data.images[idx].to(device, non_blocking=True), data.labels[idx].to(device, non_blocking=True)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -77,8 +78,9 @@ def train_classifier(
 def evaluate_accuracy(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1]."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(data), batch_size):
-        logits = model(data.images[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == data.labels[start : start + batch_size]).sum())
+        logits = model(data.images[start : start + batch_size].to(device))
+        correct += int((logits.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum())
     return correct / max(len(data), 1)

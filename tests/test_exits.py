@@ -150,7 +150,7 @@ def test_early_exit_predict_agrees_with_metrics_for_mixed_thresholds(trained, di
 def test_calibration_meets_an_accuracy_drop_target(trained, digits, drop):
     result = calibrate(trained, digits.test, max_accuracy_drop=drop)
     assert result.accuracy >= result.last_exit_accuracy - drop - 1e-12
-    assert result.expected_macs <= result.last_exit_macs
+    assert result.last_exit_macs == exit_costs(trained, digits.test.images[:1])[-1].macs
     assert trained.thresholds == result.thresholds
     assert len(result.curve) == 102
     # it is the cheapest point of the curve that meets the target
