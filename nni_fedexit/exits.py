@@ -111,12 +111,26 @@ class MultiExitNetwork(nn.Module):
         loss_weights: Sequence[float] | None = None,
     ) -> "MultiExitNetwork":
         """The exit-point model of one architecture of a :class:`~nni_fedexit.ResNetBlockPoolSpace`."""
-        net = space.build(sample)
+        return cls.from_network(space.build(sample), head=head, head_width=head_width, loss_weights=loss_weights)
+
+    @classmethod
+    def from_network(
+        cls, net: nn.Module, *, head: str = "linear", head_width: int | None = None,
+        loss_weights: Sequence[float] | None = None,
+    ) -> "MultiExitNetwork":
+        """The exit-point model of a network frozen from the block-pool space (NNI's trial model).
+
+        Takes over the network's own stem and stage modules (and weights); its head is replaced
+        by the exits.
+        """
+        for attr in ("stem", "stages", "interface_widths", "spec"):
+            if not hasattr(net, attr):
+                raise TypeError(f"{type(net).__name__} is not a network of the block-pool space (no {attr!r})")
         model = cls(
-            net.stem, list(net.stages.children()), space.interface_widths[1:], space.spec.num_classes,
+            net.stem, list(net.stages.children()), net.interface_widths[1:], net.spec.num_classes,
             head=head, head_width=head_width, loss_weights=loss_weights,
         )
-        model.arch = dict(net.arch or sample)
+        model.arch = dict(net.arch) if getattr(net, "arch", None) else None
         return model
 
     @property

@@ -29,6 +29,9 @@ class TrainSettings:
     seed: int = 0
     #: stop an epoch after this many batches (None: the whole epoch); keeps CPU runs short
     max_batches: int | None = None
+    #: "cosine" anneals the learning rate to 0 over the run; "constant" keeps it (federated rounds
+    #: schedule it across rounds instead)
+    schedule: str = "cosine"
 
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -51,7 +54,12 @@ def train_classifier(
     per_epoch = -(-n // settings.batch_size)
     if settings.max_batches is not None:
         per_epoch = min(per_epoch, settings.max_batches)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, per_epoch * settings.epochs))
+    if settings.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {settings.schedule!r}")
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, per_epoch * settings.epochs))
+        if settings.schedule == "cosine" else None
+    )
     losses: list[float] = []
     device = next(model.parameters()).device
     model.train()
@@ -66,7 +74,8 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.3f}")
