@@ -236,3 +236,40 @@ def test_capability_assignment_run(digits):
     result = federate(tiny_space().build(SAMPLE), s, data=FederatedData(s, bundle=digits), report=False)
     depths = {c["depth"] for c in result.history[0]["clients"]}
     assert depths == {3}  # "tiny" devices afford no branch; "full" ones train the deepest
+
+
+def test_federated_evaluator_runs_as_nni_trials_with_a_curve_per_round(tmp_path):
+    """FederatedEvaluator as the evaluator of a trials search: shipped to trial processes by NNI."""
+    import json
+    import urllib.request
+
+    from nni.nas.experiment import NasExperiment
+
+    from nni_fedexit.strategy import SizeAwarePolicyGradient
+    from tests.test_strategy import _free_port
+
+    space = tiny_space()
+    evaluator = FederatedEvaluator(dataset="digits", rounds=2, num_clients=3, min_clients=2, head="linear")
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=1, seed=0)
+    exp = NasExperiment(space, evaluator, strategy)
+    exp.config.max_trial_number = 2
+    exp.config.trial_concurrency = 2
+    exp.config.training_service.use_active_gpu = False
+    exp.config.experiment_working_directory = str(tmp_path)
+    port = _free_port()
+    try:
+        exp.run(port=port)
+        api = f"http://127.0.0.1:{port}/api/v1/nni"
+        jobs = json.load(urllib.request.urlopen(f"{api}/trial-jobs", timeout=10))
+        metrics = json.load(urllib.request.urlopen(f"{api}/metric-data", timeout=10))
+    finally:
+        exp.stop()
+    assert [j["status"] for j in jobs] == ["SUCCEEDED", "SUCCEEDED"]
+    for job in jobs:
+        mine = [m for m in metrics if m["trialJobId"] == job["trialJobId"]]
+        assert sorted(m["type"] for m in mine) == ["FINAL", "PERIODICAL", "PERIODICAL"]  # one point per round
+        final = json.loads(json.loads(next(m for m in mine if m["type"] == "FINAL")["data"]))
+        assert final["best_round"] in (1, 2) and {"test_exit1", "test_exit3", "params"} <= set(final)
+    assert len(strategy.records) == 2
+    for record in strategy.records:
+        assert record["params"] == space.count_params(record["sample"])
