@@ -2,8 +2,8 @@
 
 S1 ResNetBlockPoolSpace (block pools cropped from timm ResNets), S2 data roles and client
 partitions, S3 SizeAwarePolicyGradient (LSTM controller, REINFORCE, size-aware reward), S4
-MultiExitNetwork (exits after every stage, branch models, early exits); the federated evaluator
-builds on these.
+MultiExitNetwork (exits after every stage, branch models, early exits), S5 FederatedEvaluator
+(depth-aware federated averaging over simulated edge clients).
 """
 
 from . import _nni  # noqa: F401  (must come before anything imports nni)
@@ -13,10 +13,14 @@ from .controller import ControllerSettings, PolicyGradient
 from .reward import HardBudgetReward, LinearPenaltyReward, SizeAwareReward, size_aware_reward
 from .strategy import SizeAwarePolicyGradient
 from .exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
+from .federated import FederatedEvaluator, FederatedSettings, aggregate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FederatedEvaluator",
+    "FederatedSettings",
+    "aggregate",
     "BranchModel",
     "MultiExitNetwork",
     "calibrate",
