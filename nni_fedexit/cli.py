@@ -5,15 +5,17 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from .config import ConfigError
 from .data import DataError
 from .presets import PresetError
 from .space import SpecError
 
-_USER_ERRORS = (DataError, SpecError, PresetError)
+_USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, FileExistsError, FileNotFoundError)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,6 +114,108 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
                f"({epochs * len(train) / t_train:.0f} images/s)")
     click.echo(f"accuracy: validation {val_acc:.4f} ({len(val):,} images), test {test_acc:.4f} ({len(data.test):,} images)")
     click.echo(f"total {time.time() - t0:.0f} s")
+
+
+def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
+    from .config import load_config
+    from .pipeline import Run
+
+    overrides: dict[str, Any] = {}
+    if run_dir:
+        overrides["run_dir"] = run_dir
+    config = load_config(config_path, overrides)
+    if port is not None:
+        config.nni.port = port
+    run = Run(config, echo=click.echo)
+    try:
+        run.run(resume=resume, stages=stages)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished stages and federated rounds are kept in {run.dir}; "
+                   f"continue with: nni-fedexit run {config_path} --resume", err=True)
+        sys.exit(130)
+    _summary(run)
+
+
+def _summary(run: Any) -> None:
+    d = run.dir
+    click.echo("\nrun directory: " + str(d))
+    for name in ("report.md", "search/architecture.json", "federated/metrics.json", "evaluation.json", "model.safetensors", "export"):
+        if (d / name).exists():
+            click.echo(f"  {d / name}")
+    click.echo(f"NNI experiments: nnictl experiment list (working directory {run.experiments_dir()})")
+
+
+_config_arg = click.argument("config", type=click.Path(dir_okay=False))
+_resume_opt = click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir: finished stages are skipped, federated rounds resume from the last checkpoint.")
+_port_opt = click.option("--port", type=int, default=None, help="Port of NNI's web UI (default: the config's nni.port).")
+_dir_opt = click.option("--run-dir", default=None, help="Run directory (default: the config's run_dir, else runs/<config name>).")
+
+
+@main.command()
+@_config_arg
+@_resume_opt
+@_port_opt
+@_dir_opt
+@_user_errors
+def run(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
+    """S1 to S5 end to end: search, federated training, early-exit evaluation, export, report."""
+    _run_stages(config, ("search", "federate", "evaluate", "export", "report"), resume, port, run_dir)
+
+
+@main.command()
+@_config_arg
+@_resume_opt
+@_port_opt
+@_dir_opt
+@_user_errors
+def search(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
+    """S3 only: search the block-pool space; writes search/architecture.json."""
+    _run_stages(config, ("search",), resume, port, run_dir)
+
+
+@main.command()
+@_config_arg
+@_resume_opt
+@_port_opt
+@_dir_opt
+@_user_errors
+def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
+    """S4 + S5: federated training of the searched architecture's exit-point model (needs a search)."""
+    _run_stages(config, ("federate",), True, port, run_dir)
+
+
+def _existing_run(run_dir: str) -> Any:
+    from .config import load_config
+    from .pipeline import Run
+
+    cfg = Path(run_dir) / "config.yaml"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} not found: {run_dir} is not a run directory of nni-fedexit")
+    return Run(load_config(cfg, {"run_dir": run_dir}), echo=click.echo)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_user_errors
+def evaluate(run_dir: str) -> None:
+    """Early-exit curve of a trained run: per-exit test accuracy, calibrated thresholds."""
+    _existing_run(run_dir).stage_evaluate()
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_user_errors
+def export(run_dir: str) -> None:
+    """Export every branch model of a trained run to TorchScript (and ONNX)."""
+    _existing_run(run_dir).stage_export()
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_user_errors
+def report(run_dir: str) -> None:
+    """Write report.md and its plots for a finished run."""
+    _existing_run(run_dir).stage_report()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from nni.nas.oneshot.pytorch.strategy import RandomOneShot
 from nni.nas.space import ModelStatus
 from nni.nas.strategy.base import Strategy
 
-__all__ = ["SizeAwarePolicyGradient", "SharedSizeAwarePolicyGradient", "TrialsSizeAwarePolicyGradient"]
+__all__ = ["SizeAwarePolicyGradient", "SharedSizeAwarePolicyGradient", "TrialsSizeAwarePolicyGradient", "FixedArchitecture"]
 
 _logger = logging.getLogger(__name__)
 
@@ -574,3 +574,26 @@ class SizeAwareEnasModule(BaseOneShotLightningModule):
         super().on_load_checkpoint(checkpoint)
         if "size_aware_pg" in checkpoint:
             self.strategy._load_search_state(checkpoint["size_aware_pg"])
+
+
+class FixedArchitecture(Strategy):
+    """Submits one given architecture as one trial: the final federated stage of a run, so the
+    web UI shows that trial and its per-round curve."""
+
+    def __init__(self, sample: Mapping[str, Any]):
+        super().__init__()
+        self.sample = dict(sample)
+
+    def extra_repr(self) -> str:
+        return repr(self.sample)
+
+    def _run(self) -> None:
+        if self.wait_for_resource():
+            self.engine.submit_models(self.model_space.freeze(self.sample))
+        self.engine.wait_models()
+
+    def state_dict(self) -> dict:
+        return {"sample": dict(self.sample)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sample = dict(state_dict.get("sample", self.sample))

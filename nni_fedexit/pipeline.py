@@ -1,0 +1,322 @@
+"""The main job: S1 to S5 end to end, one NNI experiment per stage, everything in a run directory.
+
+Stages (each skipped on ``resume`` once it has finished):
+
+``search``    SizeAwarePolicyGradient on the block-pool space (shared or trials mode)
+              -> search/architecture.json, search/history.json
+``federate``  FederatedEvaluator on the chosen architecture, as one NNI trial (web UI: a curve
+              per round) -> federated/ (checkpoints, state.json with every round), model.safetensors
+``evaluate``  per-exit test accuracy, early-exit thresholds calibrated on the server's
+              validation split, the accuracy-vs-MACs curve on the test set -> evaluation.json
+``export``    every branch model to TorchScript (and ONNX) -> export/
+``report``    report.md and plots/*.png, every number read from the files above
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from . import _nni  # noqa: F401
+from .config import RunConfig
+from .data import DataBundle, load_dataset, split_roles
+from .exits import (
+    MultiExitNetwork, calibrate, early_exit_metrics, exit_accuracies, exit_costs, exit_outputs, export_branches,
+)
+from .federated import FederatedData, FederatedSettings
+from .space import ResNetBlockPoolSpace, load_space_spec
+from .strategy import FixedArchitecture, SizeAwarePolicyGradient
+
+__all__ = ["Run", "STAGES"]
+
+_logger = logging.getLogger(__name__)
+
+STAGES = ("search", "federate", "evaluate", "export", "report")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+class Run:
+    """One run directory and the stages that fill it."""
+
+    def __init__(self, config: RunConfig, echo: Callable[[str], None] = print):
+        self.config = config
+        self.dir = Path(config.run_dir).resolve()
+        self.echo = echo
+        self._data: DataBundle | None = None
+        self._space: ResNetBlockPoolSpace | None = None
+
+    # ---- shared pieces ----------------------------------------------------------------------
+
+    @property
+    def data(self) -> DataBundle:
+        if self._data is None:
+            d = self.config.data
+            self._data = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download)
+        return self._data
+
+    @property
+    def space(self) -> ResNetBlockPoolSpace:
+        """The block-pool space, for reading (sizes, building networks)."""
+        if self._space is None:
+            self._space = self.new_space()
+        return self._space
+
+    def new_space(self) -> ResNetBlockPoolSpace:
+        """A fresh space for an experiment: a one-shot search turns its space into a supernet in place."""
+        cfg = self.config.space
+        preset, overrides = (cfg, {}) if isinstance(cfg, str) else (cfg.get("preset", "resnet_pool"), dict(cfg))
+        overrides.pop("preset", None)
+        overrides.update(in_chans=self.data.in_chans, image_size=self.data.image_size, num_classes=self.data.num_classes)
+        return ResNetBlockPoolSpace.from_spec(load_space_spec(preset, **overrides))
+
+    def federated_settings(self) -> FederatedSettings:
+        d = self.config.data
+        return FederatedSettings(**{
+            **self.config.federated, "dataset": d.dataset, "data_dir": d.data_dir, "server_fraction": d.server_fraction,
+            "val_fraction": d.val_fraction, "test_samples": d.test_samples, "seed": self.config.seed,
+            "checkpoint_dir": str(self.dir / "federated"),
+        })
+
+    def done(self) -> list[str]:
+        path = self.dir / "stages.json"
+        return json.loads(path.read_text())["done"] if path.is_file() else []
+
+    def _mark(self, stage: str) -> None:
+        done = [s for s in self.done() if s != stage] + [stage]
+        _write_json(self.dir / "stages.json", {"done": done})
+
+    def experiments_dir(self) -> Path:
+        return self.dir / "nni-experiments"
+
+    # ---- the stages -------------------------------------------------------------------------
+
+    def run(self, resume: bool = False, stages: tuple[str, ...] = STAGES) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not resume and self.done():
+            raise FileExistsError(f"run directory {self.dir} holds a run already: pass --resume to continue it, "
+                                  "or choose another run_dir")
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        FederatedData(self.federated_settings(), bundle=self.data)  # fail early: a client would be empty, ...
+        for stage in stages:
+            if resume and stage in self.done():
+                self.echo(f"[{stage}] done already: skipped")
+                continue
+            t0 = time.time()
+            self.echo(f"[{stage}] ...")
+            getattr(self, f"stage_{stage}")()
+            self._mark(stage)
+            self.echo(f"[{stage}] finished in {time.time() - t0:.0f} s")
+
+    def stage_search(self) -> dict[str, Any]:
+        from nni.nas.experiment import NasExperiment
+
+        c = self.config
+        strategy = self._strategy()
+        space = self.new_space()
+        if strategy.mode == "shared":
+            evaluator = self._shared_evaluator()
+        else:
+            from .trial import search_evaluator
+
+            d = c.data
+            evaluator = search_evaluator(**{
+                "dataset": d.dataset, "data_dir": d.data_dir, "server_fraction": d.server_fraction,
+                "val_fraction": d.val_fraction, "seed": c.seed, **c.search.trial,
+            })
+        exp = NasExperiment(space, evaluator, strategy)
+        exp.config.experiment_working_directory = str(self.experiments_dir())
+        if strategy.mode == "trials":
+            exp.config.max_trial_number = c.search.max_trials
+            exp.config.trial_concurrency = c.search.concurrency
+            exp.config.training_service.use_active_gpu = False
+            self.echo(f"[search] NNI web UI: http://127.0.0.1:{c.nni.port} (experiment {exp.id})")
+        try:
+            exp.run(port=c.nni.port)
+            best = exp.export_top_models(formatter="dict")[0]
+        finally:
+            exp.stop()
+        best = {str(k): v for k, v in best.items()}
+        learner = strategy.learner
+        assert learner is not None
+        history = {
+            "experiment_id": exp.id, "mode": strategy.mode, "beta": strategy.beta,
+            "baseline_params": strategy.baseline_params, "controller_steps": learner.history,
+            "samples": strategy.records, "probabilities": learner.probabilities(),
+            "final_candidates": getattr(strategy, "final_candidates", []),
+        }
+        _write_json(self.dir / "search" / "history.json", history)
+        arch = {"sample": best, "params": space.count_params(best), "baseline_params": space.baseline_params(),
+                "baseline": space.spec.sources[0], "num_architectures": space.num_architectures(),
+                "experiment_id": exp.id}
+        _write_json(self.dir / "search" / "architecture.json", arch)
+        self.echo(f"[search] chose {best}: {arch['params']:,} parameters "
+                  f"({arch['params'] / arch['baseline_params']:.2f} x the {arch['baseline']} baseline)")
+        return arch
+
+    def _strategy(self) -> SizeAwarePolicyGradient:
+        cfg = self.config.search.strategy
+        if isinstance(cfg, str):
+            return SizeAwarePolicyGradient.from_preset(cfg, seed=self.config.seed)
+        cfg = dict(cfg)
+        preset = cfg.pop("preset", "size_aware_pg")
+        return SizeAwarePolicyGradient.from_preset(preset, **{"seed": self.config.seed, **cfg})
+
+    def _shared_evaluator(self) -> Any:
+        from nni.nas.evaluator.pytorch import Classification, DataLoader
+        from torch.utils.data import TensorDataset
+
+        c, d = self.config, self.config.data
+        roles = split_roles(len(self.data.train), d.server_fraction, d.val_fraction, seed=c.seed)
+        train = self.data.train.subset(roles.search_train[: c.search.train_samples])
+        val = self.data.train.subset(roles.search_val)
+        g = torch.Generator().manual_seed(c.seed)
+        return Classification(
+            train_dataloaders=DataLoader(TensorDataset(train.images, train.labels), batch_size=c.search.batch_size,
+                                         shuffle=True, generator=g),
+            val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=c.search.batch_size),
+            max_epochs=c.search.epochs, num_classes=self.data.num_classes, learning_rate=c.search.learning_rate,
+            accelerator="cpu", enable_progress_bar=True, logger=False, enable_checkpointing=False,
+        )
+
+    def architecture(self) -> dict[str, Any]:
+        path = self.dir / "search" / "architecture.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the search stage first")
+        return json.loads(path.read_text())
+
+    def stage_federate(self) -> None:
+        from nni.nas.experiment import NasExperiment
+
+        from .federated import FederatedEvaluator
+
+        arch = self.architecture()
+        s = self.federated_settings()
+        evaluator = FederatedEvaluator(**dataclasses.asdict(s))
+        exp = NasExperiment(self.new_space(), evaluator, FixedArchitecture(arch["sample"]))
+        exp.config.experiment_working_directory = str(self.experiments_dir())
+        exp.config.max_trial_number = 1
+        exp.config.trial_concurrency = 1
+        exp.config.training_service.use_active_gpu = False
+        port = self.config.nni.port
+        self.echo(f"[federate] NNI web UI: http://127.0.0.1:{port}/detail (experiment {exp.id}); "
+                  f"{s.rounds} rounds x {s.num_clients} clients, checkpoints in {s.checkpoint_dir}")
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch_rounds, args=(Path(s.checkpoint_dir), s.rounds, stop), daemon=True)
+        watcher.start()
+        try:
+            exp.run(port=port)
+        finally:
+            stop.set()
+            watcher.join()
+            exp.stop()
+        state_path = Path(s.checkpoint_dir) / "state.json"
+        if not state_path.is_file():
+            raise RuntimeError(f"the federated trial wrote no checkpoint: see its log under {self.experiments_dir() / exp.id}")
+        state = json.loads(state_path.read_text())
+        if state["round"] < s.rounds:
+            raise RuntimeError(f"the federated trial stopped after round {state['round']} of {s.rounds}: see its log "
+                               f"under {self.experiments_dir() / exp.id}; rerun with --resume to continue")
+        _write_json(self.dir / "federated" / "metrics.json", {
+            "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
+        })
+        data = FederatedData(s, bundle=self.data)
+        _write_json(self.dir / "federated" / "partition.json", {
+            "scheme": s.partition, "alpha": s.alpha, "label_skew": data.label_skew, "clients": data.summary,
+        })
+        from safetensors.torch import load_file, save_file
+
+        best = load_file(str(Path(s.checkpoint_dir) / "best.safetensors"))
+        save_file(best, str(self.dir / "model.safetensors"))
+        _write_json(self.dir / "model.json", {"architecture": arch["sample"], "head": s.head,
+                                              "loss_weights": s.loss_weights, "best_round": state["best_round"]})
+
+    def _watch_rounds(self, folder: Path, rounds: int, stop: threading.Event) -> None:
+        """Progress bar of the federated trial, read from its checkpoints."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=rounds, desc="federated rounds", unit="round")
+        seen = 0
+        while not stop.wait(2.0):
+            try:
+                state = json.loads((folder / "state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if state["round"] > seen:
+                last = state["history"][-1]
+                bar.update(state["round"] - seen)
+                bar.set_postfix(val_acc=f"{last['exit_accuracy'][-1]:.3f}", loss=f"{last['total_loss']:.3f}")
+                seen = state["round"]
+        bar.close()
+
+    def model(self) -> MultiExitNetwork:
+        """The trained exit-point model, rebuilt from model.json and model.safetensors."""
+        from safetensors.torch import load_file
+
+        meta_path = self.dir / "model.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} is missing: run the federate stage first")
+        meta = json.loads(meta_path.read_text())
+        model = MultiExitNetwork.from_architecture(self.space, meta["architecture"], head=meta["head"],
+                                                   loss_weights=meta["loss_weights"])
+        model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
+        thresholds = self.dir / "evaluation.json"
+        if thresholds.is_file():
+            ev = json.loads(thresholds.read_text())
+            model.thresholds, model.criterion = ev["thresholds"], ev["criterion"]
+        return model.eval()
+
+    def stage_evaluate(self) -> dict[str, Any]:
+        c, d = self.config, self.config.data
+        model = self.model()
+        roles = split_roles(len(self.data.train), d.server_fraction, d.val_fraction, seed=c.seed)
+        val = self.data.train.subset(roles.search_val)
+        test = self.data.test if d.test_samples is None else self.data.test.subset(range(min(d.test_samples, len(self.data.test))))
+        costs = exit_costs(model, test.images[:1])
+        cal = calibrate(model, val, max_accuracy_drop=c.exits.max_accuracy_drop, macs_budget=c.exits.macs_budget,
+                        criterion=c.exits.criterion, costs=costs)
+        logits, labels = exit_outputs(model, test)
+        test_acc = exit_accuracies(logits, labels)
+        on_test = early_exit_metrics(logits, labels, cal.thresholds, costs, c.exits.criterion)
+        curve = [early_exit_metrics(logits, labels, [v / 100] * (model.num_exits - 1), costs, c.exits.criterion)
+                 for v in range(101)] + [early_exit_metrics(logits, labels, [1.01] * (model.num_exits - 1), costs)]
+        result = {
+            "thresholds": cal.thresholds, "criterion": c.exits.criterion, "target": cal.target,
+            "exits": [{"exit": x.exit, "params": x.params, "macs": x.macs, "early_exit_macs": x.early_exit_macs,
+                       "test_accuracy": a} for x, a in zip(costs, test_acc)],
+            "validation": {"accuracy": cal.accuracy, "last_exit_accuracy": cal.last_exit_accuracy,
+                           "expected_macs": cal.expected_macs, "exit_share": cal.exit_share},
+            "test": {**on_test, "last_exit_accuracy": test_acc[-1], "macs_saved": 1 - on_test["expected_macs"] / costs[-1].macs},
+            "test_curve": curve, "test_images": len(test), "val_images": len(val),
+        }
+        _write_json(self.dir / "evaluation.json", result)
+        self.echo(f"[evaluate] test accuracy per exit {' '.join(f'{a:.4f}' for a in test_acc)}; early exits: "
+                  f"{on_test['accuracy']:.4f} at {result['test']['macs_saved']:.1%} less compute")
+        return result
+
+    def stage_export(self) -> list[dict[str, Any]]:
+        model = self.model()
+        records = export_branches(model, self.dir / "export", self.data.test.images[:2])
+        _write_json(self.dir / "export" / "exports.json", records)
+        self.echo(f"[export] {len(records)} files in {self.dir / 'export'}")
+        return records
+
+    def stage_report(self) -> Path:
+        from .report import write_report
+
+        path = write_report(self.dir)
+        self.echo(f"[report] {path}")
+        return path

@@ -1,0 +1,169 @@
+"""report.md and its plots, written from the JSON files of a run directory (nothing recomputed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["write_report"]
+
+
+def _load(run: Path, name: str) -> Any:
+    path = run / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def _save(fig: Any, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
+def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict) -> dict[str, str]:
+    plots = run / "plots"
+    out = {}
+    steps = search["controller_steps"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if steps:
+        ax.plot([s["step"] for s in steps], [s["mean_reward"] for s in steps], label="mean reward of the batch")
+        ax.plot([s["step"] for s in steps], [s["baseline"] for s in steps], label="moving-average baseline")
+    ax.set_xlabel("controller step")
+    ax.set_ylabel("reward")
+    ax.set_title("Search: reward over controller steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["reward"] = _save(fig, plots / "reward.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    seen = search["final_candidates"] or search["samples"]
+    ax.scatter([s["params"] / 1e6 for s in seen], [s["accuracy"] for s in seen], s=14, alpha=0.6, label="architectures seen")
+    chosen = next((s for s in seen if s["sample"] == arch["sample"]), None)
+    if chosen is not None:
+        ax.scatter([chosen["params"] / 1e6], [chosen["accuracy"]], marker="*", s=160, color="C3", label="chosen")
+    ax.axvline(arch["baseline_params"] / 1e6, color="gray", ls="--", lw=1, label=f"{arch['baseline']} baseline size")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Search: accuracy vs size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["arch"] = _save(fig, plots / "accuracy_vs_params.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = fed["rounds"]
+    for i in range(len(rounds[0]["exit_accuracy"])):
+        ax.plot([r["round"] for r in rounds], [r["exit_accuracy"][i] for r in rounds], marker=".", label=f"exit {i + 1}")
+    ax.axvline(fed["best_round"], color="gray", ls="--", lw=1, label="best round")
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Federated training: per-exit accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["rounds"] = _save(fig, plots / "rounds.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    curve = ev["test_curve"]
+    ax.plot([p["expected_macs"] / 1e6 for p in curve], [p["accuracy"] for p in curve], ".-", ms=3, label="early exit")
+    ax.plot([e["macs"] / 1e6 for e in ev["exits"]], [e["test_accuracy"] for e in ev["exits"]], "s", label="single exit")
+    ax.plot([ev["test"]["expected_macs"] / 1e6], [ev["test"]["accuracy"]], "*", ms=12, label="calibrated thresholds")
+    ax.set_xlabel("expected MMACs per image")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Early exits: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["exits"] = _save(fig, plots / "early_exit.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    clients = part["clients"]
+    bottom = [0] * len(clients)
+    for label in range(len(clients[0]["labels"])):
+        counts = [c["labels"][label] for c in clients]
+        ax.bar([c["client"] for c in clients], counts, bottom=bottom, label=str(label))
+        bottom = [b + n for b, n in zip(bottom, counts)]
+    ax.set_xlabel("client")
+    ax.set_ylabel("images")
+    ax.set_title(f"Client partition: {part['scheme']} (label skew {part['label_skew']:.2f})")
+    ax.legend(fontsize=6, ncol=5, title="class", title_fontsize=7)
+    out["partition"] = _save(fig, plots / "partition.png")
+    return out
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` of a finished run; returns the report's path."""
+    run = Path(run_dir)
+    search = _load(run, "search/history.json")
+    arch = _load(run, "search/architecture.json")
+    fed = _load(run, "federated/metrics.json")
+    part = _load(run, "federated/partition.json")
+    ev = _load(run, "evaluation.json")
+    exports = _load(run, "export/exports.json") if (run / "export" / "exports.json").is_file() else []
+    plots = _plots(run, search, arch, fed, part, ev)
+    best = fed["rounds"][fed["best_round"] - 1]
+    lines = [
+        f"# nni-fedexit run: {run.name}",
+        "",
+        "Every number below was measured in this run; the JSON files next to this report hold them.",
+        "",
+        "## Chosen architecture (S1, S3)",
+        "",
+        "| stage | block |",
+        "|---|---|",
+        *[f"| {label} | {block} |" for label, block in arch["sample"].items()],
+        "",
+        f"Parameters p_h = {arch['params']:,}, {arch['params'] / arch['baseline_params']:.2f} x the "
+        f"{arch['baseline']} baseline at the same widths (P = {arch['baseline_params']:,}); "
+        f"the space holds {arch['num_architectures']:,} networks. Search: {search['mode']} mode, "
+        f"{len(search['controller_steps'])} controller steps, reward beta = {search['beta']} "
+        f"(NNI experiment `{search['experiment_id']}`).",
+        "",
+        f"![reward]({plots['reward']})",
+        f"![accuracy vs params]({plots['arch']})",
+        "",
+        "## Federated training (S4, S5)",
+        "",
+        f"{len(fed['rounds'])} rounds, {len(part['clients'])} clients, partition {part['scheme']} "
+        f"(label skew {part['label_skew']:.3f}); best round {fed['best_round']} (lowest total validation loss). "
+        f"NNI experiment `{fed['experiment_id']}`.",
+        "",
+        "| round | " + " | ".join(f"exit {i + 1} val acc" for i in range(len(best["exit_accuracy"]))) + " | total loss | clients (accepted) |",
+        "|---" * (len(best["exit_accuracy"]) + 3) + "|",
+        *[
+            f"| {r['round']} | " + " | ".join(f"{a:.4f}" for a in r["exit_accuracy"])
+            + f" | {r['total_loss']:.4f} | {len(r['clients'])} ({r['accepted']}) |"
+            for r in fed["rounds"]
+        ],
+        "",
+        f"![rounds]({plots['rounds']})",
+        f"![partition]({plots['partition']})",
+        "",
+        "## Exits on the test set",
+        "",
+        "| exit | parameters | MACs | test accuracy |",
+        "|---|---|---|---|",
+        *[f"| {e['exit']} | {e['params']:,} | {e['macs'] / 1e6:.1f} M | {e['test_accuracy']:.4f} |" for e in ev["exits"]],
+        "",
+        f"Early exits with thresholds {', '.join(f'{t:.2f}' for t in ev['thresholds'][:-1])} ({ev['criterion']}), "
+        f"calibrated on {ev['val_images']:,} validation images for {ev['target']}: test accuracy "
+        f"{ev['test']['accuracy']:.4f} (last exit alone {ev['test']['last_exit_accuracy']:.4f}) at "
+        f"{ev['test']['expected_macs'] / 1e6:.1f} M MACs per image, {ev['test']['macs_saved']:.1%} less than the last "
+        f"exit alone; exits taken: " + ", ".join(f"{s:.1%}" for s in ev["test"]["exit_share"]) + ".",
+        "",
+        f"![early exits]({plots['exits']})",
+        "",
+    ]
+    if exports:
+        lines += ["## Exported branches", "", "| branch | format | file | max abs error vs PyTorch |", "|---|---|---|---|"]
+        lines += [f"| {r['branch']} | {r['format']} | `{Path(r['path']).name}` | {r['max_abs_error']:.1e} |" for r in exports]
+        lines.append("")
+    path = run / "report.md"
+    path.write_text("\n".join(lines))
+    return path
