@@ -28,7 +28,7 @@ data:
 	fi
 
 demo: install data
-	$(VENV)/bin/nni-fedexit demo
+	$(VENV)/bin/nni-fedexit run examples/fmnist_quickstart.yaml --resume
 
 test: install data
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@ Sections and their keys (defaults in brackets):
 
 ``run_dir`` [runs/<config name>]  where everything of the run goes
 ``seed`` [0]                       seeds data splits, search, federated rounds
+``device`` [cpu]                   cpu or cuda: the supernet training and the federated clients
 ``data``     dataset [fashion-mnist], data_dir [null: the system copy], download [false],
              server_fraction [0.2], val_fraction [0.2], test_samples [null: all]
 ``space``    a preset name from search_spaces/ [resnet_pool], or a mapping with ``preset`` plus
@@ -76,6 +77,7 @@ class NniConfig:
 class RunConfig:
     run_dir: str = ""
     seed: int = 0
+    device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
     space: Any = "resnet_pool"
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -158,13 +160,15 @@ def check_values(config: RunConfig) -> None:
     from .space import SpaceSpec
 
     fed_keys = {f.name for f in fields(FederatedSettings)}
-    owned = {"dataset", "data_dir", "server_fraction", "val_fraction", "test_samples", "checkpoint_dir", "seed"}
+    owned = {"dataset", "data_dir", "server_fraction", "val_fraction", "test_samples", "checkpoint_dir", "seed", "device"}
     unknown = sorted(set(config.federated) - fed_keys)
     if unknown:
         raise ConfigError(f"federated.{unknown[0]}: unknown key; federated takes {sorted(fed_keys - owned)}")
     clash = sorted(set(config.federated) & owned)
     if clash:
-        raise ConfigError(f"federated.{clash[0]}: set it in the data section (or at the top for seed)")
+        raise ConfigError(f"federated.{clash[0]}: set it in the data section (seed and device at the top)")
+    if config.device not in ("cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise ConfigError(f"device: must be cpu or cuda, got {config.device!r}")
     try:
         FederatedSettings(**config.federated)
     except (TypeError, ValueError) as err:

@@ -88,7 +88,7 @@ class Run:
         return FederatedSettings(**{
             **self.config.federated, "dataset": d.dataset, "data_dir": d.data_dir, "server_fraction": d.server_fraction,
             "val_fraction": d.val_fraction, "test_samples": d.test_samples, "seed": self.config.seed,
-            "checkpoint_dir": str(self.dir / "federated"),
+            "checkpoint_dir": str(self.dir / "federated"), "device": self.config.device,
         })
 
     def done(self) -> list[str]:
@@ -189,7 +189,8 @@ class Run:
                                          shuffle=True, generator=g),
             val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=c.search.batch_size),
             max_epochs=c.search.epochs, num_classes=self.data.num_classes, learning_rate=c.search.learning_rate,
-            accelerator="cpu", enable_progress_bar=True, logger=False, enable_checkpointing=False,
+            accelerator="cpu" if c.device == "cpu" else "gpu", devices=1, enable_progress_bar=True, logger=False,
+            enable_checkpointing=False,
         )
 
     def architecture(self) -> dict[str, Any]:

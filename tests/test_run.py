@@ -1,0 +1,136 @@
+"""The main job from the command line: `nni-fedexit run` end to end, its artifacts, bad configs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from nni_fedexit.cli import main
+from tests.test_strategy import _free_port
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    result = CliRunner().invoke(
+        main, ["run", str(EXAMPLES / "tiny_digits.yaml"), "--run-dir", str(run_dir), "--port", str(_free_port())]
+    )
+    assert result.exit_code == 0, result.output
+    return run_dir, result.output
+
+
+def test_run_writes_every_artifact(tiny_run):
+    run_dir, output = tiny_run
+    for name in ("config.yaml", "search/history.json", "search/architecture.json", "federated/metrics.json",
+                 "federated/partition.json", "federated/state.json", "federated/best.safetensors", "model.safetensors",
+                 "model.json", "evaluation.json", "export/exports.json", "report.md", "plots/reward.png",
+                 "plots/accuracy_vs_params.png", "plots/rounds.png", "plots/early_exit.png", "plots/partition.png"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "stages.json").read_text())["done"] == ["search", "federate", "evaluate", "export", "report"]
+    assert "NNI web UI: http://127.0.0.1:" in output and str(run_dir / "report.md") in output
+    # one NNI experiment per stage, in the run directory, where nnictl finds them
+    for name in ("search/architecture.json", "federated/metrics.json"):
+        exp_id = json.loads((run_dir / name).read_text())["experiment_id"]
+        assert (run_dir / "nni-experiments" / exp_id / "checkpoint").is_dir()
+
+
+def test_report_agrees_with_the_json_files(tiny_run):
+    run_dir, _ = tiny_run
+    report = (run_dir / "report.md").read_text()
+    arch = json.loads((run_dir / "search/architecture.json").read_text())
+    for label, block in arch["sample"].items():
+        assert f"| {label} | {block} |" in report
+    assert f"Parameters p_h = {arch['params']:,}" in report
+    metrics = json.loads((run_dir / "federated/metrics.json").read_text())
+    for r in metrics["rounds"]:
+        assert f"| {r['round']} | " + " | ".join(f"{a:.4f}" for a in r["exit_accuracy"]) in report
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    for e in evaluation["exits"]:
+        assert f"| {e['exit']} | {e['params']:,} |" in report and f"{e['test_accuracy']:.4f} |" in report
+    best = load_file(str(run_dir / "model.safetensors"))
+    assert set(best) == set(load_file(str(run_dir / "federated/best.safetensors")))
+    assert metrics["best_round"] == json.loads((run_dir / "model.json").read_text())["best_round"]
+    for record in json.loads((run_dir / "export/exports.json").read_text()):
+        assert Path(record["path"]).is_file() and record["max_abs_error"] <= 1e-5
+
+
+def test_finished_run_is_not_overwritten_and_resume_skips_done_stages(tiny_run):
+    run_dir, _ = tiny_run
+    again = CliRunner().invoke(main, ["run", str(EXAMPLES / "tiny_digits.yaml"), "--run-dir", str(run_dir)])
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = CliRunner().invoke(main, ["run", str(EXAMPLES / "tiny_digits.yaml"), "--run-dir", str(run_dir), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("done already: skipped") == 5
+
+
+def test_stages_continue_an_interrupted_run(tiny_run, tmp_path):
+    """A run stopped after the search resumes with the federated stage, reusing the search."""
+    run_dir, _ = tiny_run
+    partial = tmp_path / "partial"
+    (partial / "search").mkdir(parents=True)
+    for name in ("search/history.json", "search/architecture.json", "config.yaml"):
+        shutil.copy(run_dir / name, partial / name)
+    (partial / "stages.json").write_text(json.dumps({"done": ["search"]}))
+    result = CliRunner().invoke(main, ["run", str(EXAMPLES / "tiny_digits.yaml"), "--run-dir", str(partial),
+                                       "--resume", "--port", str(_free_port())])
+    assert result.exit_code == 0, result.output
+    assert "[search] done already: skipped" in result.output and (partial / "report.md").is_file()
+    assert json.loads((partial / "search/architecture.json").read_text()) == json.loads((run_dir / "search/architecture.json").read_text())
+
+
+def _config(tmp_path, **changes):
+    data = yaml.safe_load((EXAMPLES / "tiny_digits.yaml").read_text())
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            data.setdefault(section, {})[key] = value
+        else:
+            data[section] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"federated__roundz": 3}, "federated.roundz: unknown key"),
+        ({"search__epochs": "three"}, "search.epochs: expected an integer"),
+        ({"federated__min_clients": 9}, "federated.min_clients: 9 is more than num_clients"),
+        ({"federated__num_clients": 100000}, "100000 clients but only"),
+        ({"exits__criterion": "margin"}, "exits.criterion"),
+        ({"data__datset": "digits"}, "data.datset: unknown key"),
+        ({"space": {"preset": "resnet_pool", "widht": [8]}}, "space.widht: unknown key"),
+        ({"device": "tpu"}, "device: must be cpu or cuda"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path, changes, needle):
+    result = CliRunner().invoke(main, ["run", str(_config(tmp_path, **changes)), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml not found" in result.output
+
+
+def test_every_example_config_is_valid():
+    from nni_fedexit.config import load_config
+
+    names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+    assert {"fmnist_quickstart.yaml", "fmnist_full.yaml", "cifar10.yaml", "fmnist_noniid.yaml"} <= set(names)
+    for name in names:
+        load_config(EXAMPLES / name)
+
+
+def test_help_of_every_command():
+    for command in ("run", "search", "federate", "evaluate", "export", "report", "space"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
