@@ -45,8 +45,16 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     out["reward"] = _save(fig, plots / "reward.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    by_arch: dict[str, list[dict]] = {}
+    for rec in search["samples"]:
+        by_arch.setdefault(json.dumps(rec["sample"], sort_keys=True), []).append(rec)
+    sampled = [(g[0]["params"], sum(r["accuracy"] for r in g) / len(g), len(g)) for g in by_arch.values()]
+    ax.scatter([p / 1e6 for p, _, _ in sampled], [a for _, a, _ in sampled], s=[8 + 4 * n for _, _, n in sampled],
+               alpha=0.5, label="sampled while searching (mean accuracy; size = times sampled)")
     seen = search["final_candidates"] or search["samples"]
-    ax.scatter([s["params"] / 1e6 for s in seen], [s["accuracy"] for s in seen], s=14, alpha=0.6, label="architectures seen")
+    if search["final_candidates"]:
+        ax.scatter([c["params"] / 1e6 for c in seen], [c["accuracy"] for c in seen], s=20, color="C1",
+                   label="final candidates, scored on all validation data")
     chosen = next((s for s in seen if s["sample"] == arch["sample"]), None)
     if chosen is not None:
         ax.scatter([chosen["params"] / 1e6], [chosen["accuracy"]], marker="*", s=160, color="C3", label="chosen")
