@@ -1,0 +1,170 @@
+"""What the Flower ServerApp and ClientApp share: run config -> settings, data, model; arrays.
+
+A Flower run config holds only flat ``bool | int | float | str`` values, so lists travel as
+strings: ``architecture`` is a JSON object (``{"stage1": "resnet18", ...}``), ``space-widths``
+and ``space-sources`` are comma-separated, ``loss-weights`` and ``profile-mix`` are JSON lists.
+Every :class:`~nni_fedexit.federated.FederatedSettings` field can be set under its name with
+hyphens (``local-epochs``, ``client-samples`` ...); for a field whose default is None, ``""``
+(and ``0`` for counts and widths) means None.
+
+Both sides build the same :class:`~nni_fedexit.exits.MultiExitNetwork` (the space is sized from
+the data set, the initial weights are seeded as in :func:`~nni_fedexit.federated.federate`),
+and load the same :class:`~nni_fedexit.federated.FederatedData`, so partition ``i`` of a
+deployment is client ``i`` of the simulation backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import torch
+
+from ...data import DataBundle
+from ...exits import MultiExitNetwork
+from ...space import ResNetBlockPoolSpace
+from ..evaluator import FederatedData, FederatedSettings, _seed
+from ..local import LocalSettings
+
+if TYPE_CHECKING:  # flwr is only needed by the apps themselves
+    from flwr.app import ArrayRecord
+
+__all__ = [
+    "DEFAULTS", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
+    "local_settings", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
+]
+
+#: run-config keys of this backend (beyond the FederatedSettings fields) and their defaults
+DEFAULTS: dict[str, Any] = {
+    "architecture": '{"stage1": "resnet18", "stage2": "resnet50", "stage3": "resnet18"}',
+    "space-sources": "resnet18,resnet50",
+    "space-widths": "8,16,16",
+    "space-depth-crops": "",
+    "space-stem-width": 0,
+    #: seconds the ServerApp waits for ``min-clients`` SuperNodes to connect before round 1
+    "node-wait": 120.0,
+    #: seconds a round waits for the nodes' replies (late replies are left out of the round)
+    "round-timeout": 600.0,
+    #: torch threads of a ClientApp's training (0: torch's default)
+    "client-threads": 0,
+}
+
+_LIST_FIELDS = ("profile_mix", "loss_weights")
+_SKIP_FIELDS = ("backend",)  # the deployment is the backend; FederatedSettings only knows "simulation"
+
+
+def _get(run_config: Mapping[str, Any], key: str) -> Any:
+    return run_config.get(key, DEFAULTS.get(key))
+
+
+def settings_from_config(run_config: Mapping[str, Any], **overrides: Any) -> FederatedSettings:
+    """:class:`FederatedSettings` from a Flower run config (keys with hyphens), then ``overrides``."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(FederatedSettings):
+        key = f.name.replace("_", "-")
+        if f.name in _SKIP_FIELDS or key not in run_config:
+            continue
+        value = run_config[key]
+        default = f.default
+        if f.name in _LIST_FIELDS:
+            value = None if value in ("", None) else (json.loads(value) if isinstance(value, str) else value)
+        elif default is None:
+            value = None if value in ("", 0, None) else value
+        elif isinstance(default, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        values[f.name] = value
+    values.update(overrides)
+    return FederatedSettings(**values)
+
+
+def local_settings(settings: FederatedSettings) -> LocalSettings:
+    """A client's :class:`LocalSettings`, as :func:`~nni_fedexit.federated.federate` makes them."""
+    s = settings
+    return LocalSettings(epochs=s.local_epochs, batch_size=s.batch_size, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def _csv(value: Any, cast: type) -> list:
+    if isinstance(value, (list, tuple)):
+        return [cast(v) for v in value]
+    return [cast(v.strip()) for v in str(value).split(",") if v.strip()]
+
+
+def architecture_from_config(run_config: Mapping[str, Any]) -> dict[str, str]:
+    arch = _get(run_config, "architecture")
+    if isinstance(arch, str):
+        try:
+            arch = json.loads(arch)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"architecture: expected a JSON object such as {DEFAULTS['architecture']}, got {arch!r}") from err
+    if not isinstance(arch, Mapping):
+        raise ValueError(f"architecture: expected a JSON object of stage labels to candidates, got {arch!r}")
+    return {str(k): str(v) for k, v in arch.items()}
+
+
+def space_from_config(run_config: Mapping[str, Any], bundle: DataBundle) -> ResNetBlockPoolSpace:
+    """The block-pool space of the run config, sized for the data set's images and classes."""
+    stem = int(_get(run_config, "space-stem-width") or 0)
+    return ResNetBlockPoolSpace(
+        sources=_csv(_get(run_config, "space-sources"), str),
+        widths=_csv(_get(run_config, "space-widths"), int),
+        depth_crops=_csv(_get(run_config, "space-depth-crops") or "", int),
+        stem_width=stem or None,
+        in_chans=bundle.in_chans, image_size=bundle.image_size, num_classes=bundle.num_classes,
+    )
+
+
+def build_model(run_config: Mapping[str, Any], settings: FederatedSettings, bundle: DataBundle) -> MultiExitNetwork:
+    """The exit-point model of the run config's architecture, with seeded initial weights."""
+    s = settings
+    space = space_from_config(run_config, bundle)
+    arch = architecture_from_config(run_config)
+    torch.manual_seed(_seed(s.seed))  # the network's initial weights
+    network = space.build(arch)
+    network.arch = dict(arch)
+    torch.manual_seed(_seed(s.seed, 0))  # the exits' initial weights, as federate() seeds them
+    return MultiExitNetwork.from_network(network, head=s.head, head_width=s.head_width, loss_weights=s.loss_weights)
+
+
+_DATA_CACHE: dict[str, FederatedData] = {}
+
+
+def load_data(settings: FederatedSettings) -> FederatedData:
+    """The run's :class:`FederatedData` (server split, test set, partitions), cached per settings."""
+    key = json.dumps([settings.fingerprint(), settings.data_dir])
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = FederatedData(settings)
+    return _DATA_CACHE[key]
+
+
+def branch_keys(model: MultiExitNetwork, depth: int, all_exits: bool = True) -> list[str]:
+    """The state-dict keys of branch model ``depth`` (names as in the full model)."""
+    return list(model.branch(depth, all_exits=all_exits).state_dict().keys())
+
+
+def load_branch_state(model: MultiExitNetwork, state: Mapping[str, torch.Tensor], depth: int, all_exits: bool = True) -> None:
+    """Load branch ``depth``'s entries into ``model``; ``state`` must hold exactly those keys."""
+    want = set(branch_keys(model, depth, all_exits))
+    got = set(state)
+    if got != want:
+        missing, extra = sorted(want - got), sorted(got - want)
+        raise ValueError(f"arrays for branch {depth} do not match it: missing {missing[:5]}, unexpected {extra[:5]}")
+    model.load_state_dict(dict(state), strict=False)
+
+
+def to_array_record(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> "ArrayRecord":
+    """An ArrayRecord of ``state`` (only ``keys``, in that order, if given), copied to the CPU."""
+    from flwr.app import ArrayRecord
+
+    names = list(state) if keys is None else list(keys)
+    return ArrayRecord({k: state[k].detach().to("cpu").contiguous() for k in names})
+
+
+def to_state_dict(record: "ArrayRecord") -> dict[str, torch.Tensor]:
+    """The tensors of an ArrayRecord, by name (dtypes and shapes kept)."""
+    return dict(record.to_torch_state_dict())
