@@ -30,8 +30,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 __all__ = ["ConfigError", "RunConfig", "load_config"]
 
 
@@ -138,13 +136,9 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from err
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
-    data = dict(data)
+    from .presets import read_yaml_mapping
+
+    data = read_yaml_mapping(p, ConfigError)
     data.update(overrides or {})
     config = _build(RunConfig, data, "")
     config.name = p.stem

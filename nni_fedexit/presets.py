@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["PresetError", "preset_dirs", "list_presets", "load_preset"]
+__all__ = ["PresetError", "preset_dirs", "list_presets", "load_preset", "read_yaml_mapping"]
 
 
 class PresetError(ValueError):
@@ -43,10 +43,15 @@ def load_preset(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], st
                 f"{list_presets(kind)} (searched {[str(d) for d in preset_dirs(kind)]})"
             )
         path = found[0]
+    return read_yaml_mapping(path, PresetError), str(path)
+
+
+def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; bad YAML raises ``error`` naming the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise PresetError(f"{path}: not valid YAML: {err}") from err
+        raise error(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise PresetError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return data, str(path)
+        raise error(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data

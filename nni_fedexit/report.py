@@ -29,6 +29,15 @@ def _save(fig: Any, path: Path) -> str:
     return f"plots/{path.name}"
 
 
+def _finish(ax: Any, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
 def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict) -> dict[str, str]:
     plots = run / "plots"
     out = {}
@@ -37,11 +46,7 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     if steps:
         ax.plot([s["step"] for s in steps], [s["mean_reward"] for s in steps], label="mean reward of the batch")
         ax.plot([s["step"] for s in steps], [s["baseline"] for s in steps], label="moving-average baseline")
-    ax.set_xlabel("controller step")
-    ax.set_ylabel("reward")
-    ax.set_title("Search: reward over controller steps")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "controller step", "reward", "Search: reward over controller steps", legend=bool(steps))
     out["reward"] = _save(fig, plots / "reward.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -59,11 +64,7 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     if chosen is not None:
         ax.scatter([chosen["params"] / 1e6], [chosen["accuracy"]], marker="*", s=160, color="C3", label="chosen")
     ax.axvline(arch["baseline_params"] / 1e6, color="gray", ls="--", lw=1, label=f"{arch['baseline']} baseline size")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Search: accuracy vs size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "parameters (M)", "validation accuracy", "Search: accuracy vs size")
     out["arch"] = _save(fig, plots / "accuracy_vs_params.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -71,11 +72,7 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     for i in range(len(rounds[0]["exit_accuracy"])):
         ax.plot([r["round"] for r in rounds], [r["exit_accuracy"][i] for r in rounds], marker=".", label=f"exit {i + 1}")
     ax.axvline(fed["best_round"], color="gray", ls="--", lw=1, label="best round")
-    ax.set_xlabel("round")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Federated training: per-exit accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "round", "validation accuracy", "Federated training: per-exit accuracy")
     out["rounds"] = _save(fig, plots / "rounds.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -83,11 +80,7 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     ax.plot([p["expected_macs"] / 1e6 for p in curve], [p["accuracy"] for p in curve], ".-", ms=3, label="early exit")
     ax.plot([e["macs"] / 1e6 for e in ev["exits"]], [e["test_accuracy"] for e in ev["exits"]], "s", label="single exit")
     ax.plot([ev["test"]["expected_macs"] / 1e6], [ev["test"]["accuracy"]], "*", ms=12, label="calibrated thresholds")
-    ax.set_xlabel("expected MMACs per image")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Early exits: accuracy vs compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "expected MMACs per image", "test accuracy", "Early exits: accuracy vs compute")
     out["exits"] = _save(fig, plots / "early_exit.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -241,29 +241,14 @@ def test_capability_assignment_run(digits):
 def test_federated_evaluator_runs_as_nni_trials_with_a_curve_per_round(tmp_path):
     """FederatedEvaluator as the evaluator of a trials search: shipped to trial processes by NNI."""
     import json
-    import urllib.request
-
-    from nni.nas.experiment import NasExperiment
 
     from nni_fedexit.strategy import SizeAwarePolicyGradient
-    from tests.test_strategy import _free_port
+    from tests.nni_helpers import run_trials_experiment
 
     space = tiny_space()
     evaluator = FederatedEvaluator(dataset="digits", rounds=2, num_clients=3, min_clients=2, head="linear")
     strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=1, seed=0)
-    exp = NasExperiment(space, evaluator, strategy)
-    exp.config.max_trial_number = 2
-    exp.config.trial_concurrency = 2
-    exp.config.training_service.use_active_gpu = False
-    exp.config.experiment_working_directory = str(tmp_path)
-    port = _free_port()
-    try:
-        exp.run(port=port)
-        api = f"http://127.0.0.1:{port}/api/v1/nni"
-        jobs = json.load(urllib.request.urlopen(f"{api}/trial-jobs", timeout=10))
-        metrics = json.load(urllib.request.urlopen(f"{api}/metric-data", timeout=10))
-    finally:
-        exp.stop()
+    jobs, metrics, _ = run_trials_experiment(space, evaluator, strategy, tmp_path, trials=2)
     assert [j["status"] for j in jobs] == ["SUCCEEDED", "SUCCEEDED"]
     for job in jobs:
         mine = [m for m in metrics if m["trialJobId"] == job["trialJobId"]]

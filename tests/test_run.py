@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from nni_fedexit.cli import main
-from tests.test_strategy import _free_port
+from tests.nni_helpers import free_port as _free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

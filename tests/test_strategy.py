@@ -2,8 +2,6 @@
 
 import io
 import json
-import socket
-import urllib.request
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from nni.nas.execution import SequentialExecutionEngine
 from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, model_context
 
 from nni_fedexit import ResNetBlockPoolSpace
+from tests.nni_helpers import run_trials_experiment
 from nni_fedexit.strategy import (
     SharedSizeAwarePolicyGradient,
     SizeAwarePolicyGradient,
@@ -209,31 +208,13 @@ def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
     assert strategy.baseline_params > 0  # P: the sample of every label's first choice
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_trials_mode_real_experiment_lists_trials_with_metrics(tmp_path):
-    from nni.nas.experiment import NasExperiment
-
     from nni_fedexit.trial import search_evaluator
 
     space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
     strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=2, seed=0)
-    exp = NasExperiment(space, search_evaluator(dataset="digits", train_samples=None, epochs=1), strategy)
-    exp.config.max_trial_number = 4
-    exp.config.trial_concurrency = 2
-    exp.config.training_service.use_active_gpu = False
-    exp.config.experiment_working_directory = str(tmp_path)
-    port = _free_port()
-    try:
-        exp.run(port=port)
-        jobs = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/trial-jobs", timeout=10))
-        exported = exp.export_top_models(formatter="dict")
-    finally:
-        exp.stop()
+    evaluator = search_evaluator(dataset="digits", train_samples=None, epochs=1)
+    jobs, _, exported = run_trials_experiment(space, evaluator, strategy, tmp_path, trials=4)
     assert [j["status"] for j in jobs] == ["SUCCEEDED"] * 4
     reported = [json.loads(json.loads(j["finalMetricData"][0]["data"])) for j in jobs]
     assert all(0.0 <= r["default"] <= 1.0 and r["params"] > 0 for r in reported)
