@@ -26,6 +26,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 import tomllib
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower_deployment"
 BIN = Path(sys.executable).parent
@@ -180,10 +182,17 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
 
     config = _app_config()
     settings = settings_from_config(config, num_clients=2, min_clients=2, checkpoint_dir=str(tmp_path / "sim"))
-    data = load_data(settings)
-    model = build_model(config, settings, data.bundle)
-    assert set(model.state_dict()) == set(deployed)
-    result = federate(model, settings, data=data, report=False)
+    # one torch thread, as the ClientApps ran (client-threads=1, OMP_NUM_THREADS=1): float32
+    # reductions depend on the thread count, the data's normalisation statistics included
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_data(settings)
+        model = build_model(config, settings, data.bundle)
+        assert set(model.state_dict()) == set(deployed)
+        result = federate(model, settings, data=data, report=False)
+    finally:
+        torch.set_num_threads(threads)
     assert [h["clients"] for h in result.history] == [
         [{"client": c["partition"], "depth": c["depth"], "seed": c["seed"]} for c in sorted(h["clients"], key=lambda c: c["partition"])]
         for h in state["history"]
@@ -191,3 +200,26 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
     simulated = load_file(str(tmp_path / "sim" / "last.safetensors"))
     worst = max(float((deployed[k].double() - simulated[k].double()).abs().max()) for k in simulated)
     assert worst <= 1e-5, f"deployment and simulation differ by {worst}"
+
+
+def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
+    from nni_fedexit.federated.flower.common import (
+        branch_keys, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict,
+    )
+
+    config = _app_config(**{"client-samples": 0, "loss-weights": "[1, 0.5, 2]", "batch-size": 16.0})
+    settings = settings_from_config(config, num_clients=2, min_clients=2)
+    assert (settings.dataset, settings.rounds, settings.head, settings.client_samples) == ("digits", 2, "linear", None)
+    assert settings.loss_weights == [1, 0.5, 2] and settings.batch_size == 16 and settings.backend == "simulation"
+    data = load_data(settings)
+    model = build_model(config, settings, data.bundle)
+    again = build_model(config, settings, data.bundle)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())  # seeded
+    assert model.num_exits == 3 and model.loss_weights == (1.0, 0.5, 2.0)
+    keys = branch_keys(model, 1)
+    assert set(keys) < set(model.state_dict()) and all(k.startswith(("stem.", "stages.0.", "exits.0.")) for k in keys)
+    state = to_state_dict(to_array_record(model.state_dict(), keys))
+    assert list(state) == keys and all(torch.equal(state[k], model.state_dict()[k]) for k in keys)
+    load_branch_state(again, state, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        load_branch_state(again, state, 2)
