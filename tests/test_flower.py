@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,6 +94,109 @@ class Processes:
             pass
 
 
+class Deployment(Processes):
+    """A SuperLink and its SuperNodes on 127.0.0.1, with a temporary FLWR_HOME (``local-deploy``).
+
+    ``tls``: a folder holding ``ca.crt``, ``server.pem`` and ``server.key`` (see :func:`_make_tls`):
+    the SuperLink then serves TLS and authenticates SuperNodes, and ``flwr`` trusts that CA.
+    """
+
+    def __init__(self, tmp_path: Path, tls: Path | None = None):
+        home = tmp_path / "flwr_home"
+        home.mkdir()
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        self.tls = tls
+        self.link_port = _free_port()
+        security = f'root-certificates = "{tls / "ca.crt"}"' if tls else "insecure = true"
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deploy"\n\n'
+            f'[superlink.local-deploy]\naddress = "127.0.0.1:{self.link_port}"\n{security}\n'
+        )
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(home),
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # flwr-serverapp, flwr-clientapp, ... of this venv
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        super().__init__(env, logs)
+
+    def superlink(self) -> subprocess.Popen:
+        if self.tls:
+            security = ["--ssl-ca-certfile", str(self.tls / "ca.crt"), "--ssl-certfile", str(self.tls / "server.pem"),
+                        "--ssl-keyfile", str(self.tls / "server.key"), "--enable-supernode-auth"]
+        else:
+            security = ["--insecure"]
+        link, link_log = self.start("superlink", [
+            str(BIN / "flower-superlink"), *security, "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.link_port),
+        ])
+        _wait_port(self.link_port, link, 60, link_log)
+        return link
+
+    def supernode(self, name: str, node_config: str, key: Path | None = None) -> tuple[subprocess.Popen, Path]:
+        if self.tls:
+            security = ["--root-certificates", str(self.tls / "ca.crt"), "--auth-supernode-private-key", str(key)]
+        else:
+            security = ["--insecure"]
+        return self.start(name, [
+            str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.link_port}",
+            "--port", str(_free_port()), "--node-config", node_config,
+        ])
+
+    def run(self, run_config: str) -> tuple[subprocess.Popen, Path]:
+        return self.start("flwr_run", [
+            str(BIN / "flwr"), "run", str(APP), "local-deploy", "--stream", "--run-config", run_config,
+        ])
+
+    def online_nodes(self) -> int:
+        res = _flwr(self.env, "supernode", "list", "local-deploy", "--format", "json", timeout=30)
+        try:
+            return sum(n.get("status") == "online" for n in json.loads(res.stdout).get("nodes", []))
+        except (json.JSONDecodeError, AttributeError):
+            return 0
+
+    def wait_online(self, count: int, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.online_nodes() >= count:
+                return
+            time.sleep(1)
+        raise AssertionError(f"fewer than {count} SuperNodes online after {timeout} s\n{self.diag()}")
+
+    @staticmethod
+    def state(ckpt: Path) -> dict | None:
+        try:
+            return json.loads((ckpt / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):  # not there yet, or being written
+            return None
+
+    def wait_rounds(self, ckpt: Path, run: subprocess.Popen, rounds: int, timeout: float) -> dict | None:
+        """The checkpoint's state once ``rounds`` rounds are in it and the run has ended (or at the deadline)."""
+        deadline = time.time() + timeout
+        state = None
+        while time.time() < deadline:
+            state = self.state(ckpt) or state
+            if state is not None and state["round"] >= rounds:
+                break
+            if run.poll() is not None and run.returncode != 0:
+                break
+            time.sleep(2)
+        # the run finishes right after the last round's checkpoint
+        while time.time() < deadline and run.poll() is None:
+            time.sleep(1)
+        return self.state(ckpt) or state
+
+    def diag(self) -> str:
+        return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logs.glob("*.log")))
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        self._signal(proc, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def _app_config(**overrides) -> dict:
     config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     config.update(overrides)
@@ -115,60 +219,21 @@ def _run_status(env: dict[str, str]) -> list[dict]:
 def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
     from safetensors.torch import load_file
 
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    logs = tmp_path / "logs"
-    logs.mkdir()
     ckpt = tmp_path / "checkpoint"
-    link_port = _free_port()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local-deploy"\n\n'
-        f'[superlink.local-deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(home),
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # flwr-serverapp, flwr-clientapp, ... of this venv
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    procs = Processes(env, logs)
+    dep = Deployment(tmp_path)
     try:
-        link, link_log = procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(link_port),
-        ])
-        _wait_port(link_port, link, 60, link_log)
+        dep.superlink()
         for i in range(2):
-            procs.start(f"supernode{i}", [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions=2",
-            ])
-        run, run_log = procs.start("flwr_run", [
-            str(BIN / "flwr"), "run", str(APP), "local-deploy", "--stream",
-            "--run-config", f'checkpoint-dir="{ckpt}" client-threads=1',
-        ])
-        deadline = time.time() + RUN_TIMEOUT
-        state = None
-        while time.time() < deadline:
-            if (ckpt / "state.json").is_file():
-                state = json.loads((ckpt / "state.json").read_text())
-                if state["round"] >= 2:
-                    break
-            if run.poll() is not None and run.returncode != 0:
-                break
-            time.sleep(2)
-        # the run finishes right after the last round's checkpoint
-        while time.time() < deadline and run.poll() is None:
-            time.sleep(1)
-        diag = "\n".join(f"--- {p.name}:\n{p.read_text()[-4000:]}" for p in sorted(logs.glob("*.log")))
+            dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2")
+        run, _ = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1')
+        state = dep.wait_rounds(ckpt, run, 2, RUN_TIMEOUT)
+        diag = dep.diag()
         assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"
         assert run.returncode == 0, diag
-        runs = _run_status(env)
+        runs = _run_status(dep.env)
         assert runs and all("completed" in str(r.get("status", "")) for r in runs), f"{runs}\n{diag}"
     finally:
-        procs.stop_all()
+        dep.stop_all()
 
     # two rounds, both clients accepted in each, the checkpoint is there and loads
     assert [h["round"] for h in state["history"]] == [1, 2]
@@ -223,3 +288,125 @@ def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
     load_branch_state(again, state, 1)
     with pytest.raises(ValueError, match="do not match"):
         load_branch_state(again, state, 2)
+
+
+# what a SuperNode whose key the SuperLink does not know logs before it exits (exit code 305)
+REFUSED = "Failed to activate SuperNode"
+FAULT_TIMEOUT = 480  # seconds: 3 rounds, two of which may wait out the round timeout for the killed node
+
+
+def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path):
+    ckpt = tmp_path / "checkpoint"
+    dep = Deployment(tmp_path)
+    try:
+        dep.superlink()
+        nodes = {p: dep.supernode(f"supernode{p}", f"partition-id={p} num-partitions=3")[0] for p in range(3)}
+        dep.wait_online(3, 90)
+        run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=2 '
+                               'round-timeout=40.0 node-wait=60.0')
+        deadline = time.time() + FAULT_TIMEOUT
+        first = None
+        while time.time() < deadline and run.poll() is None:
+            first = dep.state(ckpt)
+            if first is not None and first["round"] >= 1:
+                break
+            time.sleep(0.2)
+        assert first is not None and first["round"] == 1, f"round 1 was not checkpointed\n{dep.diag()}"
+        # a node that trained in round 1 goes away for good (with its ClientApp)
+        victim = max(first["history"][0]["clients"], key=lambda c: c["partition"])
+        dep.kill(nodes[victim["partition"]])
+        state = dep.wait_rounds(ckpt, run, 3, deadline - time.time())
+        diag = dep.diag()
+        assert state is not None and state["round"] == 3, f"the run did not complete 3 rounds in {FAULT_TIMEOUT} s\n{diag}"
+        assert run.returncode == 0, diag
+    finally:
+        dep.stop_all()
+
+    history = state["history"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert history[0]["accepted"] == 3 and not history[0]["failed"], history[0]
+    # the two surviving nodes carry rounds 2 and 3; the dropped node is recorded as failed, never accepted
+    assert all(h["accepted"] == 2 for h in history[1:]), history
+    assert victim["node"] in [f["node"] for f in history[1]["failed"]], history[1]
+    # every failure is the dropped node's, by its own id (also when the SuperLink reports it unavailable)
+    assert all(f["node"] == victim["node"] for h in history for f in h["failed"]), history
+    assert all(len(h["failed"]) <= 1 for h in history), history
+    # the server's log (flwr run --stream) names the node that dropped
+    text = run_log.read_text(errors="replace")
+    named = [line for line in text.splitlines() if "WARNING" in line and f"node {victim['node']} " in line
+             and ("failed" in line or "did not reply" in line)]
+    assert named, f"no warning names node {victim['node']}:\n{text[-4000:]}"
+
+
+def _make_tls(folder: Path) -> Path:
+    """A CA and a server certificate (SANs localhost, 127.0.0.1) it signed: ca.crt, server.pem, server.key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir()
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signing_key, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nni-fedexit test CA")])
+    ca_cert = cert(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key.public_key(), ca_key,
+                  False, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return folder
+
+
+def _ssh_key(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)], check=True,
+                   capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is needed for the SuperNode keys")
+def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
+    tls = _make_tls(tmp_path / "tls")
+    keys = [_ssh_key(tmp_path / f"node{i}") for i in range(3)]  # node2's key is never registered
+    ckpt = tmp_path / "checkpoint"
+    dep = Deployment(tmp_path, tls=tls)
+    try:
+        dep.superlink()
+        for key in keys[:2]:
+            res = _flwr(dep.env, "supernode", "register", f"{key}.pub", "local-deploy")
+            assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{dep.diag()}"
+        intruder, intruder_log = dep.supernode("intruder", "partition-id=2 num-partitions=3", keys[2])
+        for i in range(2):
+            dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2", keys[i])
+        dep.wait_online(2, 90)
+        run, _ = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1')
+        state = dep.wait_rounds(ckpt, run, 2, RUN_TIMEOUT)
+        diag = dep.diag()
+        assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"
+        assert run.returncode == 0, diag
+        assert dep.online_nodes() == 2, diag
+        refused_by = time.time() + 60
+        while intruder.poll() is None and time.time() < refused_by:
+            time.sleep(1)
+        refusal = intruder_log.read_text(errors="replace")
+        assert intruder.poll() is not None and REFUSED in refusal, f"the unregistered SuperNode was not refused:\n{refusal[-3000:]}"
+    finally:
+        dep.stop_all()
+    history = state["history"]
+    assert all(h["accepted"] == 2 and not h["failed"] for h in history), history
+    assert all(sorted(c["partition"] for c in h["clients"]) == [0, 1] for h in history), history

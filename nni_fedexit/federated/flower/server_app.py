@@ -110,6 +110,8 @@ class BranchStrategy(Strategy):
         self.global_state: dict[str, torch.Tensor] = {}
         #: node id -> its task of the current round
         self.tasks: dict[int, dict[str, Any]] = {}
+        #: the current round's messages (the grid sets their message ids when it pushes them)
+        self.sent: list[Message] = []
         #: what the last aggregation measured (the evaluate_fn's history takes it)
         self.last_round: dict[str, Any] = {}
 
@@ -127,6 +129,7 @@ class BranchStrategy(Strategy):
         t = server_round
         self.global_state = to_state_dict(arrays)
         self.tasks = {}
+        self.sent = []
         self.profiles = discover_nodes(grid, s.min_clients, self.node_wait, self.query_timeout, self.profiles)
         participants = sorted(self.profiles, key=lambda n: (self.profiles[n].partition, n))
         if not participants:
@@ -158,6 +161,7 @@ class BranchStrategy(Strategy):
                         "all-exits": bool(s.branch_all_exits)})
             content = RecordDict({"arrays": to_array_record(self.global_state, self._keys[task["depth"]]), "config": cfg})
             messages.append(Message(content, node, MessageType.TRAIN, group_id=str(t)))
+        self.sent = messages
         log(INFO, "configure_train: round %d, %d of %d connected nodes (%s mode): %s", t, len(messages), n, mode,
             ", ".join(f"node {k} (partition {v['partition']}) -> branch {v['depth']}" for k, v in self.tasks.items()))
         return messages
@@ -169,8 +173,13 @@ class BranchStrategy(Strategy):
         failed: list[dict[str, Any]] = []
         losses: list[float] = []
         answered: set[int] = set()
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id}
         for reply in replies:
             node = int(reply.metadata.src_node_id)
+            if node not in self.tasks:
+                # the SuperLink answers for a node it lost (error 5, node unavailable) with its own
+                # id as the source: the message replied to names the node
+                node = sent.get(reply.metadata.reply_to_message_id, node)
             answered.add(node)
             task = self.tasks.get(node, {})
             if reply.has_error():
