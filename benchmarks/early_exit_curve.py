@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from nni_fedexit import ResNetBlockPoolSpace, load_dataset, split_roles  # noqa: E402
 from nni_fedexit.exits import (  # noqa: E402
     MultiExitNetwork, calibrate, early_exit_metrics, exit_accuracies, exit_costs, exit_outputs, multi_exit_loss,
+    threshold_curve,
 )
 from nni_fedexit.training import TrainSettings, train_classifier  # noqa: E402
 
@@ -98,8 +99,7 @@ def main() -> None:
               f"(last exit {test_acc[-1]:.4f}), expected MACs {on_test['expected_macs']:,.0f} "
               f"= {saved:.1%} saved, exits {[round(s, 3) for s in on_test['exit_share']]}")
 
-    values = [i / 100 for i in range(101)] + [1.000001]
-    curve = [early_exit_metrics(test_logits, test_labels, [v] * (model.num_exits - 1), costs) for v in values]
+    curve = threshold_curve(test_logits, test_labels, costs)
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (2 threads)",
         "widths": list(space.spec.widths), "batch_size": args.batch_size, "images_per_second": args.epochs * len(train) / train_seconds,

@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 
 from nni_fedexit import ResNetBlockPoolSpace, SizeAwarePolicyGradient, load_dataset, split_roles
+from nni_fedexit.pipeline import shared_search_evaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    from nni.nas.evaluator.pytorch import Classification, DataLoader
     from nni.nas.experiment import NasExperiment
-    from torch.utils.data import TensorDataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
@@ -48,12 +47,8 @@ def main() -> None:
     val = data.train.subset(roles.search_val)
     space = ResNetBlockPoolSpace.from_preset(args.space, **({"widths": args.widths} if args.widths else {}))
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-    evaluator = Classification(
-        train_dataloaders=DataLoader(TensorDataset(train.images, train.labels), batch_size=args.batch_size, shuffle=True),
-        val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=args.batch_size),
-        max_epochs=args.epochs, num_classes=10, learning_rate=1e-3, accelerator=accelerator, devices=1,
-        enable_progress_bar=False, logger=False, enable_checkpointing=False,
-    )
+    evaluator = shared_search_evaluator(train, val, 10, epochs=args.epochs, batch_size=args.batch_size,
+                                        learning_rate=1e-3, device=args.device, seed=args.seed, progress=False)
     strategy = SizeAwarePolicyGradient(final_samples=args.final_samples, seed=args.seed)
     exp = NasExperiment(space, evaluator, strategy)
     exp.config.experiment_working_directory = str(Path(args.out) / "nni-experiments")

@@ -145,40 +145,33 @@ def _summary(run: Any) -> None:
     click.echo(f"NNI experiments: nnictl experiment list (working directory {run.experiments_dir()})")
 
 
-_config_arg = click.argument("config", type=click.Path(dir_okay=False))
-_resume_opt = click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir: finished stages are skipped, federated rounds resume from the last checkpoint.")
-_port_opt = click.option("--port", type=int, default=None, help="Port of NNI's web UI (default: the config's nni.port).")
-_dir_opt = click.option("--run-dir", default=None, help="Run directory (default: the config's run_dir, else runs/<config name>).")
+def _stage_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The arguments every command that runs stages from a config takes."""
+    for option in reversed((
+        click.argument("config", type=click.Path(dir_okay=False)),
+        click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir: finished stages "
+                     "are skipped, federated rounds resume from the last checkpoint."),
+        click.option("--port", type=int, default=None, help="Port of NNI's web UI (default: the config's nni.port)."),
+        click.option("--run-dir", default=None, help="Run directory (default: the config's run_dir, else "
+                     "runs/<config name>)."),
+    )):
+        fn = option(fn)
+    return main.command()(_user_errors(fn))
 
 
-@main.command()
-@_config_arg
-@_resume_opt
-@_port_opt
-@_dir_opt
-@_user_errors
+@_stage_command
 def run(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
     """S1 to S5 end to end: search, federated training, early-exit evaluation, export, report."""
     _run_stages(config, ("search", "federate", "evaluate", "export", "report"), resume, port, run_dir)
 
 
-@main.command()
-@_config_arg
-@_resume_opt
-@_port_opt
-@_dir_opt
-@_user_errors
+@_stage_command
 def search(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
     """S3 only: search the block-pool space; writes search/architecture.json."""
     _run_stages(config, ("search",), resume, port, run_dir)
 
 
-@main.command()
-@_config_arg
-@_resume_opt
-@_port_opt
-@_dir_opt
-@_user_errors
+@_stage_command
 def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
     """S4 + S5: federated training of the searched architecture's exit-point model (needs a search)."""
     _run_stages(config, ("federate",), True, port, run_dir)

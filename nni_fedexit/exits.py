@@ -40,6 +40,7 @@ __all__ = [
     "exit_outputs",
     "exit_accuracies",
     "early_exit_metrics",
+    "threshold_curve",
     "early_exit_predict",
     "calibrate",
     "export_branches",
@@ -339,6 +340,16 @@ def early_exit_metrics(
     }
 
 
+def threshold_curve(
+    logits: torch.Tensor, labels: torch.Tensor, costs: Sequence[ExitCost], criterion: str = "max_prob",
+    num_thresholds: int = 101,
+) -> list[dict[str, Any]]:
+    """Early-exit metrics for one threshold shared by all exits, swept over ``num_thresholds``
+    values in [0, 1] plus one above 1 (every sample to the last exit), in that order."""
+    values = [i / (num_thresholds - 1) for i in range(num_thresholds)] + [1.0 + 1e-6]
+    return [early_exit_metrics(logits, labels, [v] * (logits.shape[0] - 1), costs, criterion) for v in values]
+
+
 @dataclass
 class CalibrationResult:
     """Chosen thresholds, what they give on the calibration data, and the curve explored."""
@@ -384,8 +395,7 @@ def calibrate(
     if costs is None:
         costs = exit_costs(model, data.images[:1].to(next(model.parameters()).device))
     logits, labels = exit_outputs(model, data)
-    values = [i / (num_thresholds - 1) for i in range(num_thresholds)] + [1.0 + 1e-6]
-    curve = [early_exit_metrics(logits, labels, [v] * (model.num_exits - 1), costs, criterion) for v in values]
+    curve = threshold_curve(logits, labels, costs, criterion, num_thresholds)
     last = curve[-1]
     if max_accuracy_drop is not None:
         feasible = [p for p in curve if p["accuracy"] >= last["accuracy"] - max_accuracy_drop - 1e-12]

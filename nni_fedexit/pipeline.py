@@ -27,15 +27,16 @@ import yaml
 
 from . import _nni  # noqa: F401
 from .config import RunConfig
-from .data import DataBundle, load_dataset, split_roles
+from .data import DataBundle, ImageData, load_dataset, split_roles
 from .exits import (
     MultiExitNetwork, calibrate, early_exit_metrics, exit_accuracies, exit_costs, exit_outputs, export_branches,
+    threshold_curve,
 )
 from .federated import FederatedData, FederatedSettings
 from .space import ResNetBlockPoolSpace, load_space_spec
 from .strategy import FixedArchitecture, SizeAwarePolicyGradient
 
-__all__ = ["Run", "STAGES"]
+__all__ = ["Run", "STAGES", "shared_search_evaluator"]
 
 _logger = logging.getLogger(__name__)
 
@@ -49,6 +50,25 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def shared_search_evaluator(
+    train: ImageData, val: ImageData, num_classes: int, *, epochs: int, batch_size: int, learning_rate: float,
+    device: str = "cpu", seed: int = 0, progress: bool = True,
+) -> Any:
+    """NNI's Classification evaluator over the server's search split, for the ``shared`` search."""
+    from nni.nas.evaluator.pytorch import Classification, DataLoader
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return Classification(
+        train_dataloaders=DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size,
+                                     shuffle=True, generator=g),
+        val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=batch_size),
+        max_epochs=epochs, num_classes=num_classes, learning_rate=learning_rate,
+        accelerator="cpu" if device == "cpu" else "gpu", devices=1, enable_progress_bar=progress, logger=False,
+        enable_checkpointing=False,
+    )
+
+
 class Run:
     """One run directory and the stages that fill it."""
 
@@ -58,6 +78,7 @@ class Run:
         self.echo = echo
         self._data: DataBundle | None = None
         self._space: ResNetBlockPoolSpace | None = None
+        self._federated_data: FederatedData | None = None
 
     # ---- shared pieces ----------------------------------------------------------------------
 
@@ -91,6 +112,12 @@ class Run:
             "checkpoint_dir": str(self.dir / "federated"), "device": self.config.device,
         })
 
+    def federated_data(self) -> FederatedData:
+        """The clients' partitions and the server's splits, built once per run."""
+        if self._federated_data is None:
+            self._federated_data = FederatedData(self.federated_settings(), bundle=self.data)
+        return self._federated_data
+
     def done(self) -> list[str]:
         path = self.dir / "stages.json"
         return json.loads(path.read_text())["done"] if path.is_file() else []
@@ -110,7 +137,7 @@ class Run:
             raise FileExistsError(f"run directory {self.dir} holds a run already: pass --resume to continue it, "
                                   "or choose another run_dir")
         (self.dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        FederatedData(self.federated_settings(), bundle=self.data)  # fail early: a client would be empty, ...
+        self.federated_data()  # fail early: a client would be empty, ...
         for stage in stages:
             if resume and stage in self.done():
                 self.echo(f"[{stage}] done already: skipped")
@@ -176,21 +203,12 @@ class Run:
         return SizeAwarePolicyGradient.from_preset(preset, **{"seed": self.config.seed, **cfg})
 
     def _shared_evaluator(self) -> Any:
-        from nni.nas.evaluator.pytorch import Classification, DataLoader
-        from torch.utils.data import TensorDataset
-
         c, d = self.config, self.config.data
         roles = split_roles(len(self.data.train), d.server_fraction, d.val_fraction, seed=c.seed)
-        train = self.data.train.subset(roles.search_train[: c.search.train_samples])
-        val = self.data.train.subset(roles.search_val)
-        g = torch.Generator().manual_seed(c.seed)
-        return Classification(
-            train_dataloaders=DataLoader(TensorDataset(train.images, train.labels), batch_size=c.search.batch_size,
-                                         shuffle=True, generator=g),
-            val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=c.search.batch_size),
-            max_epochs=c.search.epochs, num_classes=self.data.num_classes, learning_rate=c.search.learning_rate,
-            accelerator="cpu" if c.device == "cpu" else "gpu", devices=1, enable_progress_bar=True, logger=False,
-            enable_checkpointing=False,
+        return shared_search_evaluator(
+            self.data.train.subset(roles.search_train[: c.search.train_samples]), self.data.train.subset(roles.search_val),
+            self.data.num_classes, epochs=c.search.epochs, batch_size=c.search.batch_size,
+            learning_rate=c.search.learning_rate, device=c.device, seed=c.seed,
         )
 
     def architecture(self) -> dict[str, Any]:
@@ -234,7 +252,7 @@ class Run:
         _write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
         })
-        data = FederatedData(s, bundle=self.data)
+        data = self.federated_data()
         _write_json(self.dir / "federated" / "partition.json", {
             "scheme": s.partition, "alpha": s.alpha, "label_skew": data.label_skew, "clients": data.summary,
         })
@@ -292,8 +310,7 @@ class Run:
         logits, labels = exit_outputs(model, test)
         test_acc = exit_accuracies(logits, labels)
         on_test = early_exit_metrics(logits, labels, cal.thresholds, costs, c.exits.criterion)
-        curve = [early_exit_metrics(logits, labels, [v / 100] * (model.num_exits - 1), costs, c.exits.criterion)
-                 for v in range(101)] + [early_exit_metrics(logits, labels, [1.01] * (model.num_exits - 1), costs)]
+        curve = threshold_curve(logits, labels, costs, c.exits.criterion)
         result = {
             "thresholds": cal.thresholds, "criterion": c.exits.criterion, "target": cal.target,
             "exits": [{"exit": x.exit, "params": x.params, "macs": x.macs, "early_exit_macs": x.early_exit_macs,
