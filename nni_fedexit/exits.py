@@ -104,7 +104,9 @@ class MultiExitNetwork(nn.Module):
         #: early-exit thresholds (one per exit; the last exit takes every remaining sample)
         self.thresholds: list[float] | None = None
         self.criterion = "max_prob"
+        #: the architecture and space spec of the network it was made from (None for other stems/stages)
         self.arch: dict[str, Any] | None = None
+        self.spec: Any = None
 
     @classmethod
     def from_architecture(
@@ -132,6 +134,7 @@ class MultiExitNetwork(nn.Module):
             head=head, head_width=head_width, loss_weights=loss_weights,
         )
         model.arch = dict(net.arch) if getattr(net, "arch", None) else None
+        model.spec = net.spec
         return model
 
     @property

@@ -267,6 +267,126 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
     assert worst <= 1e-5, f"deployment and simulation differ by {worst}"
 
 
+def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_path, monkeypatch):
+    """backend="flower": an NNI trial submits the run to the SuperLink and reports every round;
+    a second run resumes from the checkpoint; the weights are the simulation backend's."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    import nni
+    from nni_fedexit import ResNetBlockPoolSpace
+    from nni_fedexit.data import load_dataset
+    from nni_fedexit.exits import MultiExitNetwork
+    from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, federate
+    from nni_fedexit.strategy import FixedArchitecture
+    from nni_helpers import run_trials_experiment
+
+    bundle = load_dataset("digits")
+    sizes = dict(in_chans=bundle.in_chans, image_size=bundle.image_size, num_classes=bundle.num_classes)
+    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], widths=[8, 16, 16], **sizes)
+    arch = {"stage1": "resnet50", "stage2": "resnet18", "stage3": "resnet18"}
+    ckpt = tmp_path / "checkpoint"
+    dep = Deployment(tmp_path)
+    settings = FederatedSettings(
+        dataset="digits", rounds=1, num_clients=2, min_clients=2, head="linear", backend="flower",
+        flower_superlink="local-deploy", flower_home=dep.env["FLWR_HOME"], client_threads=1,
+        checkpoint_dir=str(ckpt), node_wait=60.0, round_timeout=120.0,
+    )
+    reported = []
+    try:
+        dep.superlink()
+        for i in range(2):
+            dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2")
+        dep.wait_online(2, 90)
+        # round 1: the federated trial of an NNI experiment (as `nni-fedexit run` does it)
+        evaluator = FederatedEvaluator(**dataclasses.asdict(settings))
+        jobs, metrics, _ = run_trials_experiment(space, evaluator, FixedArchitecture(arch), tmp_path / "nni", trials=1)
+        assert [j["status"] for j in jobs] == ["SUCCEEDED"], f"{jobs}\n{dep.diag()}"
+        assert sorted(m["type"] for m in metrics) == ["FINAL", "PERIODICAL"]  # one point per round
+        final = json.loads(json.loads(next(m for m in metrics if m["type"] == "FINAL")["data"]))
+        assert final["best_round"] == 1 and {"test_exit1", "test_exit3", "params"} <= set(final)
+        # round 2: resumed from the checkpoint (its weights are the initial arrays), in this process
+        monkeypatch.setattr(nni, "report_intermediate_result", reported.append)
+        monkeypatch.setattr(nni, "report_final_result", lambda metric: None)
+        model = MultiExitNetwork.from_architecture(space, arch, head="linear")
+        initial = load_file(str(ckpt / "initial.safetensors"))  # the NNI trial's initial weights
+        model.load_state_dict(initial)
+        result = FederatedEvaluator(**dataclasses.asdict(dataclasses.replace(settings, rounds=2))).fit(model)
+    finally:
+        dep.stop_all()
+
+    assert [h["round"] for h in result.history] == [1, 2] and len(reported) == 1  # only the new round
+    assert reported[0]["default"] == result.history[1]["exit_accuracy"][-1]
+    assert sorted(c["partition-id"] for c in result.clients) == [0, 1]
+    assert len(list(ckpt.glob("flower-run-*.log"))) == 2
+    # an uninterrupted simulation of both rounds from the same initial weights: same weights
+    model = MultiExitNetwork.from_architecture(space, arch, head="linear")
+    model.load_state_dict(initial)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ClientApps ran (client-threads=1)
+    try:
+        federate(model, dataclasses.replace(settings, rounds=2, backend="simulation", checkpoint_dir=str(tmp_path / "sim")),
+                 report=False)
+    finally:
+        torch.set_num_threads(threads)
+    deployed, simulated = load_file(str(ckpt / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
+    worst = max(float((deployed[k].double() - simulated[k].double()).abs().max()) for k in simulated)
+    assert worst <= 1e-5, f"resumed deployment and simulation differ by {worst}"
+
+
+def test_flower_backend_names_the_missing_superlink(tmp_path):
+    from nni_fedexit.federated import FederatedError, FederatedSettings
+
+    with pytest.raises(ValueError, match="flower_superlink"):
+        FederatedSettings(backend="flower")
+    from nni_fedexit import ResNetBlockPoolSpace
+    from nni_fedexit.exits import MultiExitNetwork
+    from nni_fedexit.federated.flower.submit import run_on_flower
+
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink.nowhere]\naddress = "127.0.0.1:{_free_port()}"\ninsecure = true\n')
+    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 16])
+    model = MultiExitNetwork.from_architecture(space, {"stage1": "resnet18", "stage2": "resnet18", "stage3": "resnet50"})
+    settings = FederatedSettings(dataset="digits", num_clients=2, backend="flower", flower_superlink="nowhere",
+                                 flower_home=str(home), checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(FederatedError, match="(?s)'nowhere'.*unavailable.*Check that the SuperLink runs"):
+        run_on_flower(model, settings)
+
+
+def test_run_config_round_trips_the_settings(tmp_path):
+    import dataclasses
+
+    from nni_fedexit import ResNetBlockPoolSpace
+    from nni_fedexit.federated import FederatedSettings
+    from nni_fedexit.federated.flower.common import run_config, settings_from_config, space_from_config, write_app
+
+    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 16], depth_crops=[1])
+    settings = FederatedSettings(dataset="digits", num_clients=3, loss_weights=[1, 0.5, 2], client_samples=90,
+                                 profile_mix=[["phone", 0.3, 0.5], ["edge", 1.0, 0.5]], lr=0.02)
+    arch = {"stage1": "resnet50-d1", "stage2": "resnet18", "stage3": "resnet18"}
+    config = run_config(settings, arch, space.spec, **{"checkpoint-dir": str(tmp_path / "c \"quoted\"")})
+    app = write_app(tmp_path / "app", config)
+    written = tomllib.loads((app / "pyproject.toml").read_text())
+    assert written["tool"]["flwr"]["app"]["config"] == config
+    assert written["tool"]["flwr"]["app"]["components"]["serverapp"] == "nni_fedexit.federated.flower.server_app:app"
+    back = settings_from_config(config)
+    assert back == dataclasses.replace(settings, checkpoint_dir=str(tmp_path / 'c "quoted"'))
+    rebuilt = space_from_config(config, _Sizes(space.spec))
+    assert rebuilt.spec == space.spec and json.loads(config["architecture"]) == arch
+    # the example app lists only keys the ServerApp knows
+    known = set(config)
+    assert set(_app_config()) <= known, set(_app_config()) - known
+
+
+class _Sizes:
+    """The image and class sizes space_from_config takes from a data set."""
+
+    def __init__(self, spec):
+        self.in_chans, self.image_size, self.num_classes = spec.in_chans, spec.image_size, spec.num_classes
+
+
 def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
     from nni_fedexit.federated.flower.common import (
         branch_keys, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict,

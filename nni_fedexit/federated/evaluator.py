@@ -47,7 +47,11 @@ __all__ = ["FederatedSettings", "FederatedError", "FederatedResult", "FederatedE
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("simulation",)
+#: "simulation": clients trained in this process; "flower": SuperNodes of a Flower SuperLink
+BACKENDS = ("simulation", "flower")
+#: settings that do not change what a run computes: a checkpoint may be resumed with others
+_OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "backend", "flower_superlink",
+                "flower_home", "node_wait", "round_timeout", "client_threads")
 
 
 class FederatedError(RuntimeError):
@@ -96,6 +100,17 @@ class FederatedSettings:
     #: attempts of a round that got fewer than min_clients updates, before the run stops
     round_retries: int = 1
     backend: str = "simulation"
+    #: flower backend: the SuperLink connection (a ``[superlink.NAME]`` entry of
+    #: ``$FLWR_HOME/config.toml``) the run is submitted to with ``flwr run``
+    flower_superlink: str | None = None
+    #: flower backend: FLWR_HOME of the ``flwr`` CLI (None: the environment's, else ``~/.flwr``)
+    flower_home: str | None = None
+    #: flower backend: seconds the server waits for ``min_clients`` SuperNodes before round 1
+    node_wait: float = 120.0
+    #: flower backend: seconds a round waits for the nodes' replies (late ones are left out)
+    round_timeout: float = 600.0
+    #: flower backend: torch threads of each ClientApp (0: torch's default)
+    client_threads: int = 0
     checkpoint_dir: str | None = None
     resume: bool = True
     device: str = "cpu"
@@ -118,7 +133,15 @@ class FederatedSettings:
         if self.partition not in ("iid", "dirichlet", "shards"):
             raise ValueError(f"partition: must be 'iid', 'dirichlet' or 'shards', got {self.partition!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend: must be one of {BACKENDS} here, got {self.backend!r}")
+            raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "flower" and not self.flower_superlink:
+            raise ValueError("flower_superlink: the flower backend needs the name of a SuperLink connection "
+                             "([superlink.NAME] in $FLWR_HOME/config.toml), e.g. flower_superlink='local-deploy'")
+        for key in ("node_wait", "round_timeout"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
+        if self.client_threads < 0:
+            raise ValueError(f"client_threads: must be >= 0 (0: torch's default), got {self.client_threads}")
         for key in ("lr", "lr_decay"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
@@ -134,9 +157,9 @@ class FederatedSettings:
             raise ValueError(f"profile_mix: expected [[name, budget, share], ...], got {self.profile_mix!r}") from err
 
     def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed (everything but rounds and paths)."""
+        """What a checkpoint must agree on to be resumed (everything but rounds, paths and backend)."""
         d = dataclasses.asdict(self)
-        for key in ("rounds", "checkpoint_dir", "resume", "data_dir", "device"):
+        for key in _OPERATIONAL:
             d.pop(key)
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -271,6 +294,40 @@ def federate(
     model.to(s.device)
     data = data or FederatedData(s)
     costs = exit_costs(model, data.val.images[:1].to(s.device))
+    if s.backend == "flower":
+        from .flower.submit import run_on_flower
+
+        def on_round(record: Mapping[str, Any]) -> None:
+            _logger.info("Round %d/%d: val accuracy per exit %s, total loss %.4f", record["round"], s.rounds,
+                         " ".join(f"{a:.4f}" for a in record["exit_accuracy"]), record["total_loss"])
+            if report:
+                nni.report_intermediate_result(_metric_dict(record))
+
+        history, best_round, best_state, state = run_on_flower(model, s, on_round)
+        clients = [{"node": int(n), **p} for n, p in state.get("nodes", {}).items()]
+    else:
+        history, best_round, best_state = _simulate(model, s, data, costs, backend_factory, report)
+        clients = data.summary
+
+    if best_state is None:
+        raise FederatedError("no round was run: rounds must be larger than the checkpoint's last round")
+    model.load_state_dict(best_state)
+    logits, labels = exit_outputs(model, data.test)
+    test_accuracy = exit_accuracies(logits, labels)
+    result = FederatedResult(model, best_round, history, test_accuracy, costs, params, clients)
+    if report:
+        final = _metric_dict(history[best_round - 1])
+        final.update({"params": float(params), "best_round": best_round})
+        final.update({f"test_exit{i + 1}": a for i, a in enumerate(test_accuracy)})
+        nni.report_final_result(final)
+    return result
+
+
+def _simulate(
+    model: MultiExitNetwork, s: FederatedSettings, data: FederatedData, costs: Sequence[ExitCost],
+    backend_factory: Callable[..., Any] | None, report: bool,
+) -> tuple[list[dict[str, Any]], int, dict[str, torch.Tensor] | None]:
+    """The rounds of the ``simulation`` backend: ``(history, best_round, best_state)``."""
     profiles = client_profiles(s.num_clients, s.profiles(), seed=s.seed) if s.assignment == "capability" else None
     local = LocalSettings(epochs=s.local_epochs, batch_size=s.batch_size, momentum=s.momentum, weight_decay=s.weight_decay)
     backend = (backend_factory or SimulationBackend)(model, data.clients, local, s.branch_all_exits)
@@ -336,18 +393,7 @@ def federate(
             ckpt.save({"fingerprint": s.fingerprint(), "round": t, "best_round": best_round, "history": history},
                       model.state_dict(), best_state if improved else None)
 
-    if best_state is None:
-        raise FederatedError("no round was run: rounds must be larger than the checkpoint's last round")
-    model.load_state_dict(best_state)
-    logits, labels = exit_outputs(model, data.test)
-    test_accuracy = exit_accuracies(logits, labels)
-    result = FederatedResult(model, best_round, history, test_accuracy, costs, params, data.summary)
-    if report:
-        final = _metric_dict(history[best_round - 1])
-        final.update({"params": float(params), "best_round": best_round})
-        final.update({f"test_exit{i + 1}": a for i, a in enumerate(test_accuracy)})
-        nni.report_final_result(final)
-    return result
+    return history, best_round, best_state
 
 
 def _metric_dict(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from ...exits import MultiExitNetwork
 from ..local import train_local
-from .common import DEFAULTS, build_model, load_branch_state, load_data, local_settings, settings_from_config, to_array_record, to_state_dict
+from .common import build_model, load_branch_state, load_data, local_settings, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "node_partition"]
 
@@ -59,11 +59,10 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the branch model carried by ``msg`` on this node's partition."""
     cfg = dict(context.run_config)
-    threads = int(cfg.get("client-threads", DEFAULTS["client-threads"]) or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
     pid, parts = node_partition(context.node_config)
     base = settings_from_config(cfg)
+    if base.client_threads > 0:
+        torch.set_num_threads(base.client_threads)
     settings = settings_from_config(cfg, num_clients=parts, min_clients=min(base.min_clients, parts))
     data = load_data(settings)
 

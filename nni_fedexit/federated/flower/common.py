@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
@@ -32,7 +34,8 @@ if TYPE_CHECKING:  # flwr is only needed by the apps themselves
 
 __all__ = [
     "DEFAULTS", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
-    "local_settings", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
+    "local_settings", "run_config", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
+    "write_app",
 ]
 
 #: run-config keys of this backend (beyond the FederatedSettings fields) and their defaults
@@ -42,16 +45,14 @@ DEFAULTS: dict[str, Any] = {
     "space-widths": "8,16,16",
     "space-depth-crops": "",
     "space-stem-width": 0,
-    #: seconds the ServerApp waits for ``min-clients`` SuperNodes to connect before round 1
-    "node-wait": 120.0,
-    #: seconds a round waits for the nodes' replies (late replies are left out of the round)
-    "round-timeout": 600.0,
-    #: torch threads of a ClientApp's training (0: torch's default)
-    "client-threads": 0,
+    #: a safetensors file of the exit-point model's initial weights, readable by the ServerApp
+    #: ("": seeded initial weights, as the simulation backend makes them)
+    "initial-weights": "",
 }
 
 _LIST_FIELDS = ("profile_mix", "loss_weights")
-_SKIP_FIELDS = ("backend",)  # the deployment is the backend; FederatedSettings only knows "simulation"
+#: settings of the submitting side only: the deployment is the backend
+_SKIP_FIELDS = ("backend", "flower_superlink", "flower_home")
 
 
 def _get(run_config: Mapping[str, Any], key: str) -> Any:
@@ -80,6 +81,73 @@ def settings_from_config(run_config: Mapping[str, Any], **overrides: Any) -> Fed
         values[f.name] = value
     values.update(overrides)
     return FederatedSettings(**values)
+
+
+def run_config(settings: FederatedSettings, arch: Mapping[str, str], spec: Any, **extra: Any) -> dict[str, Any]:
+    """The Flower run config of ``settings`` and one architecture of the space ``spec`` (a SpaceSpec).
+
+    The inverse of :func:`settings_from_config` and :func:`space_from_config`: flat TOML values,
+    lists as JSON or comma-separated strings, None as ``""``. ``extra`` sets further keys
+    (``checkpoint-dir``, ``initial-weights`` ...).
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(FederatedSettings):
+        if f.name in _SKIP_FIELDS:
+            continue
+        value = getattr(settings, f.name)
+        if f.name in _LIST_FIELDS:
+            value = "" if value is None else json.dumps(value)
+        elif value is None:
+            value = ""
+        out[f.name.replace("_", "-")] = value
+    out.update({
+        "architecture": json.dumps(dict(arch)),
+        "space-sources": ",".join(spec.sources),
+        "space-widths": ",".join(str(w) for w in spec.widths),
+        "space-depth-crops": ",".join(str(k) for k in spec.depth_crops),
+        "space-stem-width": int(spec.stem_width or 0),
+        "initial-weights": "",
+    })
+    out.update(extra)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    raise TypeError(f"a Flower run config holds bool, int, float or str values, got {type(value).__name__}: {value!r}")
+
+
+def write_app(folder: str | Path, config: Mapping[str, Any], name: str = "nni-fedexit-flower") -> Path:
+    """A Flower app folder (``pyproject.toml`` only) running our ServerApp/ClientApp with ``config``.
+
+    ``flwr run`` overrides only keys the app lists, so the submitting side writes the whole run
+    config into the app it submits (the app code itself is the installed package).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# written by nni_fedexit (federated backend 'flower'); submitted with `flwr run`",
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n',
+        f'[project]\nname = "{name}"\nversion = "0.1.0"\ndescription = "nni_fedexit federated run"\n'
+        'license = "Apache-2.0"\ndependencies = ["flwr>=1.42,<1.43"]\n',
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n',
+        '[tool.flwr.app]\npublisher = "nni-fedexit"\n',
+        "[tool.flwr.app.components]",
+        'serverapp = "nni_fedexit.federated.flower.server_app:app"',
+        'clientapp = "nni_fedexit.federated.flower.client_app:app"\n',
+        "[tool.flwr.app.config]",
+        *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
+    ]
+    path = folder / "pyproject.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return folder
 
 
 def local_settings(settings: FederatedSettings) -> LocalSettings:

@@ -15,6 +15,11 @@ Round t, as :func:`~nni_fedexit.federated.federate` runs it in simulation:
    trained keep their values;
 4. ``evaluate_fn`` validates the new global model on the server's split (:func:`validate`) and
    writes ``last.safetensors`` / ``best.safetensors`` / ``state.json`` to ``checkpoint-dir``.
+
+A run whose ``checkpoint-dir`` holds a checkpoint goes on after its last round (``resume``,
+on by default): the saved weights are Flower's initial arrays, and round numbers continue.
+The initial weights are seeded as in the simulation backend, or read from ``initial-weights``
+(what :func:`~nni_fedexit.federated.federate` with ``backend="flower"`` submits).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from ...exits import ExitCost, MultiExitNetwork, exit_costs
 from ..aggregate import UpdateRejected, WeightedMean
 from ..assign import assign_branches, client_profiles, select_clients
 from ..evaluator import FederatedSettings, _better, _Checkpoint, _seed, validate
-from .common import DEFAULTS, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
+from .common import branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "BranchStrategy", "NodeProfile", "discover_nodes", "main"]
 
@@ -114,6 +119,8 @@ class BranchStrategy(Strategy):
         self.sent: list[Message] = []
         #: what the last aggregation measured (the evaluate_fn's history takes it)
         self.last_round: dict[str, Any] = {}
+        #: rounds done before this run (resumed from a checkpoint): Flower's round r is round offset + r
+        self.offset = 0
 
     def summary(self) -> None:
         s = self.settings
@@ -126,7 +133,7 @@ class BranchStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         s = self.settings
-        t = server_round
+        t = self.offset + server_round
         self.global_state = to_state_dict(arrays)
         self.tasks = {}
         self.sent = []
@@ -167,7 +174,7 @@ class BranchStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        t = server_round
+        t = self.offset + server_round
         acc = WeightedMean(self.global_state)
         rejected: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
@@ -256,29 +263,49 @@ class ServerValidation:
         if server_round == 0:
             return out
         s = self.settings
-        record = {"round": server_round, "lr": s.lr * s.lr_decay ** (server_round - 1), **self.strategy.last_round, **metrics}
+        t = self.strategy.offset + server_round
+        record = {"round": t, "lr": s.lr * s.lr_decay ** (t - 1), **self.strategy.last_round, **metrics}
         self.history.append(record)
         improved = _better(metrics, self.history[self.best_round - 1] if self.best_round else None)
         if improved:
-            self.best_round = server_round
+            self.best_round = t
+        log(INFO, "Round %d/%d: val accuracy per exit %s, total loss %.4f%s", t, s.rounds,
+            " ".join(f"{a:.4f}" for a in metrics["exit_accuracy"]), metrics["total_loss"], " (best)" if improved else "")
         if self.ckpt is not None:
-            self.ckpt.save({"fingerprint": s.fingerprint(), "round": server_round, "best_round": self.best_round,
-                            "history": self.history, "backend": "flower"},
-                           state, state if improved else None)
-            log(INFO, "Round %d: checkpoint written to %s%s", server_round, self.ckpt.folder, " (best)" if improved else "")
+            nodes = {str(n): dict(p) for n, p in self.strategy.profiles.items()}
+            self.ckpt.save({"fingerprint": s.fingerprint(), "round": t, "best_round": self.best_round,
+                            "history": self.history, "backend": "flower", "num_clients": s.num_clients,
+                            "nodes": nodes}, state, state if improved else None)
+            log(INFO, "Round %d: checkpoint written to %s%s", t, self.ckpt.folder, " (best)" if improved else "")
         return out
+
+
+def _resume_point(ckpt: _Checkpoint | None, settings: FederatedSettings) -> dict[str, Any] | None:
+    """The saved state to go on from (with ``last``/``best`` weights), or None to start at round 1."""
+    if ckpt is None or not settings.resume or not ckpt.exists():
+        return None
+    state, last, best = ckpt.load()
+    if state.get("fingerprint") != settings.fingerprint():
+        raise RuntimeError(
+            f"checkpoint-dir {ckpt.folder}: its checkpoint was written with other settings (data, partition, "
+            "model or training); pass another checkpoint-dir, or resume=false to start over"
+        )
+    return {**state, "last": last, "best": best}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Build the global model from the run config, then run the rounds with :class:`BranchStrategy`."""
+    """Build the global model from the run config, then run the rounds with :class:`BranchStrategy`.
+
+    With a checkpoint in ``checkpoint-dir`` (and ``resume``), the run goes on after its last
+    round: the saved weights are the initial arrays and round numbers continue, so the seeds of
+    every later round are those of an uninterrupted run.
+    """
     cfg = dict(context.run_config)
     base = settings_from_config(cfg)
-    node_wait = float(cfg.get("node-wait", DEFAULTS["node-wait"]))
-    timeout = float(cfg.get("round-timeout", DEFAULTS["round-timeout"]))
-    profiles = discover_nodes(grid, base.min_clients, node_wait, timeout)
+    profiles = discover_nodes(grid, base.min_clients, base.node_wait, base.round_timeout)
     if not profiles:
-        raise RuntimeError(f"no SuperNode connected and reported its partition within {node_wait} s")
+        raise RuntimeError(f"no SuperNode connected and reported its partition within node-wait={base.node_wait} s")
     num_parts = max(int(p.get("num-partitions", 0)) for p in profiles.values())
     num_clients = max(num_parts, len(profiles))
     settings = settings_from_config(cfg, num_clients=num_clients, min_clients=min(base.min_clients, num_clients))
@@ -287,18 +314,36 @@ def main(grid: Grid, context: Context) -> None:
 
     data = load_data(settings)
     model = build_model(cfg, settings, data.bundle)
+    initial = str(cfg.get("initial-weights") or "")
+    if initial:
+        from safetensors.torch import load_file
+
+        if not Path(initial).is_file():
+            raise RuntimeError(f"initial-weights: {initial} is not a file the ServerApp can read")
+        model.load_state_dict(load_file(initial))
     model.to(settings.device)
     costs = exit_costs(model, data.val.images[:1].to(settings.device))
-    strategy = BranchStrategy(model, settings, costs, profiles, node_wait=node_wait, query_timeout=timeout)
+    strategy = BranchStrategy(model, settings, costs, profiles, node_wait=settings.node_wait,
+                              query_timeout=settings.round_timeout)
     ckpt_dir = settings.checkpoint_dir or None
     if ckpt_dir:
         ckpt_dir = str(Path(ckpt_dir).expanduser().absolute())
     evaluate = ServerValidation(model, data.val, settings, strategy, ckpt_dir)
-    result = strategy.start(
-        grid=grid, initial_arrays=to_array_record(model.state_dict()), num_rounds=settings.rounds,
-        timeout=timeout, evaluate_fn=evaluate,
+    saved = _resume_point(evaluate.ckpt, settings)
+    arrays = model.state_dict()
+    if saved is not None:
+        strategy.offset = int(saved["round"])
+        evaluate.history = list(saved["history"])
+        evaluate.best_round = int(saved["best_round"])
+        arrays = saved["last"]
+        log(INFO, "Resuming from %s after round %d (best round %d)", ckpt_dir, strategy.offset, evaluate.best_round)
+    remaining = settings.rounds - strategy.offset
+    if remaining < 1:
+        log(INFO, "The checkpoint in %s holds all %d round(s) already: nothing to train", ckpt_dir, settings.rounds)
+        return
+    strategy.start(
+        grid=grid, initial_arrays=to_array_record(arrays), num_rounds=remaining,
+        timeout=settings.round_timeout, evaluate_fn=evaluate,
     )
-    done = len(evaluate.history)
-    log(INFO, "Finished %d round(s); best round %d%s", done, evaluate.best_round,
-        f"; checkpoint in {ckpt_dir}" if ckpt_dir else "")
-    del result
+    log(INFO, "Finished round %d of %d; best round %d%s", strategy.offset + remaining, settings.rounds,
+        evaluate.best_round, f"; checkpoint in {ckpt_dir}" if ckpt_dir else "")

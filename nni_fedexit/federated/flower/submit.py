@@ -1,0 +1,213 @@
+"""The ``flower`` backend of :func:`~nni_fedexit.federated.federate`: submit, follow, report.
+
+The cloud side runs here, in the NNI trial (or a Python session): the run config is written into
+a Flower app folder, submitted with ``flwr run`` to the SuperLink connection
+``flower_superlink`` (a ``[superlink.NAME]`` entry of ``$FLWR_HOME/config.toml``), and followed
+through the checkpoint the ServerApp writes after every round (``state.json`` in
+``checkpoint_dir``): each new round is reported to NNI, until ``flwr ls`` says the run finished.
+So the ServerApp must be able to write ``checkpoint_dir`` and read the initial weights next to
+it: run the SuperLink on this machine (or share that folder); the SuperNodes run anywhere.
+
+Only the ``flwr`` command line is used here (no flwr import): its options are Flower's public
+interface, and its JSON output (``--format json``) is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..evaluator import FederatedError, FederatedSettings, _Checkpoint, _contiguous
+from .common import run_config, write_app
+
+__all__ = ["FlowerCLI", "run_on_flower"]
+
+_logger = logging.getLogger(__name__)
+
+#: seconds between two looks at the checkpoint and the run's status
+POLL = 3.0
+#: seconds without an answer from the SuperLink before the run is given up on
+LOST_CONTACT = 180.0
+
+
+class _Stopped(Exception):
+    """This process was asked to stop (SIGTERM, e.g. ``nnictl stop``): the Flower run is stopped too."""
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped(f"signal {signum}: stopping the Flower run")
+
+
+class FlowerCLI:
+    """The ``flwr`` command of this environment, pointed at one SuperLink connection."""
+
+    def __init__(self, superlink: str, home: str | None = None):
+        exe = Path(sys.executable).parent / "flwr"
+        found = str(exe) if exe.is_file() else shutil.which("flwr")
+        if found is None:
+            raise FederatedError("backend 'flower' needs the flwr command: pip install 'nni-fedexit[flower]'")
+        self.exe = found
+        self.superlink = superlink
+        self.env = dict(os.environ)
+        if home:
+            self.env["FLWR_HOME"] = str(Path(home).expanduser())
+        self.home = self.env.get("FLWR_HOME", str(Path.home() / ".flwr"))
+
+    def __call__(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run ``flwr ARGS --format json``; its JSON answer (``success`` false when it failed)."""
+        try:
+            res = subprocess.run([self.exe, *args, "--format", "json"], env=self.env, capture_output=True, text=True,
+                                 timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return {"success": False, "error-message": f"flwr {args[0]} gave no answer in {timeout:.0f} s"}
+        try:
+            out = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            out = None
+        if not isinstance(out, dict):
+            return {"success": False, "error-message": (res.stdout + res.stderr).strip()[-2000:]}
+        return out
+
+    def where(self) -> str:
+        return f"SuperLink connection {self.superlink!r} of {self.home}/config.toml"
+
+    def submit(self, app: Path) -> int:
+        out = self("run", str(app), self.superlink)
+        if not out.get("success"):
+            raise FederatedError(
+                f"flwr run was refused ({self.where()}): {out.get('error-message', out)}. Check that the SuperLink "
+                "runs and that this connection has its address (and root-certificates for TLS, or insecure = true)"
+            )
+        return int(out["run-id"])
+
+    def status(self, run_id: int) -> str | None:
+        """``pending``, ``running``, ``finished:completed`` / ``:failed`` / ``:stopped``; None: no answer."""
+        out = self("ls", self.superlink, "--run-id", str(run_id), timeout=60.0)
+        runs = out.get("runs") if out.get("success") else None
+        return str(runs[0].get("status")) if runs else None
+
+    def stop(self, run_id: int) -> None:
+        out = self("stop", str(run_id), self.superlink, timeout=60.0)
+        if not out.get("success"):
+            _logger.warning("flwr stop %d failed: %s", run_id, out.get("error-message", out))
+
+    def follow_log(self, run_id: int, path: Path) -> subprocess.Popen:
+        """``flwr log RUN_ID --stream`` into ``path`` (the ServerApp's log: rounds, nodes that dropped)."""
+        with path.open("ab") as out:
+            return subprocess.Popen([self.exe, "log", str(run_id), self.superlink, "--stream"], env=self.env,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _read_state(ckpt: _Checkpoint) -> dict[str, Any] | None:
+    try:
+        return json.loads((ckpt.folder / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):  # not there yet, or being replaced
+        return None
+
+
+def run_on_flower(
+    model: torch.nn.Module, settings: FederatedSettings, on_round: Callable[[Mapping[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Run ``settings.rounds`` rounds on the SuperNodes; ``(history, best_round, best_state, state)``.
+
+    ``model`` is the exit-point model (a :class:`~nni_fedexit.exits.MultiExitNetwork` with the
+    ``arch`` and ``spec`` of its network): its weights are the run's initial weights.
+    ``on_round(record)`` is called once for every round this run adds.
+    """
+    s = settings
+    if getattr(model, "arch", None) is None or getattr(model, "spec", None) is None:
+        raise FederatedError("backend 'flower' rebuilds the network on the server and the nodes from its architecture: "
+                             "give federate() a network of ResNetBlockPoolSpace (space.build(sample) or NNI's trial model)")
+    cli = FlowerCLI(str(s.flower_superlink), s.flower_home)
+    if s.checkpoint_dir:
+        ckpt = _Checkpoint(Path(s.checkpoint_dir).expanduser().absolute())
+    else:
+        ckpt = _Checkpoint(tempfile.mkdtemp(prefix="fedexit-flower-"))
+        _logger.info("Checkpoints of the Flower run go to %s", ckpt.folder)
+    ckpt.folder.mkdir(parents=True, exist_ok=True)
+    if not s.resume:
+        for name in ("state.json", "last.safetensors", "best.safetensors"):
+            (ckpt.folder / name).unlink(missing_ok=True)
+    before = _read_state(ckpt)
+    reported = int(before["round"]) if before else 0
+
+    from safetensors.torch import load_file, save_file
+
+    initial = ckpt.folder / "initial.safetensors"
+    save_file(_contiguous(model.state_dict()), str(initial))
+    config = run_config(s, model.arch, model.spec, **{"checkpoint-dir": str(ckpt.folder), "initial-weights": str(initial)})
+    app = write_app(ckpt.folder / "flower_app", config)
+
+    run_id = cli.submit(app)
+    log_path = ckpt.folder / f"flower-run-{run_id}.log"
+    _logger.info("Flower run %d submitted to %s (%d rounds; log %s)", run_id, cli.where(), s.rounds, log_path)
+    log_proc = cli.follow_log(run_id, log_path)
+    status: str | None = None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        last_answer = time.time()
+        # a safety net only: every round is bounded by the ServerApp (round_timeout for the replies)
+        budget = s.node_wait + (s.rounds - reported) * (2 * s.round_timeout + 300) + 300
+        deadline = time.time() + budget
+        while True:
+            state = _read_state(ckpt)
+            for record in (state or {}).get("history", []):
+                if record["round"] > reported:
+                    reported = record["round"]
+                    if on_round is not None:
+                        on_round(record)
+            status = cli.status(run_id)
+            if status is not None:
+                last_answer = time.time()
+                if status.startswith("finished"):
+                    break
+            elif time.time() - last_answer > LOST_CONTACT:
+                raise FederatedError(f"no answer from {cli.where()} for {LOST_CONTACT:.0f} s about run {run_id}")
+            if time.time() > deadline:
+                raise FederatedError(f"Flower run {run_id} did not finish in {budget:.0f} s; it was stopped")
+            time.sleep(POLL)
+    except BaseException:
+        if status is None or not status.startswith("finished"):
+            cli.stop(run_id)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        try:
+            log_proc.wait(timeout=30)  # the stream ends with the run
+        except subprocess.TimeoutExpired:
+            log_proc.kill()
+            log_proc.wait()
+
+    state = _read_state(ckpt)
+    for record in (state or {}).get("history", []):  # rounds the last look missed
+        if record["round"] > reported and on_round is not None:
+            on_round(record)
+    done = int(state["round"]) if state else 0
+    if status != "finished:completed" or done < s.rounds:
+        raise FederatedError(
+            f"Flower run {run_id} ended {status} after round {done} of {s.rounds}; rounds 1..{done} are kept in "
+            f"{ckpt.folder} (rerun with resume to go on). The ServerApp's log ({log_path}) ends with:\n{_tail(log_path)}"
+        )
+    return state["history"], int(state["best_round"]), load_file(str(ckpt.folder / "best.safetensors")), state
