@@ -29,6 +29,9 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_SYSTEM_DIR",
     "load_dataset",
+    "load_image_folder",
+    "save_image_folder",
+    "standardise",
     "split_roles",
     "partition",
     "partition_iid",
@@ -87,6 +90,10 @@ class DataBundle:
     num_classes: int
     class_names: tuple[str, ...]
     source: str  # where it was read from, for reports
+    #: per-channel mean and std of the training images in [0, 1]: every image is standardised with
+    #: them (an edge device's own images too, see :func:`load_image_folder`)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     @property
     def in_chans(self) -> int:
@@ -171,13 +178,20 @@ def _read_idx(path: Path, source: Path, expected: int) -> torch.Tensor:
     return tensor
 
 
-def _normalise(train_u8: torch.Tensor, test_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def standardise(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
+    shape = (1, len(mean), 1, 1)
+    m = torch.tensor(list(mean), dtype=torch.float32).view(shape)
+    s = torch.tensor(list(std), dtype=torch.float32).view(shape)
+    return (images_u8.float().div_(255.0) - m) / s
+
+
+def _normalise(train_u8: torch.Tensor, test_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """uint8 (N, C, H, W) -> float32 standardised with the training set's per-channel stats."""
     train = train_u8.float().div_(255.0)
-    test = test_u8.float().div_(255.0)
-    mean = train.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (train - mean) / std, (test - mean) / std
+    mean = tuple(float(v) for v in train.mean(dim=(0, 2, 3)))
+    std = tuple(float(v) for v in train.std(dim=(0, 2, 3)).clamp_min(1e-6))
+    return standardise(train_u8, mean, std), standardise(test_u8, mean, std), {"mean": mean, "std": std}
 
 
 def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBundle:
@@ -211,7 +225,7 @@ def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBund
     for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
         if int(arrays[stem].max()) > 9:
             raise DataError(f"Fashion-MNIST file {files[stem]} has labels above 9: it is corrupt. {_FMNIST_HELP}")
-    x_train, x_test = _normalise(
+    x_train, x_test, stats = _normalise(
         arrays["train-images-idx3-ubyte"].unsqueeze(1), arrays["t10k-images-idx3-ubyte"].unsqueeze(1)
     )
     return DataBundle(
@@ -221,6 +235,7 @@ def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBund
         10,
         FASHION_MNIST_CLASSES,
         source,
+        **stats,
     )
 
 
@@ -242,10 +257,10 @@ def _load_cifar(name: str, data_dir: str | Path | None, download: bool) -> DataB
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         parts[train] = (images, torch.as_tensor(ds.targets, dtype=torch.long))
         class_names = tuple(ds.classes)
-    x_train, x_test = _normalise(parts[True][0], parts[False][0])
+    x_train, x_test, stats = _normalise(parts[True][0], parts[False][0])
     return DataBundle(
         name, ImageData(x_train, parts[True][1]), ImageData(x_test, parts[False][1]),
-        len(class_names), class_names, str(root),
+        len(class_names), class_names, str(root), **stats,
     )
 
 
@@ -259,10 +274,10 @@ def _load_digits(test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
     order = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(round(len(labels) * test_fraction))
     test_idx, train_idx = order[:n_test], order[n_test:]
-    x_train, x_test = _normalise(images[train_idx].round().to(torch.uint8), images[test_idx].round().to(torch.uint8))
+    x_train, x_test, stats = _normalise(images[train_idx].round().to(torch.uint8), images[test_idx].round().to(torch.uint8))
     return DataBundle(
         "digits", ImageData(x_train, labels[train_idx]), ImageData(x_test, labels[test_idx]),
-        10, tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits",
+        10, tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits", **stats,
     )
 
 
@@ -282,6 +297,79 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | Path | None = None
     if key == "digits":
         return _load_digits()
     raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# An edge device's own images: one folder per class
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder_label(name: str, class_names: Sequence[str]) -> int | None:
+    if name in class_names:
+        return list(class_names).index(name)
+    if name.isdigit() and int(name) < len(class_names):
+        return int(name)
+    return None
+
+
+def load_image_folder(
+    folder: str | Path, class_names: Sequence[str], in_chans: int, image_size: int,
+    mean: Sequence[float], std: Sequence[float],
+) -> ImageData:
+    """A device's labelled images from ``folder/<class>/<image>`` (torchvision's ImageFolder layout).
+
+    ``<class>`` is the class index (``0``, ``1``, ...) or the data set's class name; images are
+    taken in file-name order (across classes), converted to ``in_chans`` channels and ``image_size`` pixels and standardised with the data
+    set's ``mean``/``std``, so they match what the server trains and validates on.
+    """
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data-dir {root} is not a folder: give a folder with one sub-folder per class")
+    mode = "L" if in_chans == 1 else "RGB"
+    files: list[tuple[str, int, Path]] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = _folder_label(sub.name, class_names)
+        if label is None:
+            raise DataError(f"data-dir {root}: sub-folder {sub.name!r} is no class; name class folders 0.."
+                            f"{len(class_names) - 1} or {', '.join(map(repr, class_names))}")
+        files += [(p.name, label, p) for p in sub.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for _, label, path in sorted(files):  # file-name order across classes: stable, and the writer's order
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+                if img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.BILINEAR)
+                images.append(np.asarray(img, dtype=np.uint8))
+        except OSError as err:
+            raise DataError(f"data-dir {root}: cannot read image {path} ({err})") from err
+        labels.append(label)
+    if not images:
+        raise DataError(f"data-dir {root} holds no images (extensions {', '.join(IMG_EXTENSIONS)}) in class sub-folders")
+    batch = torch.from_numpy(np.stack(images))
+    batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+    return ImageData(standardise(batch.contiguous(), mean, std), torch.tensor(labels, dtype=torch.long))
+
+
+def save_image_folder(data: ImageData, folder: str | Path, mean: Sequence[float], std: Sequence[float]) -> Path:
+    """Write standardised images as PNGs into ``folder/<class index>/`` (what :func:`load_image_folder` reads)."""
+    from PIL import Image
+
+    root = Path(folder)
+    shape = (1, len(mean), 1, 1)
+    m = torch.tensor(list(mean), dtype=torch.float32).view(shape)
+    s = torch.tensor(list(std), dtype=torch.float32).view(shape)
+    pixels = ((data.images * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    for i, (img, label) in enumerate(zip(pixels, data.labels.tolist())):
+        sub = root / str(label)
+        sub.mkdir(parents=True, exist_ok=True)
+        array = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(sub / f"{i:06d}.png")
+    return root
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,3 +147,42 @@ def test_missing_cifar_names_the_path(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown data set 'mnist3d'"):
         load_dataset("mnist3d")
+
+
+def test_image_folder_round_trips_a_partition_and_checks_its_layout(tmp_path):
+    """An edge device's own images (data-dir): what save_image_folder writes loads back exactly."""
+    import torch
+    from PIL import Image
+
+    from nni_fedexit.data import load_image_folder, save_image_folder
+
+    bundle = load_dataset("digits")
+    part = bundle.train.subset(np.arange(40))
+    folder = save_image_folder(part, tmp_path / "device", bundle.mean, bundle.std)
+    assert sorted(p.name for p in folder.iterdir()) == sorted({str(int(y)) for y in part.labels})
+    shape = (bundle.class_names, bundle.in_chans, bundle.image_size, bundle.mean, bundle.std)
+    back = load_image_folder(folder, *shape)
+    assert torch.equal(back.images, part.images) and torch.equal(back.labels, part.labels)
+
+    # class folders may carry the class names; other images are converted and resized
+    named = tmp_path / "named"
+    (named / "7").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(named / "7" / "white.jpg")
+    white = load_image_folder(named, *shape)
+    assert white.images.shape == (1, 1, 8, 8) and white.labels.tolist() == [7]
+    assert torch.allclose(white.images, torch.full((1, 1, 8, 8), (1.0 - bundle.mean[0]) / bundle.std[0]))
+
+    (named / "cat").mkdir()
+    with pytest.raises(DataError, match="sub-folder 'cat' is no class"):
+        load_image_folder(named, *shape)
+    with pytest.raises(DataError, match="holds no images"):
+        load_image_folder(tmp_path / "device" / "0", *shape)  # images but no class folders
+    with pytest.raises(DataError, match="is not a folder"):
+        load_image_folder(tmp_path / "nothing", *shape)
+
+
+def test_bundles_keep_their_standardisation():
+    bundle = load_dataset("digits")
+    assert len(bundle.mean) == len(bundle.std) == bundle.in_chans == 1
+    pixels = bundle.train.images * bundle.std[0] + bundle.mean[0]
+    assert abs(float(pixels.mean()) - bundle.mean[0]) < 1e-4 and float(pixels.min()) >= -1e-5

@@ -269,7 +269,19 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
 
 def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_path, monkeypatch):
     """backend="flower": an NNI trial submits the run to the SuperLink and reports every round;
-    a second run resumes from the checkpoint; the weights are the simulation backend's."""
+    a second run resumes from the checkpoint; node 1 trains on its own image folder (data-dir);
+    the weights are the simulation backend's with those images as client 1's data."""
+    # one torch thread here, as the ClientApps run (client-threads=1, OMP_NUM_THREADS=1): float32
+    # reductions, the data's standardisation statistics included, depend on the thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _evaluator_on_flower(tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluator_on_flower(tmp_path, monkeypatch):
     import dataclasses
 
     from safetensors.torch import load_file
@@ -294,10 +306,17 @@ def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_pat
         checkpoint_dir=str(ckpt), node_wait=60.0, round_timeout=120.0,
     )
     reported = []
+    # node 1's own images: the first 120 of partition 1, as PNG files in one folder per class
+    from nni_fedexit.data import save_image_folder
+    from nni_fedexit.federated import FederatedData
+
+    data = FederatedData(dataclasses.replace(settings, backend="simulation"), bundle=bundle)
+    data.clients[1] = data.clients[1].subset(range(120))
+    save_image_folder(data.clients[1], tmp_path / "node1_images", bundle.mean, bundle.std)
     try:
         dep.superlink()
-        for i in range(2):
-            dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2")
+        dep.supernode("supernode0", "partition-id=0 num-partitions=2")
+        dep.supernode("supernode1", f'partition-id=1 num-partitions=2 data-dir="{tmp_path / "node1_images"}"')
         dep.wait_online(2, 90)
         # round 1: the federated trial of an NNI experiment (as `nni-fedexit run` does it)
         evaluator = FederatedEvaluator(**dataclasses.asdict(settings))
@@ -319,17 +338,13 @@ def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_pat
     assert [h["round"] for h in result.history] == [1, 2] and len(reported) == 1  # only the new round
     assert reported[0]["default"] == result.history[1]["exit_accuracy"][-1]
     assert sorted(c["partition-id"] for c in result.clients) == [0, 1]
+    assert [c.get("data-dir") for c in sorted(result.clients, key=lambda c: c["partition-id"])] == [None, str(tmp_path / "node1_images")]
     assert len(list(ckpt.glob("flower-run-*.log"))) == 2
     # an uninterrupted simulation of both rounds from the same initial weights: same weights
     model = MultiExitNetwork.from_architecture(space, arch, head="linear")
     model.load_state_dict(initial)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ClientApps ran (client-threads=1)
-    try:
-        federate(model, dataclasses.replace(settings, rounds=2, backend="simulation", checkpoint_dir=str(tmp_path / "sim")),
-                 report=False)
-    finally:
-        torch.set_num_threads(threads)
+    federate(model, dataclasses.replace(settings, rounds=2, backend="simulation", checkpoint_dir=str(tmp_path / "sim")),
+             data=data, report=False)
     deployed, simulated = load_file(str(ckpt / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
     worst = max(float((deployed[k].double() - simulated[k].double()).abs().max()) for k in simulated)
     assert worst <= 1e-5, f"resumed deployment and simulation differ by {worst}"
@@ -530,3 +545,19 @@ def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
     history = state["history"]
     assert all(h["accepted"] == 2 and not h["failed"] for h in history), history
     assert all(sorted(c["partition"] for c in h["clients"]) == [0, 1] for h in history), history
+
+
+def test_node_config_names_the_data_or_says_how():
+    from nni_fedexit.federated.flower.client_app import node_partition
+    from nni_fedexit.federated.flower.server_app import NodeProfile
+
+    assert node_partition({"partition-id": 1, "num-partitions": 3}) == (1, 3)
+    assert node_partition({"data-dir": "/data/cam0"}) == (None, 0)
+    assert node_partition({"data-dir": "/data/cam0", "partition-id": 2, "num-partitions": 3}) == (2, 3)
+    with pytest.raises(ValueError, match="partition-id.*data-dir"):
+        node_partition({"budget": 0.5})
+    with pytest.raises(ValueError, match=r"0\.\.1"):
+        node_partition({"partition-id": 2, "num-partitions": 2})
+    own = NodeProfile({"data-dir": "/data/cam0", "num-partitions": 0})
+    assert own.partition is None and own.describe() == "data-dir /data/cam0"
+    assert NodeProfile({"partition-id": 1, "num-partitions": 2}).describe() == "partition 1/2"

@@ -1,8 +1,13 @@
 """The Flower ClientApp: one edge device trains the branch model the server gave it.
 
-Its SuperNode's ``--node-config`` names its data: ``partition-id`` and ``num-partitions`` (the
-partition is client ``partition-id`` of :class:`~nni_fedexit.federated.FederatedData` built with
-``num_clients = num-partitions``, so a deployment trains on exactly the simulation's clients),
+Its SuperNode's ``--node-config`` names its data, either
+- ``partition-id`` and ``num-partitions``: client ``partition-id`` of
+  :class:`~nni_fedexit.federated.FederatedData` built with ``num_clients = num-partitions`` (the
+  node loads the data set; a deployment then trains on exactly the simulation's clients), or
+- ``data-dir``: the device's own images, one sub-folder per class (``0``.. or the class names;
+  :func:`~nni_fedexit.data.load_image_folder`), standardised with the statistics the server
+  sends; the node needs no copy of the data set. ``partition-id`` may be added to fix the
+  node's place (and seeds) among the others;
 and optionally ``budget``, the share of the full model's MACs the device can run (the server then
 assigns branches by capability).
 
@@ -20,36 +25,66 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ...data import ImageData, load_image_folder
 from ...exits import MultiExitNetwork
+from ..evaluator import FederatedSettings
 from ..local import train_local
-from .common import build_model, load_branch_state, load_data, local_settings, settings_from_config, to_array_record, to_state_dict
+from .common import DataShape, build_model, load_branch_state, load_data, local_settings, settings_from_config, to_array_record, to_state_dict
 
-__all__ = ["app", "node_partition"]
+__all__ = ["app", "node_data", "node_partition"]
 
 app = ClientApp()
 
 _MODEL_CACHE: dict[str, MultiExitNetwork] = {}
 
 
-def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` of this node, checked."""
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int | None, int]:
+    """``(partition-id, num-partitions)`` of this node, checked; ``(None, 0)`` for a ``data-dir`` node without them."""
+    has_dir = bool(node_config.get("data-dir"))
+    if has_dir and "partition-id" not in node_config:
+        return None, int(node_config.get("num-partitions", 0))
     try:
         pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
     except KeyError as err:
         raise ValueError(
             f"this SuperNode has no {err.args[0]!r} in its node config: start it with "
-            '--node-config "partition-id=I num-partitions=N"'
+            '--node-config "partition-id=I num-partitions=N" (a share of the data set) or '
+            '--node-config "data-dir=/path/to/images" (its own images, one sub-folder per class)'
         ) from None
     if not 0 <= pid < parts:
         raise ValueError(f"partition-id must be in 0..{parts - 1}, got {pid}")
     return pid, parts
 
 
+_FOLDER_CACHE: dict[tuple, ImageData] = {}
+
+
+def node_data(node_config: Mapping[str, Any], settings: FederatedSettings, shape: DataShape | None) -> tuple[ImageData, DataShape]:
+    """This node's training data and the data set's shape: its ``data-dir``, or its partition."""
+    folder = node_config.get("data-dir")
+    if folder:
+        if shape is None:
+            raise ValueError("the server sent no 'data' record: a data-dir node needs a server of the same nni_fedexit version")
+        key = (str(folder), shape)
+        if key not in _FOLDER_CACHE:
+            _FOLDER_CACHE.clear()
+            _FOLDER_CACHE[key] = load_image_folder(folder, shape.class_names, shape.in_chans, shape.image_size,
+                                                   shape.mean, shape.std)
+        return _FOLDER_CACHE[key], shape
+    pid, _ = node_partition(node_config)
+    data = load_data(settings)
+    return data.clients[pid], DataShape.of(data.bundle)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition (and compute budget, if its node config has one)."""
     pid, parts = node_partition(context.node_config)
-    profile = ConfigRecord({"partition-id": pid, "num-partitions": parts})
+    profile = ConfigRecord({"num-partitions": parts})
+    if pid is not None:
+        profile["partition-id"] = pid
+    if context.node_config.get("data-dir"):
+        profile["data-dir"] = str(context.node_config["data-dir"])
     if "budget" in context.node_config:
         profile["budget"] = float(context.node_config["budget"])
     return Message(RecordDict({"profile": profile}), reply_to=msg)
@@ -63,13 +98,15 @@ def train(msg: Message, context: Context) -> Message:
     base = settings_from_config(cfg)
     if base.client_threads > 0:
         torch.set_num_threads(base.client_threads)
+    parts = max(parts, 1)
     settings = settings_from_config(cfg, num_clients=parts, min_clients=min(base.min_clients, parts))
-    data = load_data(settings)
+    record = msg.content.config_records.get("data")
+    local, shape = node_data(context.node_config, settings, DataShape.from_config(record) if record else None)
 
-    key = settings.fingerprint() + repr(sorted((k, v) for k, v in cfg.items() if k.startswith(("space-", "architecture"))))
+    key = settings.fingerprint() + repr(shape) + repr(sorted((k, v) for k, v in cfg.items() if k.startswith(("space-", "architecture"))))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = build_model(cfg, settings, data.bundle).to(settings.device)
+        _MODEL_CACHE[key] = build_model(cfg, settings, shape).to(settings.device)
     model = _MODEL_CACHE[key]
 
     task = msg.content.config_records["config"]
@@ -78,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     state = to_state_dict(msg.content.array_records["arrays"])
     load_branch_state(model, {k: v.to(settings.device) for k, v in state.items()}, depth, all_exits)
     branch = model.branch(depth, all_exits=all_exits)
-    update = train_local(pid, branch, data.clients[pid], local_settings(settings), float(task["lr"]), int(task["seed"]))
-    metrics = MetricRecord({"num-examples": int(update.num_samples), "train-loss": float(update.loss),
-                            "depth": depth, "partition-id": pid})
+    update = train_local(pid if pid is not None else -1, branch, local, local_settings(settings), float(task["lr"]),
+                         int(task["seed"]))
+    metrics = MetricRecord({"num-examples": int(update.num_samples), "train-loss": float(update.loss), "depth": depth})
     return Message(RecordDict({"arrays": to_array_record(update.state), "metrics": metrics}), reply_to=msg)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # flwr is only needed by the apps themselves
     from flwr.app import ArrayRecord
 
 __all__ = [
-    "DEFAULTS", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
+    "DEFAULTS", "DataShape", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
     "local_settings", "run_config", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
     "write_app",
 ]
@@ -174,7 +174,7 @@ def architecture_from_config(run_config: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in arch.items()}
 
 
-def space_from_config(run_config: Mapping[str, Any], bundle: DataBundle) -> ResNetBlockPoolSpace:
+def space_from_config(run_config: Mapping[str, Any], bundle: DataBundle | DataShape) -> ResNetBlockPoolSpace:
     """The block-pool space of the run config, sized for the data set's images and classes."""
     stem = int(_get(run_config, "space-stem-width") or 0)
     return ResNetBlockPoolSpace(
@@ -186,7 +186,7 @@ def space_from_config(run_config: Mapping[str, Any], bundle: DataBundle) -> ResN
     )
 
 
-def build_model(run_config: Mapping[str, Any], settings: FederatedSettings, bundle: DataBundle) -> MultiExitNetwork:
+def build_model(run_config: Mapping[str, Any], settings: FederatedSettings, bundle: DataBundle | DataShape) -> MultiExitNetwork:
     """The exit-point model of the run config's architecture, with seeded initial weights."""
     s = settings
     space = space_from_config(run_config, bundle)
@@ -196,6 +196,34 @@ def build_model(run_config: Mapping[str, Any], settings: FederatedSettings, bund
     network.arch = dict(arch)
     torch.manual_seed(_seed(s.seed, 0))  # the exits' initial weights, as federate() seeds them
     return MultiExitNetwork.from_network(network, head=s.head, head_width=s.head_width, loss_weights=s.loss_weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShape:
+    """What a device needs to know of the data set to use its own images (``data-dir``): the
+    model's input and output sizes, the class names, the standardisation. The server sends it."""
+
+    in_chans: int
+    image_size: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, bundle: DataBundle) -> "DataShape":
+        return cls(bundle.in_chans, bundle.image_size, bundle.num_classes, tuple(bundle.class_names),
+                   tuple(bundle.mean), tuple(bundle.std))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"in-chans": self.in_chans, "image-size": self.image_size, "num-classes": self.num_classes,
+                "class-names": list(self.class_names), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_config(cls, record: Mapping[str, Any]) -> "DataShape":
+        return cls(int(record["in-chans"]), int(record["image-size"]), int(record["num-classes"]),
+                   tuple(str(c) for c in record["class-names"]), tuple(float(v) for v in record["mean"]),
+                   tuple(float(v) for v in record["std"]))
 
 
 _DATA_CACHE: dict[str, FederatedData] = {}

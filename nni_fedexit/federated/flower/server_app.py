@@ -9,7 +9,8 @@ Round t, as :func:`~nni_fedexit.federated.federate` runs it in simulation:
    unless the run config asks for ``capability`` or a node reported a compute ``budget``
    (nodes that did not report one get the profile mix's budget);
 2. every chosen node gets ONE message holding only its branch's arrays (the keys of
-   ``model.branch(depth, all_exits=True).state_dict()``) and a ConfigRecord (depth, lr, seed);
+   ``model.branch(depth, all_exits=True).state_dict()``), a ConfigRecord (depth, lr, seed) and
+   the data set's shape and standardisation (``data``, for nodes training on their own images);
 3. every reply without an error is checked and added to a :class:`WeightedMean` (a bad update
    raises :class:`UpdateRejected` and is left out, logged with its node id); entries no node
    trained keep their values;
@@ -41,7 +42,7 @@ from ...exits import ExitCost, MultiExitNetwork, exit_costs
 from ..aggregate import UpdateRejected, WeightedMean
 from ..assign import assign_branches, client_profiles, select_clients
 from ..evaluator import FederatedSettings, _better, _Checkpoint, _seed, validate
-from .common import branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
+from .common import DataShape, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "BranchStrategy", "NodeProfile", "discover_nodes", "main"]
 
@@ -49,11 +50,17 @@ app = ServerApp()
 
 
 class NodeProfile(dict):
-    """What a SuperNode reported about itself: ``partition-id``, ``num-partitions``, ``budget``."""
+    """What a SuperNode reported: ``partition-id``, ``num-partitions``, ``data-dir``, ``budget``."""
 
     @property
-    def partition(self) -> int:
-        return int(self["partition-id"])
+    def partition(self) -> int | None:
+        """Its partition of the data set; None for a node training on its own ``data-dir`` only."""
+        return int(self["partition-id"]) if "partition-id" in self else None
+
+    def describe(self) -> str:
+        where = f"data-dir {self['data-dir']}" if "data-dir" in self else ""
+        part = f"partition {self.partition}/{self.get('num-partitions')}" if self.partition is not None else ""
+        return " + ".join(w for w in (part, where) if w)
 
 
 def _wait_for_nodes(grid: Grid, want: int, wait: float) -> list[int]:
@@ -82,8 +89,8 @@ def _query_profiles(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[in
                 node, reply.error.code, reply.error.reason)
             continue
         record = reply.content.config_records.get("profile")
-        if record is None or "partition-id" not in record:
-            log(WARNING, "Node %s sent no partition-id; it is left out", node)
+        if record is None or ("partition-id" not in record and "data-dir" not in record):
+            log(WARNING, "Node %s sent neither a partition-id nor a data-dir; it is left out", node)
             continue
         out[node] = NodeProfile(dict(record))
     return out
@@ -104,8 +111,11 @@ class BranchStrategy(Strategy):
     """Depth-aware federated averaging of branch models; one message per node, its own arrays."""
 
     def __init__(self, model: MultiExitNetwork, settings: FederatedSettings, costs: list[ExitCost],
-                 profiles: Mapping[int, NodeProfile], node_wait: float = 60.0, query_timeout: float = 120.0):
+                 profiles: Mapping[int, NodeProfile], node_wait: float = 60.0, query_timeout: float = 120.0,
+                 data_shape: Mapping[str, Any] | None = None):
         self.model = model
+        #: the data set's sizes, class names and standardisation, for nodes with their own images
+        self.data_shape = dict(data_shape or {})
         self.settings = settings
         self.costs = costs
         self.profiles: dict[int, NodeProfile] = dict(profiles)
@@ -138,7 +148,8 @@ class BranchStrategy(Strategy):
         self.tasks = {}
         self.sent = []
         self.profiles = discover_nodes(grid, s.min_clients, self.node_wait, self.query_timeout, self.profiles)
-        participants = sorted(self.profiles, key=lambda n: (self.profiles[n].partition, n))
+        # partitions first, in order; nodes with only their own data-dir after them, by node id
+        participants = sorted(self.profiles, key=lambda n: (self.profiles[n].partition is None, self.profiles[n].partition or 0, n))
         if not participants:
             log(WARNING, "Round %d: no node is connected; nothing to train", t)
             return []
@@ -161,16 +172,18 @@ class BranchStrategy(Strategy):
                 log(INFO, "Round %d: node %s (budget %s) affords no branch; it sits out", t, node, budgets[c] if budgets else "")
                 continue
             pid = self.profiles[node].partition
-            task = {"node": node, "partition": pid, "depth": depths[c], "lr": lr, "seed": _seed(s.seed, t, 0, pid)}
+            seed = _seed(s.seed, t, 0, pid if pid is not None else node)
+            task = {"node": node, "partition": pid, "depth": depths[c], "lr": lr, "seed": seed}
             self.tasks[node] = task
             cfg = ConfigRecord(dict(config))
             cfg.update({"server-round": t, "depth": int(task["depth"]), "lr": float(lr), "seed": int(task["seed"]),
                         "all-exits": bool(s.branch_all_exits)})
-            content = RecordDict({"arrays": to_array_record(self.global_state, self._keys[task["depth"]]), "config": cfg})
+            content = RecordDict({"arrays": to_array_record(self.global_state, self._keys[task["depth"]]), "config": cfg,
+                                  "data": ConfigRecord(self.data_shape)})
             messages.append(Message(content, node, MessageType.TRAIN, group_id=str(t)))
         self.sent = messages
         log(INFO, "configure_train: round %d, %d of %d connected nodes (%s mode): %s", t, len(messages), n, mode,
-            ", ".join(f"node {k} (partition {v['partition']}) -> branch {v['depth']}" for k, v in self.tasks.items()))
+            ", ".join(f"node {k} ({self.profiles[k].describe()}) -> branch {v['depth']}" for k, v in self.tasks.items()))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -310,7 +323,7 @@ def main(grid: Grid, context: Context) -> None:
     num_clients = max(num_parts, len(profiles))
     settings = settings_from_config(cfg, num_clients=num_clients, min_clients=min(base.min_clients, num_clients))
     log(INFO, "%d node(s) connected: %s", len(profiles),
-        ", ".join(f"node {n} = partition {p.partition}/{p.get('num-partitions')}" for n, p in profiles.items()))
+        ", ".join(f"node {n} = {p.describe()}" for n, p in profiles.items()))
 
     data = load_data(settings)
     model = build_model(cfg, settings, data.bundle)
@@ -324,7 +337,7 @@ def main(grid: Grid, context: Context) -> None:
     model.to(settings.device)
     costs = exit_costs(model, data.val.images[:1].to(settings.device))
     strategy = BranchStrategy(model, settings, costs, profiles, node_wait=settings.node_wait,
-                              query_timeout=settings.round_timeout)
+                              query_timeout=settings.round_timeout, data_shape=DataShape.of(data.bundle).to_config())
     ckpt_dir = settings.checkpoint_dir or None
     if ckpt_dir:
         ckpt_dir = str(Path(ckpt_dir).expanduser().absolute())
