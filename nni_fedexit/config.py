@@ -15,7 +15,10 @@ Sections and their keys (defaults in brackets):
              epochs [3], batch_size [64], learning_rate [0.001], train_samples [null: all]
              for the shared mode's supernet training; max_trials [10], concurrency [1] and
              trial (TrialSettings keys) for the trials mode
-``federated`` FederatedSettings keys (rounds, num_clients, partition, alpha, assignment, ...)
+``federated`` FederatedSettings keys (rounds, num_clients, partition, alpha, assignment, ...);
+             backend [simulation] or flower: the rounds run on the SuperNodes of the SuperLink
+             connection flower_superlink ([superlink.NAME] in $FLWR_HOME/config.toml; flower_home
+             sets FLWR_HOME), with node_wait, round_timeout, client_threads
 ``exits``    max_accuracy_drop [0.01] or macs_budget [null], criterion [max_prob]
 ``nni``      port [8080]: the web UI of the federated stage (and of a trials search)
 

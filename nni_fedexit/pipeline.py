@@ -231,8 +231,10 @@ class Run:
         exp.config.trial_concurrency = 1
         exp.config.training_service.use_active_gpu = False
         port = self.config.nni.port
+        where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
+                 else f"x {s.num_clients} simulated clients")
         self.echo(f"[federate] NNI web UI: http://127.0.0.1:{port}/detail (experiment {exp.id}); "
-                  f"{s.rounds} rounds x {s.num_clients} clients, checkpoints in {s.checkpoint_dir}")
+                  f"{s.rounds} rounds {where}, checkpoints in {s.checkpoint_dir}")
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_rounds, args=(Path(s.checkpoint_dir), s.rounds, stop), daemon=True)
         watcher.start()
@@ -255,6 +257,8 @@ class Run:
         data = self.federated_data()
         _write_json(self.dir / "federated" / "partition.json", {
             "scheme": s.partition, "alpha": s.alpha, "label_skew": data.label_skew, "clients": data.summary,
+            # flower backend: the SuperNodes that took part (partition-id, or their own data-dir)
+            **({"backend": "flower", "nodes": state.get("nodes", {})} if s.backend == "flower" else {}),
         })
         from safetensors.torch import load_file, save_file
 
