@@ -134,3 +134,18 @@ def test_help_of_every_command():
     for command in ("run", "search", "federate", "evaluate", "export", "report", "space"):
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_flower_example_config_is_checked(tmp_path):
+    """federated.backend: flower needs the SuperLink connection; the example names it."""
+    from nni_fedexit.config import ConfigError, load_config
+    from nni_fedexit.federated import FederatedSettings
+
+    config = load_config(EXAMPLES / "tiny_digits_flower.yaml")
+    settings = FederatedSettings(**config.federated)
+    assert (settings.backend, settings.flower_superlink) == ("flower", "local-deploy")
+    broken = yaml.safe_load((EXAMPLES / "tiny_digits_flower.yaml").read_text())
+    del broken["federated"]["flower_superlink"]
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(ConfigError, match=r"^federated\.flower_superlink: .*config\.toml"):
+        load_config(tmp_path / "broken.yaml")
