@@ -47,7 +47,8 @@ class _Stopped(Exception):
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
-    raise _Stopped(f"signal {signum}: stopping the Flower run")
+    raise _Stopped(f"stopped by signal {signum}: the Flower run is stopped too; rerun with resume to go on "
+                   "from its last checkpoint")
 
 
 class FlowerCLI:
