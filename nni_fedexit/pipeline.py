@@ -79,6 +79,8 @@ class Run:
         self._data: DataBundle | None = None
         self._space: ResNetBlockPoolSpace | None = None
         self._federated_data: FederatedData | None = None
+        #: whether run() continues an earlier run (an interrupted stage's experiment is resumed)
+        self._resuming = False
 
     # ---- shared pieces ----------------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Run:
     # ---- the stages -------------------------------------------------------------------------
 
     def run(self, resume: bool = False, stages: tuple[str, ...] = STAGES) -> None:
+        self._resuming = resume
         self.dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.done():
             raise FileExistsError(f"run directory {self.dir} holds a run already: pass --resume to continue it, "
@@ -163,16 +166,23 @@ class Run:
             evaluator = search_evaluator(**{
                 "dataset": d.dataset, "data_dir": d.data_dir, "server_fraction": d.server_fraction,
                 "val_fraction": d.val_fraction, "seed": c.seed, **c.search.trial,
+                # the web UI shows each trial's reward as the strategy computes it
+                "reward": strategy.reward_for(strategy.baseline_params or space.baseline_params()),
             })
-        exp = NasExperiment(space, evaluator, strategy)
-        exp.config.experiment_working_directory = str(self.experiments_dir())
+        def configure(exp: NasExperiment, attempt: int) -> None:
+            if strategy.mode == "trials":
+                exp.config.max_trial_number = c.search.max_trials
+                exp.config.trial_concurrency = c.search.concurrency
+                exp.config.training_service.use_active_gpu = False
+
+        # shared mode runs on NNI's sequential engine, which keeps no state to resume from
+        exp, resumed = self._stage_experiment("search", space, evaluator, strategy, configure,
+                                              resumable=strategy.mode == "trials")
         if strategy.mode == "trials":
-            exp.config.max_trial_number = c.search.max_trials
-            exp.config.trial_concurrency = c.search.concurrency
-            exp.config.training_service.use_active_gpu = False
-            self.echo(f"[search] NNI web UI: http://127.0.0.1:{c.nni.port} (experiment {exp.id})")
+            self.echo(f"[search] NNI web UI: http://127.0.0.1:{c.nni.port} (experiment {exp.id}"
+                      f"{', resumed' if resumed else ''})")
         try:
-            exp.run(port=c.nni.port)
+            exp.resume(port=c.nni.port) if resumed else exp.run(port=c.nni.port)
             best = exp.export_top_models(formatter="dict")[0]
         finally:
             exp.stop()
@@ -211,6 +221,27 @@ class Run:
             learning_rate=c.search.learning_rate, device=c.device, seed=c.seed,
         )
 
+    def _stage_experiment(self, stage: str, space: Any, evaluator: Any, strategy: Any,
+                          configure: Callable[[Any, int], None], resumable: bool) -> tuple[Any, bool]:
+        """The stage's NNI experiment: the one an interrupted run of the stage left (to resume), or
+        a new one. Its id goes to ``<stage>/experiment.json`` before it starts, so
+        ``nni-fedexit view`` and ``resume`` find it whatever happens next."""
+        from nni.nas.experiment import NasExperiment
+
+        from .reopen import STAGE_RECORDS, ExperimentRef, _manifest
+
+        record = self.dir / STAGE_RECORDS[stage]
+        before = json.loads(record.read_text()) if record.is_file() else {}
+        old = before.get("experiment_id")
+        resumed = bool(resumable and self._resuming and old and ExperimentRef(old, self.experiments_dir()).config() is not None
+                       and old in _manifest())
+        attempt = int(before.get("attempts", 1)) + 1 if resumed else 1
+        exp = NasExperiment(space, evaluator, strategy, id=old if resumed else None)
+        exp.config.experiment_working_directory = str(self.experiments_dir())
+        configure(exp, attempt)
+        _write_json(record, {"experiment_id": exp.id, "stage": stage, "attempts": attempt})
+        return exp, resumed
+
     def architecture(self) -> dict[str, Any]:
         path = self.dir / "search" / "architecture.json"
         if not path.is_file():
@@ -225,11 +256,15 @@ class Run:
         arch = self.architecture()
         s = self.federated_settings()
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))
-        exp = NasExperiment(self.new_space(), evaluator, FixedArchitecture(arch["sample"]))
-        exp.config.experiment_working_directory = str(self.experiments_dir())
-        exp.config.max_trial_number = 1
-        exp.config.trial_concurrency = 1
-        exp.config.training_service.use_active_gpu = False
+        def configure(exp: NasExperiment, attempt: int) -> None:
+            exp.config.max_trial_number = attempt  # one new trial per attempt: the stopped ones count
+            exp.config.trial_concurrency = 1
+            exp.config.training_service.use_active_gpu = False
+
+        # resumed: the experiment of the interrupted stage goes on under its id (its web UI keeps
+        # the stopped trial); the new trial resumes the rounds from the federated checkpoint
+        exp, resumed = self._stage_experiment("federate", self.new_space(), evaluator,
+                                              FixedArchitecture(arch["sample"]), configure, resumable=True)
         port = self.config.nni.port
         where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
                  else f"x {s.num_clients} simulated clients")
@@ -239,7 +274,7 @@ class Run:
         watcher = threading.Thread(target=self._watch_rounds, args=(Path(s.checkpoint_dir), s.rounds, stop), daemon=True)
         watcher.start()
         try:
-            exp.run(port=port)
+            exp.resume(port=port) if resumed else exp.run(port=port)
         finally:
             stop.set()
             watcher.join()

@@ -27,7 +27,7 @@ from .presets import load_preset
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 from nni.nas.space import current_model, model_context
 
-__all__ = ["SpaceSpec", "SpecError", "ResNetBlockPoolSpace", "BlockCrop", "load_space_spec"]
+__all__ = ["SpaceSpec", "SpecError", "ResNetBlockPoolSpace", "BlockCrop", "load_space_spec", "architecture_label"]
 
 #: timm's own stage widths, needed to load pretrained weights
 NATIVE_WIDTHS = (64, 128, 256, 512)
@@ -120,6 +120,11 @@ class SpaceSpec:
         d = asdict(self)
         d["sources"], d["widths"], d["depth_crops"] = list(self.sources), list(self.widths), list(self.depth_crops)
         return d
+
+
+def architecture_label(sample: Mapping[str, Any]) -> str:
+    """``stage1=resnet34 stage2=resnet50-d1 ...``: an architecture as people read it (web UI, logs)."""
+    return " ".join(f"{label}={value}" for label, value in sample.items())
 
 
 def _positive_int(key: str, value: Any) -> None:

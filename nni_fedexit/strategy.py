@@ -43,14 +43,49 @@ from nni.mutable import Categorical
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
 from nni.nas.oneshot.pytorch.strategy import RandomOneShot
-from nni.nas.space import ModelStatus
+from nni.nas.space import ModelStatus, SimplifiedModelSpace
 from nni.nas.strategy.base import Strategy
+
+from .space import architecture_label
 
 __all__ = ["SizeAwarePolicyGradient", "SharedSizeAwarePolicyGradient", "TrialsSizeAwarePolicyGradient", "FixedArchitecture"]
 
 _logger = logging.getLogger(__name__)
 
 MODES = ("shared", "trials")
+
+
+class LabelledModelSpace(SimplifiedModelSpace):
+    """A trial's model as NNI sends it to the trial, with its choices also in plain words.
+
+    NNI shows a NAS trial's parameters as the serialised model (symbols, arguments, evaluator).
+    This adds ``architecture`` (``stage1=resnet34 stage2=...``) and every choice under its label at
+    the top level, where the web UI looks for the search space's keys: the trial table and the
+    hyper-parameter chart then show which architecture each trial evaluated.
+    """
+
+    _OWN_KEYS = ("status", "model_symbol", "model_args", "model_kwargs", "evaluator", "sample", "metrics", "mutables")
+
+    @classmethod
+    def of(cls, model: SimplifiedModelSpace) -> SimplifiedModelSpace:
+        """``model`` (frozen) as a LabelledModelSpace; other model formats are returned as they are."""
+        if type(model) is not SimplifiedModelSpace:
+            return model
+        labelled = cls(model.model, model.mutables, model.evaluator)
+        labelled.status, labelled.sample, labelled.metrics = model.status, model.sample, model.metrics
+        return labelled
+
+    def _dump(self) -> dict:
+        rv = super()._dump()
+        if self.sample is not None:
+            rv["architecture"] = architecture_label(self.sample)
+            rv.update({k: v for k, v in self.sample.items() if k not in self._OWN_KEYS and k != "architecture"
+                       and isinstance(v, (str, int, float, bool))})
+        return rv
+
+    @classmethod
+    def _load(cls, **attrs: Any) -> SimplifiedModelSpace:
+        return super()._load(**{k: v for k, v in attrs.items() if k in cls._OWN_KEYS})
 
 
 def _categorical_choices(space: Any) -> dict[str, list[Any]]:
@@ -213,15 +248,18 @@ class SizeAwarePolicyGradient(Strategy):
                 first = {label: values[0] for label, values in choices.items()}
                 self.baseline_params = self.profiler.profile(first)
                 _logger.info("Baseline P = %s parameters (the sample of every label's first value)", self.baseline_params)
-        if self.custom_reward is not None:
-            self.reward_fn = self.custom_reward
-        elif self.baseline_params:
-            self.reward_fn = SizeAwareReward(self.baseline_params, self.beta)
-        else:
-            self.reward_fn = lambda accuracy, params: float(accuracy)
+        self.reward_fn = self.reward_for(self.baseline_params)
         if self._pending_state is not None:
             self._load_search_state(self._pending_state)
             self._pending_state = None
+
+    def reward_for(self, baseline_params: int | None) -> Reward:
+        """The reward this strategy scores with, given P (trials may compute it too, for the web UI)."""
+        if self.custom_reward is not None:
+            return self.custom_reward
+        if baseline_params:
+            return SizeAwareReward(baseline_params, self.beta)
+        return lambda accuracy, params: float(accuracy)
 
     def score(self, accuracy: float, sample: Mapping[str, Any], params: int | None = None) -> tuple[float, int | None]:
         """(reward, p_h) of a sample with this accuracy; p_h from the trial if it reported one."""
@@ -319,7 +357,7 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
                 if sample is None:
                     _logger.info("No architecture left that was not trained yet: the search stops.")
                     break
-                model = self.model_space.freeze(sample)
+                model = LabelledModelSpace.of(self.model_space.freeze(sample))
                 self._running.append((model, sample))
             _logger.info("[trial %d] submitting %s", len(self.records) + len(self._running), sample)
             self.engine.submit_models(model)  # the sequential engine runs it (and its callbacks) here
@@ -589,7 +627,7 @@ class FixedArchitecture(Strategy):
 
     def _run(self) -> None:
         if self.wait_for_resource():
-            self.engine.submit_models(self.model_space.freeze(self.sample))
+            self.engine.submit_models(LabelledModelSpace.of(self.model_space.freeze(self.sample)))
         self.engine.wait_models()
 
     def state_dict(self) -> dict:

@@ -4,13 +4,14 @@ Used as the evaluator of a ``trials`` search on the block-pool space (and any sp
 networks classify images): ``search_evaluator(dataset="fashion-mnist", ...)`` is an NNI
 ``FunctionalEvaluator`` that runs in the trial process, loads the data there, trains, and reports
 ``{"default": validation accuracy, "params": p_h}`` so the strategy's reward uses the exact size
-and the web UI shows both.
+and the web UI shows both, with the architecture as a label (``stage1=resnet34 ...``) and, when
+the strategy's reward function is passed along, the reward the strategy will compute.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -19,6 +20,7 @@ import nni
 from nni.nas.evaluator import FunctionalEvaluator
 
 from .data import load_dataset, split_roles
+from .space import architecture_label
 from .training import TrainSettings, evaluate_accuracy, train_classifier
 
 __all__ = ["TrialSettings", "train_and_report", "search_evaluator"]
@@ -40,9 +42,12 @@ class TrialSettings:
     batch_size: int = 64
     lr: float = 0.05
     seed: int = 0
+    #: the strategy's ``reward(accuracy, params)`` (e.g. ``strategy.reward_for(P)``): reported as
+    #: "reward" so the web UI shows it next to the accuracy; None leaves it out
+    reward: Callable[[float, int], float] | None = None
 
 
-def train_and_report(model: nn.Module, **settings: Any) -> dict[str, float]:
+def train_and_report(model: nn.Module, **settings: Any) -> dict[str, Any]:
     """Train ``model`` on the server's search-train split, report validation accuracy and p_h."""
     s = TrialSettings(**settings)
     data = load_dataset(s.dataset, data_dir=s.data_dir)
@@ -51,11 +56,17 @@ def train_and_report(model: nn.Module, **settings: Any) -> dict[str, float]:
     val = data.train.subset(roles.search_val[: s.val_samples])
     train_classifier(model, train, TrainSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed))
     accuracy = evaluate_accuracy(model, val)
-    result = {"default": accuracy, "params": float(sum(p.numel() for p in model.parameters()))}
+    params = sum(p.numel() for p in model.parameters())
+    result: dict[str, Any] = {"default": accuracy, "params": float(params)}
+    if s.reward is not None:
+        result["reward"] = float(s.reward(accuracy, params))
+    if getattr(model, "arch", None):
+        result["architecture"] = architecture_label(model.arch)
     nni.report_final_result(result)
     return result
 
 
 def search_evaluator(**settings: Any) -> FunctionalEvaluator:
     """An NNI evaluator running :func:`train_and_report` with these :class:`TrialSettings`."""
-    return FunctionalEvaluator(train_and_report, **asdict(TrialSettings(**settings)))
+    s = TrialSettings(**settings)  # unknown keys fail here, not in the trial
+    return FunctionalEvaluator(train_and_report, **{f.name: getattr(s, f.name) for f in fields(s)})

@@ -38,6 +38,7 @@ from nni.nas.evaluator import MutableEvaluator
 
 from ..data import DataBundle, ImageData, label_skew, load_dataset, partition, split_roles
 from ..exits import ExitCost, MultiExitNetwork, exit_accuracies, exit_costs, exit_outputs
+from ..space import architecture_label
 from .aggregate import UpdateRejected, WeightedMean
 from .assign import DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients
 from .local import ClientUpdate, LocalSettings
@@ -316,8 +317,10 @@ def federate(
     test_accuracy = exit_accuracies(logits, labels)
     result = FederatedResult(model, best_round, history, test_accuracy, costs, params, clients)
     if report:
-        final = _metric_dict(history[best_round - 1])
+        final: dict[str, Any] = _metric_dict(history[best_round - 1])
         final.update({"params": float(params), "best_round": best_round})
+        if model.arch:
+            final["architecture"] = architecture_label(model.arch)
         final.update({f"test_exit{i + 1}": a for i, a in enumerate(test_accuracy)})
         nni.report_final_result(final)
     return result
