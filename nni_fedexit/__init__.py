@@ -3,7 +3,8 @@
 S1 ResNetBlockPoolSpace (block pools cropped from timm ResNets), S2 data roles and client
 partitions, S3 SizeAwarePolicyGradient (LSTM controller, REINFORCE, size-aware reward), S4
 MultiExitNetwork (exits after every stage, branch models, early exits), S5 FederatedEvaluator
-(depth-aware federated averaging over simulated edge clients).
+(depth-aware federated averaging over simulated edge clients). SizeAwarePGTuner is the S3 search
+as a classic NNI tuner for nnictl experiments.
 """
 
 from . import _nni  # noqa: F401  (must come before anything imports nni)
@@ -12,6 +13,7 @@ from .space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
 from .controller import ControllerSettings, PolicyGradient
 from .reward import HardBudgetReward, LinearPenaltyReward, SizeAwareReward, size_aware_reward
 from .strategy import SizeAwarePolicyGradient
+from .tuner import SizeAwarePGTuner
 from .exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
 from .federated import FederatedEvaluator, FederatedSettings, aggregate
 
@@ -30,6 +32,7 @@ __all__ = [
     "LinearPenaltyReward",
     "PolicyGradient",
     "SizeAwarePolicyGradient",
+    "SizeAwarePGTuner",
     "SizeAwareReward",
     "size_aware_reward",
     "DataBundle",
