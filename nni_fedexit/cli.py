@@ -13,9 +13,10 @@ import click
 from .config import ConfigError
 from .data import DataError
 from .presets import PresetError
+from .reopen import ReopenError
 from .space import SpecError
 
-_USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, FileExistsError, FileNotFoundError)
+_USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, ReopenError, FileExistsError, FileNotFoundError)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,12 +43,20 @@ def main() -> None:
 @main.command()
 @click.option("--space", "space_preset", default="resnet_pool", show_default=True,
               help="Search-space preset name (search_spaces/) or YAML file.")
+@click.option("--nni-json", "nni_json", default=None, type=click.Path(dir_okay=False),
+              help="Also write the space as NNI search-space JSON (one choice per stage) to this file, "
+                   "for a classic nnictl experiment.")
 @_user_errors
-def space(space_preset: str) -> None:
+def space(space_preset: str, nni_json: str | None) -> None:
     """Show a block-pool search space: its pools, size and the baseline's parameter count."""
     from .space import ResNetBlockPoolSpace
 
     s = ResNetBlockPoolSpace.from_preset(space_preset)
+    if nni_json:
+        from .search_space_json import write_nni_search_space
+
+        click.echo(f"NNI search space written to {write_nni_search_space(s, nni_json)} "
+                   f"(tuner classArgs baseline_params: {s.baseline_params()})")
     click.echo(f"sources: {', '.join(s.spec.sources)}; interface widths {list(s.interface_widths)}")
     for label, pool in s.pools.items():
         click.echo(f"  {label}: " + ", ".join(f"{k} ({v:,} params)" for k, v in pool.items()))
@@ -131,7 +140,7 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
         run.run(resume=resume, stages=stages)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished stages and federated rounds are kept in {run.dir}; "
-                   f"continue with: nni-fedexit run {config_path} --resume", err=True)
+                   f"continue with: nni-fedexit resume {run.dir}", err=True)
         sys.exit(130)
     _summary(run)
 
@@ -209,6 +218,96 @@ def export(run_dir: str) -> None:
 def report(run_dir: str) -> None:
     """Write report.md and its plots for a finished run."""
     _existing_run(run_dir).stage_report()
+
+
+@main.command()
+@click.argument("target")
+@click.option("--stage", type=click.Choice(["search", "federate"]), default=None,
+              help="Which stage's experiment of a run directory (default: federate, else search).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port of the web UI.")
+@click.option("--host", type=click.Choice(["127.0.0.1", "localhost", "all"]), default="127.0.0.1", show_default=True,
+              help="Where the web UI listens: this machine only, or every interface (NNI's default; no authentication).")
+@click.option("--detach", is_flag=True, help="Return at once and leave the web UI running (stop it with nnictl stop ID).")
+@_user_errors
+def view(target: str, stage: str | None, port: int, host: str, detach: bool) -> None:
+    """Open the web UI of a finished or stopped NNI experiment of a run (TARGET: a run directory
+    or an experiment id), where NNI 3.0's `nnictl view` fails for NAS experiments."""
+    from .reopen import find_experiment, view_experiment
+    from .webui import nni_manager_env, web_ui_message
+
+    ref = find_experiment(target, stage)
+    with nni_manager_env(host):
+        exp = view_experiment(ref, port)
+    click.echo(f"experiment {ref.id}{f' ({ref.stage} stage)' if ref.stage else ''} is served again (status VIEWED)")
+    click.echo(web_ui_message(port, host))
+    click.echo(f"trials: http://127.0.0.1:{port}/detail; REST API: http://127.0.0.1:{port}/api/v1/nni/trial-jobs")
+    if detach:
+        click.echo(f"stop it with: nnictl stop {ref.id}")
+        return
+    click.echo("Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exp.stop()
+
+
+@main.command()
+@click.argument("target")
+@click.option("--port", type=int, default=None, help="Port of NNI's web UI (default: the run config's nni.port).")
+@_user_errors
+def resume(target: str, port: int | None) -> None:
+    """Go on with a stopped run (TARGET: its run directory, or the id of one of its experiments):
+    finished stages are kept, the interrupted stage's NNI experiment is resumed under its id."""
+    from .pipeline import STAGES
+    from .reopen import find_experiment
+
+    run_dir = Path(target)
+    if not run_dir.is_dir():
+        ref = find_experiment(target)
+        if ref.run_dir is None:
+            raise ReopenError(f"experiment {target} is not part of an nni-fedexit run directory: resume it from the "
+                              f"Python that created it, NasExperiment(space, evaluator, strategy, id={target!r}).resume()")
+        run_dir = ref.run_dir
+    run = _existing_run(str(run_dir))
+    if port is not None:
+        run.config.nni.port = port
+    if run.done() == list(STAGES):
+        click.echo(f"every stage of {run.dir} has finished: `nni-fedexit view {run.dir}` opens its web UI")
+        return
+    try:
+        run.run(resume=True)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: continue with: nni-fedexit resume {run.dir}", err=True)
+        sys.exit(130)
+    _summary(run)
+
+
+@main.command()
+@_user_errors
+def register() -> None:
+    """Register SizeAwarePGTuner with nnictl as tuner "SizeAwarePG"; running it again updates it."""
+    import nni
+    from nni.runtime.config import get_config_file
+    from nni.tools import package_utils
+
+    from .tuner import NNICTL_META, SizeAwarePGTuner  # noqa: F401  (the class must import, as nnictl checks)
+
+    name = NNICTL_META["builtinName"]
+    old = package_utils.get_algo_meta(name)
+    if old is not None and old.is_builtin:
+        raise click.ClickException(f"{name!r} is one of NNI's built-in algorithms and cannot be replaced")
+    meta = package_utils.AlgoMeta.load({**NNICTL_META, "nniVersion": nni.__version__})
+    package_utils.register_algo_meta(meta)
+    action = "registered" if old is None else ("already registered" if old.class_name == meta.class_name else "updated")
+    click.echo(f"{name} {action}: {meta.class_name} ({get_config_file('registered_algorithms.yml')})")
+    found = package_utils.get_algo_meta(name)  # read back, as nnictl does
+    module, cls = found.class_name.rsplit(".", 1)
+    click.echo("nnictl algo list now shows:")
+    click.echo(f"| {found.name:15s} | {found.algo_type:10s} | {'user':9s} | {cls:20s} | {module:40s} |")
+    click.echo(f"Use it in an experiment config as: tuner: {{name: {name}, classArgs: {{beta: 14, baseline_params: P}}}}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ Sections and their keys (defaults in brackets):
              connection flower_superlink ([superlink.NAME] in $FLWR_HOME/config.toml; flower_home
              sets FLWR_HOME), with node_wait, round_timeout, client_threads
 ``exits``    max_accuracy_drop [0.01] or macs_budget [null], criterion [max_prob]
-``nni``      port [8080]: the web UI of the federated stage (and of a trials search)
+``nni``      port [8080]: the web UI of the federated stage (and of a trials search);
+             host [127.0.0.1]: 127.0.0.1 or localhost (this machine only) or all (NNI's default:
+             every interface, no authentication)
 
 An unknown key, a value of the wrong type, or an impossible value is a :class:`ConfigError`
 whose message starts with the key's dotted path.
@@ -72,6 +74,9 @@ class ExitConfig:
 @dataclass
 class NniConfig:
     port: int = 8080
+    #: where the web UI listens: 127.0.0.1 (only this machine; reach it through an SSH tunnel) or
+    #: "all" (NNI's own behaviour: every interface, with no authentication)
+    host: str = "127.0.0.1"
 
 
 @dataclass
@@ -187,3 +192,6 @@ def check_values(config: RunConfig) -> None:
             raise ConfigError(f"search.{key}: must be at least 1, got {getattr(config.search, key)}")
     if not 1 <= config.nni.port <= 65535:
         raise ConfigError(f"nni.port: must be in 1..65535, got {config.nni.port}")
+    if config.nni.host not in ("127.0.0.1", "localhost", "all"):
+        raise ConfigError(f"nni.host: must be 127.0.0.1, localhost or all, got {config.nni.host!r}; to reach a "
+                          "private web UI from another machine use an SSH tunnel (see README)")

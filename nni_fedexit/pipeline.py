@@ -35,6 +35,7 @@ from .exits import (
 from .federated import FederatedData, FederatedSettings
 from .space import ResNetBlockPoolSpace, load_space_spec
 from .strategy import FixedArchitecture, SizeAwarePolicyGradient
+from .webui import nni_manager_env, web_ui_message
 
 __all__ = ["Run", "STAGES", "shared_search_evaluator"]
 
@@ -48,6 +49,12 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)
+
+
+def _finished(outcome: bool | None) -> None:
+    """NNI's ``run``/``resume`` catch Ctrl-C, stop the experiment and return None: pass it on."""
+    if outcome is None:
+        raise KeyboardInterrupt
 
 
 def shared_search_evaluator(
@@ -169,7 +176,7 @@ class Run:
                 # the web UI shows each trial's reward as the strategy computes it
                 "reward": strategy.reward_for(strategy.baseline_params or space.baseline_params()),
             })
-        def configure(exp: NasExperiment, attempt: int) -> None:
+        def configure(exp: NasExperiment) -> None:
             if strategy.mode == "trials":
                 exp.config.max_trial_number = c.search.max_trials
                 exp.config.trial_concurrency = c.search.concurrency
@@ -179,10 +186,11 @@ class Run:
         exp, resumed = self._stage_experiment("search", space, evaluator, strategy, configure,
                                               resumable=strategy.mode == "trials")
         if strategy.mode == "trials":
-            self.echo(f"[search] NNI web UI: http://127.0.0.1:{c.nni.port} (experiment {exp.id}"
-                      f"{', resumed' if resumed else ''})")
+            self.echo(f"[search] experiment {exp.id}{' (resumed)' if resumed else ''}; "
+                      + web_ui_message(c.nni.port, c.nni.host))
         try:
-            exp.resume(port=c.nni.port) if resumed else exp.run(port=c.nni.port)
+            with nni_manager_env(c.nni.host):
+                _finished(exp.resume(port=c.nni.port) if resumed else exp.run(port=c.nni.port))
             best = exp.export_top_models(formatter="dict")[0]
         finally:
             exp.stop()
@@ -222,7 +230,7 @@ class Run:
         )
 
     def _stage_experiment(self, stage: str, space: Any, evaluator: Any, strategy: Any,
-                          configure: Callable[[Any, int], None], resumable: bool) -> tuple[Any, bool]:
+                          configure: Callable[[Any], None], resumable: bool) -> tuple[Any, bool]:
         """The stage's NNI experiment: the one an interrupted run of the stage left (to resume), or
         a new one. Its id goes to ``<stage>/experiment.json`` before it starts, so
         ``nni-fedexit view`` and ``resume`` find it whatever happens next."""
@@ -236,9 +244,11 @@ class Run:
         resumed = bool(resumable and self._resuming and old and ExperimentRef(old, self.experiments_dir()).config() is not None
                        and old in _manifest())
         attempt = int(before.get("attempts", 1)) + 1 if resumed else 1
+        if resumed:
+            _nni.accept_import_data()
         exp = NasExperiment(space, evaluator, strategy, id=old if resumed else None)
         exp.config.experiment_working_directory = str(self.experiments_dir())
-        configure(exp, attempt)
+        configure(exp)  # as when it was created: NNI resumes an experiment with its own config
         _write_json(record, {"experiment_id": exp.id, "stage": stage, "attempts": attempt})
         return exp, resumed
 
@@ -256,25 +266,26 @@ class Run:
         arch = self.architecture()
         s = self.federated_settings()
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))
-        def configure(exp: NasExperiment, attempt: int) -> None:
-            exp.config.max_trial_number = attempt  # one new trial per attempt: the stopped ones count
+        def configure(exp: NasExperiment) -> None:
+            exp.config.max_trial_number = 1
             exp.config.trial_concurrency = 1
             exp.config.training_service.use_active_gpu = False
 
-        # resumed: the experiment of the interrupted stage goes on under its id (its web UI keeps
-        # the stopped trial); the new trial resumes the rounds from the federated checkpoint
+        # resumed: the experiment of the interrupted stage goes on under its id, and NNI runs its
+        # interrupted trial again, which resumes the rounds from the federated checkpoint
         exp, resumed = self._stage_experiment("federate", self.new_space(), evaluator,
                                               FixedArchitecture(arch["sample"]), configure, resumable=True)
         port = self.config.nni.port
         where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
                  else f"x {s.num_clients} simulated clients")
-        self.echo(f"[federate] NNI web UI: http://127.0.0.1:{port}/detail (experiment {exp.id}); "
-                  f"{s.rounds} rounds {where}, checkpoints in {s.checkpoint_dir}")
+        self.echo(f"[federate] {s.rounds} rounds {where}, checkpoints in {s.checkpoint_dir}; experiment "
+                  f"{exp.id}{' (resumed)' if resumed else ''}; " + web_ui_message(port, self.config.nni.host))
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_rounds, args=(Path(s.checkpoint_dir), s.rounds, stop), daemon=True)
         watcher.start()
         try:
-            exp.resume(port=port) if resumed else exp.run(port=port)
+            with nni_manager_env(self.config.nni.host):
+                _finished(exp.resume(port=port) if resumed else exp.run(port=port))
         finally:
             stop.set()
             watcher.join()

@@ -118,6 +118,13 @@ class FederatedSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # 1 and 1.0 are the same setting (JSON round trips, e.g. NNI resuming a trial, drop the ".0"):
+        # float fields hold floats, so the fingerprint does not depend on how a number was written
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if type(f.default) is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+
         def positive(key: str) -> None:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
