@@ -16,7 +16,9 @@ default, :class:`HardBudgetReward` and :class:`LinearPenaltyReward` are document
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -36,6 +38,7 @@ __all__ = [
     "LinearPenaltyReward",
     "ParamsProfiler",
     "DEFAULT_BETA",
+    "parse_metric",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -139,3 +142,23 @@ class ParamsProfiler(Profiler):
                                  type(self.space).__name__)
                 self._cache[key] = None
         return self._cache[key]
+
+
+def parse_metric(value: Any) -> tuple[float | None, int | None]:
+    """``(metric, p_h or None)`` from what a trial reported: a number, or ``{"default": number,
+    "params": p_h, ...}`` (also JSON-encoded, as NNI hands metrics over in places).
+    The strategy and the tuner read trial results with this one function."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None, None
+    params = None
+    if isinstance(value, Mapping):
+        p = value.get("params")
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0:
+            params = int(p)
+        value = value.get("default")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, params
+    return float(value), params

@@ -28,9 +28,7 @@ experiment picks the right engine by itself (sequential for ``shared``, training
 from __future__ import annotations
 
 import logging
-import math
 import threading
-from dataclasses import asdict
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -38,7 +36,7 @@ import torch
 from . import _nni  # noqa: F401
 from .controller import ControllerSettings, PolicyGradient
 from .presets import PresetError, load_preset
-from .reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward
+from .reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, parse_metric
 from nni.mutable import Categorical
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
@@ -409,7 +407,7 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
                 _logger.warning("Trial of %s ended %s without a final metric: skipped, no reward", sample,
                                 getattr(event.status, "value", event.status))
                 return
-            accuracy, params = _parse_metric(raw)
+            accuracy, params = parse_metric(raw)
             if accuracy is None:
                 _logger.warning("Trial of %s reported %r, not a number or {'default': number}: skipped", sample, raw)
                 return
@@ -423,21 +421,6 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
             return
         ranked = sorted(self._finished, key=lambda pair: pair[1], reverse=True)
         yield from (model for model, _ in ranked[:limit])
-
-
-def _parse_metric(raw: Any) -> tuple[float | None, int | None]:
-    """(accuracy, p_h or None) from what a trial reported."""
-    params = None
-    if isinstance(raw, Mapping):
-        value = raw.get("default")
-        p = raw.get("params")
-        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
-            params = int(p)
-    else:
-        value = raw
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None, params
-    return float(value), params
 
 
 class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):

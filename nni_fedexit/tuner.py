@@ -52,7 +52,7 @@ from . import _nni  # noqa: F401  (quiets NNI's import-time warnings)
 from nni.tuner import Tuner
 
 from .controller import ControllerSettings, PolicyGradient
-from .reward import DEFAULT_BETA, size_aware_reward
+from .reward import DEFAULT_BETA, parse_metric, size_aware_reward
 
 __all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "NNICTL_META", "SUPPORTED_TYPES"]
 
@@ -126,24 +126,6 @@ def parse_search_space(search_space: Mapping[str, Any]) -> dict[str, list[Any]]:
 
 
 # ---- reported values ------------------------------------------------------------------------------
-
-def parse_value(value: Any) -> tuple[float | None, float | None]:
-    """(metric, p_h or None) from what a trial reported: a number, or ``{"default": number, "params": p_h}``."""
-    if isinstance(value, str):  # NNI hands over metrics JSON-encoded in places
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None, None
-    params = None
-    if isinstance(value, Mapping):
-        p = value.get("params")
-        if isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0:
-            params = float(p)
-        value = value.get("default")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None, params
-    return float(value), params
-
 
 def _fingerprint(parameters: Any, value: Any) -> str:
     return json.dumps([parameters, value], sort_keys=True, default=str)
@@ -389,7 +371,7 @@ class SizeAwarePGTuner(Tuner):
         """Score one result and buffer its reward; returns 1 if it was counted, 0 if unusable."""
         assert self.learner is not None
         sample = self._sample_of(parameters)
-        metric, params = parse_value(value)
+        metric, params = parse_metric(value)
         where = f"parameter {parameter_id}" if parameter_id is not None else f"{source} {trial_job_id or ''}".strip()
         if sample is None:
             _logger.warning("[%s] parameters %r are not in the search space %s: skipped", where, parameters, self.space)

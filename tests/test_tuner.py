@@ -10,7 +10,8 @@ import yaml
 from nni_fedexit import SizeAwarePGTuner
 from nni_fedexit.reward import size_aware_reward
 from nni_fedexit.search_space_json import to_nni_search_space, write_nni_search_space
-from nni_fedexit.tuner import NNICTL_META, STATE_FILE, parse_search_space, parse_value
+from nni_fedexit.reward import parse_metric
+from nni_fedexit.tuner import NNICTL_META, STATE_FILE, parse_search_space
 
 SPACE = {
     "a": {"_type": "choice", "_value": ["x", "y", "z"]},
@@ -169,11 +170,11 @@ def test_class_args_are_checked_with_clear_messages():
         SizeAwarePGTuner(batch=4)
 
 
-def test_parse_value():
-    assert parse_value(0.5) == (0.5, None)
-    assert parse_value({"default": 0.5, "params": 10}) == (0.5, 10.0)
-    assert parse_value('{"default": 0.5, "params": 10}') == (0.5, 10.0)
-    assert parse_value({"default": "x"}) == (None, None)
+def test_parse_metric_reads_numbers_dicts_and_json():
+    assert parse_metric(0.5) == (0.5, None)
+    assert parse_metric({"default": 0.5, "params": 10}) == (0.5, 10)
+    assert parse_metric('{"default": 0.5, "params": 10}') == (0.5, 10)
+    assert parse_metric({"default": "x"}) == (None, None)
 
 
 def test_import_data_feeds_the_controller():
