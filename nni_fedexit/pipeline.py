@@ -111,7 +111,9 @@ class Run:
         preset, overrides = (cfg, {}) if isinstance(cfg, str) else (cfg.get("preset", "resnet_pool"), dict(cfg))
         overrides.pop("preset", None)
         overrides.update(in_chans=self.data.in_chans, image_size=self.data.image_size, num_classes=self.data.num_classes)
-        return ResNetBlockPoolSpace.from_spec(load_space_spec(preset, **overrides))
+        spec = load_space_spec(preset, **overrides)
+        torch.manual_seed(self.config.seed)  # the supernet's initial weights (shared search): reproducible runs
+        return ResNetBlockPoolSpace.from_spec(spec)
 
     def federated_settings(self) -> FederatedSettings:
         d = self.config.data

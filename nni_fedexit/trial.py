@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from . import _nni  # noqa: F401
@@ -66,7 +67,16 @@ def train_and_report(model: nn.Module, **settings: Any) -> dict[str, Any]:
     return result
 
 
+class SeededEvaluator(FunctionalEvaluator):
+    """A FunctionalEvaluator whose trial seeds torch with its ``seed`` argument *before* NNI builds
+    the network, so a trial's initial weights (and with them its result) are reproducible."""
+
+    def _execute(self, model: Any) -> Any:
+        torch.manual_seed(int(self.arguments.get("seed", 0)))
+        return super()._execute(model)
+
+
 def search_evaluator(**settings: Any) -> FunctionalEvaluator:
     """An NNI evaluator running :func:`train_and_report` with these :class:`TrialSettings`."""
     s = TrialSettings(**settings)  # unknown keys fail here, not in the trial
-    return FunctionalEvaluator(train_and_report, **{f.name: getattr(s, f.name) for f in fields(s)})
+    return SeededEvaluator(train_and_report, **{f.name: getattr(s, f.name) for f in fields(s)})

@@ -149,3 +149,18 @@ def test_flower_example_config_is_checked(tmp_path):
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
     with pytest.raises(ConfigError, match=r"^federated\.flower_superlink: .*config\.toml"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_a_second_run_with_the_same_seed_gives_the_same_results(tiny_run, tmp_path):
+    """Same config, same seed: the same search and the same federated rounds (initial weights are seeded)."""
+    first, _ = tiny_run
+    again = tmp_path / "again"
+    for stage in ("search", "federate"):
+        result = CliRunner().invoke(main, [stage, str(EXAMPLES / "tiny_digits.yaml"), "--run-dir", str(again),
+                                           "--port", str(_free_port())])
+        assert result.exit_code == 0, result.output
+    history = [json.loads((d / "search" / "history.json").read_text())["samples"] for d in (first, again)]
+    assert history[0] == history[1]
+    rounds = [json.loads((d / "federated" / "metrics.json").read_text())["rounds"] for d in (first, again)]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(rounds[0]) == strip(rounds[1])

@@ -487,5 +487,11 @@ class FederatedEvaluator(MutableEvaluator):
         self.result = federate(network, settings, data=data, report=report)
         return self.result
 
+    def _execute(self, model: Any) -> Any:
+        # NNI builds the trial's network right after this: seeded, its initial weights are those
+        # of a deployment's ServerApp (flower.common.build_model) and the same in every run
+        torch.manual_seed(_seed(self.settings.seed))
+        return super()._execute(model)
+
     def evaluate(self, model: nn.Module) -> FederatedResult:
         return self.fit(model)
