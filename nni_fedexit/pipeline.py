@@ -51,12 +51,6 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _finished(outcome: bool | None) -> None:
-    """NNI's ``run``/``resume`` catch Ctrl-C, stop the experiment and return None: pass it on."""
-    if outcome is None:
-        raise KeyboardInterrupt
-
-
 def shared_search_evaluator(
     train: ImageData, val: ImageData, num_classes: int, *, epochs: int, batch_size: int, learning_rate: float,
     device: str = "cpu", seed: int = 0, progress: bool = True,
@@ -191,8 +185,7 @@ class Run:
             self.echo(f"[search] experiment {exp.id}{' (resumed)' if resumed else ''}; "
                       + web_ui_message(c.nni.port, c.nni.host))
         try:
-            with nni_manager_env(c.nni.host):
-                _finished(exp.resume(port=c.nni.port) if resumed else exp.run(port=c.nni.port))
+            self._start(exp, resumed)
             best = exp.export_top_models(formatter="dict")[0]
         finally:
             exp.stop()
@@ -238,13 +231,13 @@ class Run:
         ``nni-fedexit view`` and ``resume`` find it whatever happens next."""
         from nni.nas.experiment import NasExperiment
 
-        from .reopen import STAGE_RECORDS, ExperimentRef, _manifest
+        from .reopen import STAGE_RECORDS, ExperimentRef, experiment_manifest
 
         record = self.dir / STAGE_RECORDS[stage]
         before = json.loads(record.read_text()) if record.is_file() else {}
         old = before.get("experiment_id")
         resumed = bool(resumable and self._resuming and old and ExperimentRef(old, self.experiments_dir()).config() is not None
-                       and old in _manifest())
+                       and old in experiment_manifest())
         attempt = int(before.get("attempts", 1)) + 1 if resumed else 1
         if resumed:
             _nni.accept_import_data()
@@ -253,6 +246,13 @@ class Run:
         configure(exp)  # as when it was created: NNI resumes an experiment with its own config
         _write_json(record, {"experiment_id": exp.id, "stage": stage, "attempts": attempt})
         return exp, resumed
+
+    def _start(self, exp: Any, resumed: bool) -> None:
+        """Run (or resume) a stage's experiment until it ends, its web UI on ``nni.host``."""
+        with nni_manager_env(self.config.nni.host):
+            outcome = exp.resume(port=self.config.nni.port) if resumed else exp.run(port=self.config.nni.port)
+        if outcome is None:  # NNI catches Ctrl-C, stops the experiment and returns None: pass it on
+            raise KeyboardInterrupt
 
     def architecture(self) -> dict[str, Any]:
         path = self.dir / "search" / "architecture.json"
@@ -286,8 +286,7 @@ class Run:
         watcher = threading.Thread(target=self._watch_rounds, args=(Path(s.checkpoint_dir), s.rounds, stop), daemon=True)
         watcher.start()
         try:
-            with nni_manager_env(self.config.nni.host):
-                _finished(exp.resume(port=port) if resumed else exp.run(port=port))
+            self._start(exp, resumed)
         finally:
             stop.set()
             watcher.join()
@@ -298,7 +297,7 @@ class Run:
         state = json.loads(state_path.read_text())
         if state["round"] < s.rounds:
             raise RuntimeError(f"the federated trial stopped after round {state['round']} of {s.rounds}: see its log "
-                               f"under {self.experiments_dir() / exp.id}; rerun with --resume to continue")
+                               f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
         _write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
         })

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import _nni  # noqa: F401
 
-__all__ = ["ExperimentRef", "ReopenError", "find_experiment", "run_experiments", "view_experiment"]
+__all__ = ["ExperimentRef", "ReopenError", "experiment_manifest", "find_experiment", "run_experiments", "view_experiment"]
 
 #: the stages of a run that are NNI experiments, and the file that names each one's id
 STAGE_RECORDS = {"search": "search/experiment.json", "federate": "federated/experiment.json"}
@@ -86,7 +86,8 @@ def run_experiments(run_dir: str | Path) -> dict[str, ExperimentRef]:
     return out
 
 
-def _manifest() -> dict[str, dict[str, Any]]:
+def experiment_manifest() -> dict[str, dict[str, Any]]:
+    """NNI's experiment manifest (what ``nnictl experiment list --all`` reads), by experiment id."""
     from nni.tools.nnictl.config_utils import Experiments
 
     return Experiments().get_all_experiments()
@@ -107,7 +108,7 @@ def find_experiment(target: str, stage: str | None = None) -> ExperimentRef:
         return found[stage]
     if stage is not None:
         raise ReopenError(f"--stage needs a run directory, got the experiment id {target!r}")
-    entry = _manifest().get(target)
+    entry = experiment_manifest().get(target)
     if entry is None:
         raise ReopenError(f"{target!r} is neither a run directory nor an experiment id that `nnictl experiment list "
                           "--all` knows")
@@ -140,7 +141,7 @@ def view_experiment(ref: ExperimentRef, port: int) -> Any:
         from nni.nas.experiment import NasExperiment
 
         exp = NasExperiment(None, None, None, config=config, id=ref.id)
-    if ref.id not in _manifest():
+    if ref.id not in experiment_manifest():
         raise ReopenError(f"experiment {ref.id} is not in NNI's experiment manifest (`nnictl experiment list --all`)")
     # NNI checks that a NAS experiment's trial code directory is the current directory
     code_dir = Path(getattr(config, "trial_code_directory", None) or ".")
