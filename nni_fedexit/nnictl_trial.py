@@ -27,10 +27,11 @@ from typing import Any, Mapping, Sequence
 
 from . import _nni  # noqa: F401
 import nni
+import torch
 
-from .data import DataBundle, load_dataset, split_roles
-from .space import ResNetBlockPoolSpace
-from .trial import TrialSettings
+from .data import DataBundle, load_dataset
+from .space import ResNetBlockPoolSpace, architecture_label
+from .trial import TrialSettings, search_split
 from .training import TrainSettings, evaluate_accuracy, train_classifier
 
 __all__ = ["main", "train_sample", "federate_sample"]
@@ -56,10 +57,8 @@ def train_sample(space: ResNetBlockPoolSpace, sample: Mapping[str, str], setting
                  data: DataBundle | None = None) -> dict[str, float]:
     """Train ``sample`` on the search-train split; report per-epoch and final results to NNI."""
     s = settings
-    data = data or load_dataset(s.dataset, data_dir=s.data_dir)
-    roles = split_roles(len(data.train), s.server_fraction, s.val_fraction, seed=s.seed)
-    train = data.train.subset(roles.search_train[: s.train_samples])
-    val = data.train.subset(roles.search_val[: s.val_samples])
+    train, val = search_split(s, data)
+    torch.manual_seed(s.seed)  # the network's initial weights: a trial's result is reproducible
     model = space.build(sample)
     accuracy = 0.0
     for epoch in range(s.epochs):
@@ -80,6 +79,7 @@ def federate_sample(space: ResNetBlockPoolSpace, sample: Mapping[str, str], data
     from .federated.evaluator import FederatedData, federate
 
     fed = FederatedSettings(**settings)
+    torch.manual_seed(fed.seed)  # the network's initial weights: a trial's result is reproducible
     result = federate(space.build(sample), fed, data=FederatedData(fed, data), report=True)
     return {"default": float(result.best["exit_accuracy"][-1]), "params": float(result.params)}
 
@@ -112,8 +112,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = _parser().parse_args(argv)
     t0 = time.time()
     if args.threads > 0:
-        import torch
-
         torch.set_num_threads(args.threads)  # concurrent trials on a small CPU must not oversubscribe it
     given = nni.get_next_parameter() if nni.get_trial_id() != "STANDALONE" else None
     if given is None and args.sample:
@@ -122,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     space = ResNetBlockPoolSpace.from_preset(args.space, in_chans=data.in_chans, image_size=data.image_size,
                                              num_classes=data.num_classes)
     sample = _sample(space, given)
-    print(f"architecture: {' '.join(f'{k}={v}' for k, v in sample.items())}; p_h = {space.count_params(sample):,} "
+    print(f"architecture: {architecture_label(sample)}; p_h = {space.count_params(sample):,} "
           f"(baseline P = {space.baseline_params():,})", flush=True)
     if args.federated:
         result = federate_sample(

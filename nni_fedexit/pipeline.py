@@ -33,6 +33,7 @@ from .exits import (
     threshold_curve,
 )
 from .federated import FederatedData, FederatedSettings
+from .federated.evaluator import _Checkpoint
 from .space import ResNetBlockPoolSpace, load_space_spec
 from .strategy import FixedArchitecture, SizeAwarePolicyGradient
 from .webui import nni_manager_env, web_ui_message
@@ -320,12 +321,10 @@ class Run:
 
         bar = tqdm(total=rounds, desc="federated rounds", unit="round")
         seen = 0
+        ckpt = _Checkpoint(folder)
         while not stop.wait(2.0):
-            try:
-                state = json.loads((folder / "state.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if state["round"] > seen:
+            state = ckpt.state()
+            if state is not None and state["round"] > seen:
                 last = state["history"][-1]
                 bar.update(state["round"] - seen)
                 bar.set_postfix(val_acc=f"{last['exit_accuracy'][-1]:.3f}", loss=f"{last['total_loss']:.3f}")

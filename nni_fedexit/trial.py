@@ -20,11 +20,11 @@ from . import _nni  # noqa: F401
 import nni
 from nni.nas.evaluator import FunctionalEvaluator
 
-from .data import load_dataset, split_roles
+from .data import DataBundle, ImageData, load_dataset, split_roles
 from .space import architecture_label
 from .training import TrainSettings, evaluate_accuracy, train_classifier
 
-__all__ = ["TrialSettings", "train_and_report", "search_evaluator"]
+__all__ = ["TrialSettings", "search_split", "train_and_report", "search_evaluator"]
 
 
 @dataclass
@@ -48,13 +48,17 @@ class TrialSettings:
     reward: Callable[[float, int], float] | None = None
 
 
+def search_split(s: TrialSettings, data: DataBundle | None = None) -> tuple[ImageData, ImageData]:
+    """The server's search-train and validation images a trial trains and scores on (capped)."""
+    data = data or load_dataset(s.dataset, data_dir=s.data_dir)
+    roles = split_roles(len(data.train), s.server_fraction, s.val_fraction, seed=s.seed)
+    return data.train.subset(roles.search_train[: s.train_samples]), data.train.subset(roles.search_val[: s.val_samples])
+
+
 def train_and_report(model: nn.Module, **settings: Any) -> dict[str, Any]:
     """Train ``model`` on the server's search-train split, report validation accuracy and p_h."""
     s = TrialSettings(**settings)
-    data = load_dataset(s.dataset, data_dir=s.data_dir)
-    roles = split_roles(len(data.train), s.server_fraction, s.val_fraction, seed=s.seed)
-    train = data.train.subset(roles.search_train[: s.train_samples])
-    val = data.train.subset(roles.search_val[: s.val_samples])
+    train, val = search_split(s)
     train_classifier(model, train, TrainSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed))
     accuracy = evaluate_accuracy(model, val)
     params = sum(p.numel() for p in model.parameters())

@@ -52,6 +52,7 @@ from . import _nni  # noqa: F401  (quiets NNI's import-time warnings)
 from nni.tuner import Tuner
 
 from .controller import ControllerSettings, PolicyGradient
+from .space import architecture_label
 from .reward import DEFAULT_BETA, parse_metric, size_aware_reward
 
 __all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "NNICTL_META", "SUPPORTED_TYPES"]
@@ -478,4 +479,4 @@ class SizeAwarePGTuner(Tuner):
 
 def _arch(sample: Mapping[str, Any]) -> str:
     """``stage1=resnet34 stage2=resnet18 ...``: what a person reads in the log."""
-    return " ".join(f"{k}={v['_name'] if isinstance(v, Mapping) else v}" for k, v in sample.items())
+    return architecture_label({k: v["_name"] if isinstance(v, Mapping) else v for k, v in sample.items()})

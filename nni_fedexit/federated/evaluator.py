@@ -164,6 +164,11 @@ class FederatedSettings:
         except (TypeError, ValueError) as err:
             raise ValueError(f"profile_mix: expected [[name, budget, share], ...], got {self.profile_mix!r}") from err
 
+    def local_settings(self) -> LocalSettings:
+        """What every client's local training takes from these settings (all backends)."""
+        return LocalSettings(epochs=self.local_epochs, batch_size=self.batch_size, momentum=self.momentum,
+                             weight_decay=self.weight_decay)
+
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (everything but rounds, paths and backend)."""
         d = dataclasses.asdict(self)
@@ -249,6 +254,27 @@ class _Checkpoint:
 
     def exists(self) -> bool:
         return (self.folder / "state.json").is_file()
+
+    def state(self) -> dict[str, Any] | None:
+        """``state.json``, or None while it is not there (or being replaced): for watchers of a run."""
+        try:
+            return json.loads((self.folder / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def resume_point(self, settings: "FederatedSettings") -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                                    dict[str, torch.Tensor] | None] | None:
+        """``(state, last, best)`` to go on from, or None to start at round 1 (no checkpoint, or
+        ``resume`` off); a checkpoint written with other settings is an error."""
+        if not settings.resume or not self.exists():
+            return None
+        state, last, best = self.load()
+        if state.get("fingerprint") != settings.fingerprint():
+            raise FederatedError(
+                f"checkpoint in {self.folder} was written with other settings (data, partition, model or training); "
+                "use another checkpoint directory, or resume=False (resume=false in a Flower run config) to start over"
+            )
+        return state, last, best
 
     def save(self, state: Mapping[str, Any], last: Mapping[str, torch.Tensor], best: Mapping[str, torch.Tensor] | None) -> None:
         from safetensors.torch import save_file
@@ -339,21 +365,16 @@ def _simulate(
 ) -> tuple[list[dict[str, Any]], int, dict[str, torch.Tensor] | None]:
     """The rounds of the ``simulation`` backend: ``(history, best_round, best_state)``."""
     profiles = client_profiles(s.num_clients, s.profiles(), seed=s.seed) if s.assignment == "capability" else None
-    local = LocalSettings(epochs=s.local_epochs, batch_size=s.batch_size, momentum=s.momentum, weight_decay=s.weight_decay)
-    backend = (backend_factory or SimulationBackend)(model, data.clients, local, s.branch_all_exits)
+    backend = (backend_factory or SimulationBackend)(model, data.clients, s.local_settings(), s.branch_all_exits)
 
     history: list[dict[str, Any]] = []
     best_round = 0
     best_state: dict[str, torch.Tensor] | None = None
     start = 1
     ckpt = _Checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
-    if ckpt is not None and s.resume and ckpt.exists():
-        saved, last, best = ckpt.load()
-        if saved["fingerprint"] != s.fingerprint():
-            raise FederatedError(
-                f"checkpoint in {ckpt.folder} was written with other settings; use another checkpoint_dir "
-                "or resume=False to start over"
-            )
+    resumed = ckpt.resume_point(s) if ckpt is not None else None
+    if resumed is not None:
+        saved, last, best = resumed
         model.load_state_dict(last)
         history = saved["history"]
         start = saved["round"] + 1

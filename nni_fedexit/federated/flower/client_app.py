@@ -29,7 +29,7 @@ from ...data import ImageData, load_image_folder
 from ...exits import MultiExitNetwork
 from ..evaluator import FederatedSettings
 from ..local import train_local
-from .common import DataShape, build_model, load_branch_state, load_data, local_settings, settings_from_config, to_array_record, to_state_dict
+from .common import DataShape, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "node_data", "node_partition"]
 
@@ -115,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     state = to_state_dict(msg.content.array_records["arrays"])
     load_branch_state(model, {k: v.to(settings.device) for k, v in state.items()}, depth, all_exits)
     branch = model.branch(depth, all_exits=all_exits)
-    update = train_local(pid if pid is not None else -1, branch, local, local_settings(settings), float(task["lr"]),
+    update = train_local(pid if pid is not None else -1, branch, local, settings.local_settings(), float(task["lr"]),
                          int(task["seed"]))
     metrics = MetricRecord({"num-examples": int(update.num_samples), "train-loss": float(update.loss), "depth": depth})
     return Message(RecordDict({"arrays": to_array_record(update.state), "metrics": metrics}), reply_to=msg)

@@ -27,14 +27,13 @@ from ...data import DataBundle
 from ...exits import MultiExitNetwork
 from ...space import ResNetBlockPoolSpace
 from ..evaluator import FederatedData, FederatedSettings, _seed
-from ..local import LocalSettings
 
 if TYPE_CHECKING:  # flwr is only needed by the apps themselves
     from flwr.app import ArrayRecord
 
 __all__ = [
     "DEFAULTS", "DataShape", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
-    "local_settings", "run_config", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
+    "run_config", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
     "write_app",
 ]
 
@@ -148,12 +147,6 @@ def write_app(folder: str | Path, config: Mapping[str, Any], name: str = "nni-fe
     path = folder / "pyproject.toml"
     path.write_text("\n".join(lines) + "\n")
     return folder
-
-
-def local_settings(settings: FederatedSettings) -> LocalSettings:
-    """A client's :class:`LocalSettings`, as :func:`~nni_fedexit.federated.federate` makes them."""
-    s = settings
-    return LocalSettings(epochs=s.local_epochs, batch_size=s.batch_size, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def _csv(value: Any, cast: type) -> list:

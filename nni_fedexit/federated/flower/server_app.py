@@ -293,19 +293,6 @@ class ServerValidation:
         return out
 
 
-def _resume_point(ckpt: _Checkpoint | None, settings: FederatedSettings) -> dict[str, Any] | None:
-    """The saved state to go on from (with ``last``/``best`` weights), or None to start at round 1."""
-    if ckpt is None or not settings.resume or not ckpt.exists():
-        return None
-    state, last, best = ckpt.load()
-    if state.get("fingerprint") != settings.fingerprint():
-        raise RuntimeError(
-            f"checkpoint-dir {ckpt.folder}: its checkpoint was written with other settings (data, partition, "
-            "model or training); pass another checkpoint-dir, or resume=false to start over"
-        )
-    return {**state, "last": last, "best": best}
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build the global model from the run config, then run the rounds with :class:`BranchStrategy`.
@@ -342,13 +329,13 @@ def main(grid: Grid, context: Context) -> None:
     if ckpt_dir:
         ckpt_dir = str(Path(ckpt_dir).expanduser().absolute())
     evaluate = ServerValidation(model, data.val, settings, strategy, ckpt_dir)
-    saved = _resume_point(evaluate.ckpt, settings)
+    resumed = evaluate.ckpt.resume_point(settings) if evaluate.ckpt is not None else None
     arrays = model.state_dict()
-    if saved is not None:
+    if resumed is not None:
+        saved, arrays, _ = resumed
         strategy.offset = int(saved["round"])
         evaluate.history = list(saved["history"])
         evaluate.best_round = int(saved["best_round"])
-        arrays = saved["last"]
         log(INFO, "Resuming from %s after round %d (best round %d)", ckpt_dir, strategy.offset, evaluate.best_round)
     remaining = settings.rounds - strategy.offset
     if remaining < 1:

@@ -118,13 +118,6 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def _read_state(ckpt: _Checkpoint) -> dict[str, Any] | None:
-    try:
-        return json.loads((ckpt.folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):  # not there yet, or being replaced
-        return None
-
-
 def run_on_flower(
     model: torch.nn.Module, settings: FederatedSettings, on_round: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, torch.Tensor], dict[str, Any]]:
@@ -148,7 +141,7 @@ def run_on_flower(
     if not s.resume:
         for name in ("state.json", "last.safetensors", "best.safetensors"):
             (ckpt.folder / name).unlink(missing_ok=True)
-    before = _read_state(ckpt)
+    before = ckpt.state()
     reported = int(before["round"]) if before else 0
 
     from safetensors.torch import load_file, save_file
@@ -172,7 +165,7 @@ def run_on_flower(
         budget = s.node_wait + (s.rounds - reported) * (2 * s.round_timeout + 300) + 300
         deadline = time.time() + budget
         while True:
-            state = _read_state(ckpt)
+            state = ckpt.state()
             for record in (state or {}).get("history", []):
                 if record["round"] > reported:
                     reported = record["round"]
@@ -201,7 +194,7 @@ def run_on_flower(
             log_proc.kill()
             log_proc.wait()
 
-    state = _read_state(ckpt)
+    state = ckpt.state()
     for record in (state or {}).get("history", []):  # rounds the last look missed
         if record["round"] > reported and on_round is not None:
             on_round(record)
