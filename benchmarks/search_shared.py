@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from nni_fedexit import ResNetBlockPoolSpace, SizeAwarePolicyGradient, load_dataset, split_roles
-from nni_fedexit.pipeline import shared_search_evaluator
+from nni_fedexit.job.pipeline import shared_search_evaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,8 +31,8 @@ import torch
 
 import nni
 from nni_fedexit import ResNetBlockPoolSpace, load_dataset, split_roles
-from nni_fedexit.reward import SizeAwareReward
-from nni_fedexit.strategy import SizeAwarePolicyGradient
+from nni_fedexit.search.reward import SizeAwareReward
+from nni_fedexit.search.strategy import SizeAwarePolicyGradient
 from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"

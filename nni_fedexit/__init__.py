@@ -7,15 +7,15 @@ MultiExitNetwork (exits after every stage, branch models, early exits), S5 Feder
 as a classic NNI tuner for nnictl experiments.
 """
 
-from . import _nni  # noqa: F401  (must come before anything imports nni)
-from .data import DataBundle, DataError, ImageData, load_dataset, partition, split_roles
-from .space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
-from .controller import ControllerSettings, PolicyGradient
-from .reward import HardBudgetReward, LinearPenaltyReward, SizeAwareReward, size_aware_reward
-from .strategy import SizeAwarePolicyGradient
-from .tuner import SizeAwarePGTuner
-from .exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
-from .federated import FederatedEvaluator, FederatedSettings, aggregate
+from nni_fedexit.nni_tools import compat  # noqa: F401  (must come before anything imports nni)
+from nni_fedexit.data import DataBundle, DataError, ImageData, load_dataset, partition, split_roles
+from nni_fedexit.space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
+from nni_fedexit.search import (
+    ControllerSettings, HardBudgetReward, LinearPenaltyReward, PolicyGradient, SizeAwarePGTuner, SizeAwarePolicyGradient,
+    SizeAwareReward, size_aware_reward,
+)
+from nni_fedexit.exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
+from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, aggregate
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import ImageData
+from nni_fedexit.data import ImageData
 
 __all__ = ["TrainSettings", "train_classifier", "evaluate_accuracy"]
 

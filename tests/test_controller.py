@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from nni_fedexit.controller import ControllerSettings, PolicyGradient
+from nni_fedexit.search.controller import ControllerSettings, PolicyGradient
 
 CHOICES = {f"stage{i}": ["resnet18", "resnet34", "resnet50", "resnet18-d1", "resnet50-d1"] for i in range(1, 5)}
 PLANTED = {"stage1": "resnet34", "stage2": "resnet18", "stage3": "resnet50-d1", "stage4": "resnet18-d1"}

@@ -242,7 +242,7 @@ def test_federated_evaluator_runs_as_nni_trials_with_a_curve_per_round(tmp_path)
     """FederatedEvaluator as the evaluator of a trials search: shipped to trial processes by NNI."""
     import json
 
-    from nni_fedexit.strategy import SizeAwarePolicyGradient
+    from nni_fedexit.search.strategy import SizeAwarePolicyGradient
     from tests.nni_helpers import run_trials_experiment
 
     space = tiny_space()

@@ -243,7 +243,7 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
 
     # the simulation backend, same seed and partitions (client i = partition i): same weights
     from nni_fedexit.federated import federate
-    from nni_fedexit.federated.flower.common import build_model, load_data, settings_from_config
+    from nni_fedexit.federated.backends.flower.common import build_model, load_data, settings_from_config
 
     config = _app_config()
     settings = settings_from_config(config, num_clients=2, min_clients=2, checkpoint_dir=str(tmp_path / "sim"))
@@ -291,7 +291,7 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     from nni_fedexit.data import load_dataset
     from nni_fedexit.exits import MultiExitNetwork
     from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, federate
-    from nni_fedexit.strategy import FixedArchitecture
+    from nni_fedexit.search.strategy import FixedArchitecture
     from nni_helpers import run_trials_experiment
 
     bundle = load_dataset("digits")
@@ -357,7 +357,7 @@ def test_flower_backend_names_the_missing_superlink(tmp_path):
         FederatedSettings(backend="flower")
     from nni_fedexit import ResNetBlockPoolSpace
     from nni_fedexit.exits import MultiExitNetwork
-    from nni_fedexit.federated.flower.submit import run_on_flower
+    from nni_fedexit.federated.backends.flower.submit import run_on_flower
 
     home = tmp_path / "flwr_home"
     home.mkdir()
@@ -375,7 +375,7 @@ def test_run_config_round_trips_the_settings(tmp_path):
 
     from nni_fedexit import ResNetBlockPoolSpace
     from nni_fedexit.federated import FederatedSettings
-    from nni_fedexit.federated.flower.common import run_config, settings_from_config, space_from_config, write_app
+    from nni_fedexit.federated.backends.flower.common import run_config, settings_from_config, space_from_config, write_app
 
     space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 16], depth_crops=[1])
     settings = FederatedSettings(dataset="digits", num_clients=3, loss_weights=[1, 0.5, 2], client_samples=90,
@@ -385,7 +385,7 @@ def test_run_config_round_trips_the_settings(tmp_path):
     app = write_app(tmp_path / "app", config)
     written = tomllib.loads((app / "pyproject.toml").read_text())
     assert written["tool"]["flwr"]["app"]["config"] == config
-    assert written["tool"]["flwr"]["app"]["components"]["serverapp"] == "nni_fedexit.federated.flower.server_app:app"
+    assert written["tool"]["flwr"]["app"]["components"]["serverapp"] == "nni_fedexit.federated.backends.flower.server_app:app"
     back = settings_from_config(config)
     assert back == dataclasses.replace(settings, checkpoint_dir=str(tmp_path / 'c "quoted"'))
     rebuilt = space_from_config(config, _Sizes(space.spec))
@@ -403,7 +403,7 @@ class _Sizes:
 
 
 def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
-    from nni_fedexit.federated.flower.common import (
+    from nni_fedexit.federated.backends.flower.common import (
         branch_keys, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict,
     )
 
@@ -548,8 +548,8 @@ def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
 
 
 def test_node_config_names_the_data_or_says_how():
-    from nni_fedexit.federated.flower.client_app import node_partition
-    from nni_fedexit.federated.flower.server_app import NodeProfile
+    from nni_fedexit.federated.backends.flower.client_app import node_partition
+    from nni_fedexit.federated.backends.flower.server_app import NodeProfile
 
     assert node_partition({"partition-id": 1, "num-partitions": 3}) == (1, 3)
     assert node_partition({"data-dir": "/data/cam0"}) == (None, 0)

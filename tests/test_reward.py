@@ -3,7 +3,7 @@
 import pytest
 
 from nni_fedexit import ResNetBlockPoolSpace
-from nni_fedexit.reward import (
+from nni_fedexit.search.reward import (
     HardBudgetReward,
     LinearPenaltyReward,
     ParamsProfiler,

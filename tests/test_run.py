@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from nni_fedexit.cli import main
+from nni_fedexit.job.cli import main
 from tests.nni_helpers import free_port as _free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -122,7 +122,7 @@ def test_missing_config_file_exits_2(tmp_path):
 
 
 def test_every_example_config_is_valid():
-    from nni_fedexit.config import load_config
+    from nni_fedexit.job.config import load_config
 
     names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
     assert {"fmnist_quickstart.yaml", "fmnist_full.yaml", "cifar10.yaml", "fmnist_noniid.yaml"} <= set(names)
@@ -138,7 +138,7 @@ def test_help_of_every_command():
 
 def test_flower_example_config_is_checked(tmp_path):
     """federated.backend: flower needs the SuperLink connection; the example names it."""
-    from nni_fedexit.config import ConfigError, load_config
+    from nni_fedexit.job.config import ConfigError, load_config
     from nni_fedexit.federated import FederatedSettings
 
     config = load_config(EXAMPLES / "tiny_digits_flower.yaml")

@@ -18,7 +18,7 @@ from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, m
 
 from nni_fedexit import ResNetBlockPoolSpace
 from tests.nni_helpers import run_trials_experiment
-from nni_fedexit.strategy import (
+from nni_fedexit.search.strategy import (
     SharedSizeAwarePolicyGradient,
     SizeAwarePolicyGradient,
     TrialsSizeAwarePolicyGradient,
@@ -209,7 +209,7 @@ def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
 
 
 def test_trials_mode_real_experiment_lists_trials_with_metrics(tmp_path):
-    from nni_fedexit.trial import search_evaluator
+    from nni_fedexit.search.trial import search_evaluator
 
     space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
     strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=2, seed=0)

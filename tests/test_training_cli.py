@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from nni_fedexit import ResNetBlockPoolSpace
-from nni_fedexit.cli import main
+from nni_fedexit.job.cli import main
 from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classifier
 
 

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from nni_fedexit import SizeAwarePGTuner
-from nni_fedexit.reward import size_aware_reward
-from nni_fedexit.search_space_json import to_nni_search_space, write_nni_search_space
-from nni_fedexit.reward import parse_metric
-from nni_fedexit.tuner import NNICTL_META, STATE_FILE, parse_search_space
+from nni_fedexit.search.reward import size_aware_reward
+from nni_fedexit.space.nni_json import to_nni_search_space, write_nni_search_space
+from nni_fedexit.search.reward import parse_metric
+from nni_fedexit.search.tuner import NNICTL_META, STATE_FILE, parse_search_space
 
 SPACE = {
     "a": {"_type": "choice", "_value": ["x", "y", "z"]},
@@ -279,7 +279,7 @@ def test_register_command_is_idempotent_and_nnictl_finds_the_tuner(tmp_path, mon
     from click.testing import CliRunner
     from nni.tools.package_utils import get_algo_meta
 
-    from nni_fedexit.cli import main
+    from nni_fedexit.job.cli import main
 
     monkeypatch.setenv("NNI_CONFIG_DIR", str(tmp_path))  # NNI's registered_algorithms.yml goes here
     first = CliRunner().invoke(main, ["register"])
@@ -297,7 +297,7 @@ def test_space_command_writes_the_nni_json(tmp_path):
     from click.testing import CliRunner
 
     from nni_fedexit import ResNetBlockPoolSpace
-    from nni_fedexit.cli import main
+    from nni_fedexit.job.cli import main
 
     out = tmp_path / "ss.json"
     result = CliRunner().invoke(main, ["space", "--space", "resnet_pool", "--nni-json", str(out)])

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from nni_fedexit.cli import main
+from nni_fedexit.job.cli import main
 from tests.nni_helpers import free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -73,7 +73,7 @@ def viewed(searched):
 
 
 def test_view_serves_the_finished_search_with_readable_trials(viewed):
-    from nni_fedexit.webui import listening_hosts
+    from nni_fedexit.nni_tools.webui import listening_hosts
 
     run_dir, port, exp_id = viewed
     assert _api(port, "check-status")["status"] == "VIEWED"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nni_fedexit import webui
-from nni_fedexit.webui import listening_hosts, nni_manager_env, node_options, web_ui_message
+from nni_fedexit.nni_tools.webui import listening_hosts, nni_manager_env, node_options, web_ui_message
 from nni_helpers import free_port
 
 NODE = None

@@ -7,11 +7,11 @@ simulation.py  in-process clients (the default backend)
 evaluator.py   FederatedEvaluator: rounds, validation, best round, checkpoints, NNI reports
 """
 
-from .aggregate import UpdateRejected, WeightedMean, aggregate, check_update
-from .assign import DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients
-from .evaluator import FederatedData, FederatedError, FederatedEvaluator, FederatedResult, FederatedSettings, federate, validate
-from .local import ClientUpdate, LocalSettings, train_local
-from .simulation import ClientTask, SimulationBackend
+from nni_fedexit.federated.aggregators.fedavg import UpdateRejected, WeightedMean, aggregate, check_update
+from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients
+from nni_fedexit.federated.evaluator import FederatedData, FederatedError, FederatedEvaluator, FederatedResult, FederatedSettings, federate, validate
+from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_local
+from nni_fedexit.federated.backends.simulation import ClientTask, SimulationBackend
 
 __all__ = [
     "ClientProfile", "ClientTask", "ClientUpdate", "DEFAULT_PROFILE_MIX", "FederatedData", "FederatedError",

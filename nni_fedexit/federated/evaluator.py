@@ -32,17 +32,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _nni  # noqa: F401
+from nni_fedexit.nni_tools import compat  # noqa: F401
 import nni
 from nni.nas.evaluator import MutableEvaluator
 
-from ..data import DataBundle, ImageData, label_skew, load_dataset, partition, split_roles
-from ..exits import ExitCost, MultiExitNetwork, exit_accuracies, exit_costs, exit_outputs
-from ..space import architecture_label
-from .aggregate import UpdateRejected, WeightedMean
-from .assign import DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients
-from .local import ClientUpdate, LocalSettings
-from .simulation import ClientTask, SimulationBackend
+from nni_fedexit.data import DataBundle, ImageData, label_skew, load_dataset, partition, split_roles
+from nni_fedexit.exits import ExitCost, MultiExitNetwork, exit_accuracies, exit_costs, exit_outputs
+from nni_fedexit.space import architecture_label
+from nni_fedexit.federated.aggregators.fedavg import UpdateRejected, WeightedMean
+from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients
+from nni_fedexit.federated.client import ClientUpdate, LocalSettings
+from nni_fedexit.federated.backends.simulation import ClientTask, SimulationBackend
 
 __all__ = ["FederatedSettings", "FederatedError", "FederatedResult", "FederatedEvaluator", "federate"]
 
@@ -329,7 +329,7 @@ def federate(
     data = data or FederatedData(s)
     costs = exit_costs(model, data.val.images[:1].to(s.device))
     if s.backend == "flower":
-        from .flower.submit import run_on_flower
+        from nni_fedexit.federated.backends.flower.submit import run_on_flower
 
         def on_round(record: Mapping[str, Any]) -> None:
             _logger.info("Round %d/%d: val accuracy per exit %s, total loss %.4f", record["round"], s.rounds,

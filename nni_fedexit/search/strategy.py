@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from . import _nni  # noqa: F401
-from .controller import ControllerSettings, PolicyGradient
-from .presets import PresetError, load_preset
-from .reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, parse_metric
+from nni_fedexit.nni_tools import compat  # noqa: F401
+from nni_fedexit.search.controller import ControllerSettings, PolicyGradient
+from nni_fedexit.presets import PresetError, load_preset
+from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, parse_metric
 from nni.mutable import Categorical
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
@@ -44,7 +44,7 @@ from nni.nas.oneshot.pytorch.strategy import RandomOneShot
 from nni.nas.space import ModelStatus, SimplifiedModelSpace
 from nni.nas.strategy.base import Strategy
 
-from .space import architecture_label
+from nni_fedexit.space import architecture_label
 
 __all__ = ["SizeAwarePolicyGradient", "SharedSizeAwarePolicyGradient", "TrialsSizeAwarePolicyGradient", "FixedArchitecture"]
 

@@ -144,7 +144,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} not found")
-    from .presets import read_yaml_mapping
+    from nni_fedexit.presets import read_yaml_mapping
 
     data = read_yaml_mapping(p, ConfigError)
     data.update(overrides or {})
@@ -158,8 +158,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def check_values(config: RunConfig) -> None:
     """Values that are impossible whatever the data: checked before anything runs."""
-    from .federated import FederatedSettings
-    from .space import SpaceSpec
+    from nni_fedexit.federated import FederatedSettings
+    from nni_fedexit.space import SpaceSpec
 
     fed_keys = {f.name for f in fields(FederatedSettings)}
     owned = {"dataset", "data_dir", "server_fraction", "val_fraction", "test_samples", "checkpoint_dir", "seed", "device"}

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
-from ...data import DataBundle
-from ...exits import MultiExitNetwork
-from ...space import ResNetBlockPoolSpace
-from ..evaluator import FederatedData, FederatedSettings, _seed
+from nni_fedexit.data import DataBundle
+from nni_fedexit.exits import MultiExitNetwork
+from nni_fedexit.space import ResNetBlockPoolSpace
+from nni_fedexit.federated.evaluator import FederatedData, FederatedSettings, _seed
 
 if TYPE_CHECKING:  # flwr is only needed by the apps themselves
     from flwr.app import ArrayRecord
@@ -139,8 +139,8 @@ def write_app(folder: str | Path, config: Mapping[str, Any], name: str = "nni-fe
         '[tool.hatch.build.targets.wheel]\npackages = ["."]\n',
         '[tool.flwr.app]\npublisher = "nni-fedexit"\n',
         "[tool.flwr.app.components]",
-        'serverapp = "nni_fedexit.federated.flower.server_app:app"',
-        'clientapp = "nni_fedexit.federated.flower.client_app:app"\n',
+        'serverapp = "nni_fedexit.federated.backends.flower.server_app:app"',
+        'clientapp = "nni_fedexit.federated.backends.flower.client_app:app"\n',
         "[tool.flwr.app.config]",
         *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
     ]

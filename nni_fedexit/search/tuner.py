@@ -48,12 +48,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import _nni  # noqa: F401  (quiets NNI's import-time warnings)
+from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings)
 from nni.tuner import Tuner
 
-from .controller import ControllerSettings, PolicyGradient
-from .space import architecture_label
-from .reward import DEFAULT_BETA, parse_metric, size_aware_reward
+from nni_fedexit.search.controller import ControllerSettings, PolicyGradient
+from nni_fedexit.space import architecture_label
+from nni_fedexit.search.reward import DEFAULT_BETA, parse_metric, size_aware_reward
 
 __all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "NNICTL_META", "SUPPORTED_TYPES"]
 
@@ -63,7 +63,7 @@ _logger = logging.getLogger(__name__)
 NNICTL_META: dict[str, str] = {
     "algoType": "tuner",
     "builtinName": "SizeAwarePG",
-    "className": "nni_fedexit.tuner.SizeAwarePGTuner",
+    "className": "nni_fedexit.search.tuner.SizeAwarePGTuner",
 }
 
 SUPPORTED_TYPES = ("choice", "randint")

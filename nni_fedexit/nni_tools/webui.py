@@ -11,7 +11,7 @@ log line lists every IPv4 address of the machine.
 
 What this module does
 ---------------------
-:func:`nni_manager_env` puts ``NODE_OPTIONS=--require <nni_fedexit/webui_localhost.js>`` into the
+:func:`nni_manager_env` puts ``NODE_OPTIONS=--require <nni_fedexit/nni_tools/webui_localhost.js>`` into the
 environment while the NNI manager is started (``nni.experiment.launcher._start_rest_server`` starts
 it with ``Popen`` and the inherited environment, and NNI's node honours ``NODE_OPTIONS``). That
 preload wraps ``net.Server.prototype.listen`` in the manager's process: a listen without a host,
@@ -175,8 +175,8 @@ def web_ui_message(port: int, host: str | None = LOCAL_HOST, url_prefix: str | N
             f"WARNING: the NNI web server listens on all network interfaces (port {port}); NNI has no "
             f"host option. Anyone who can reach this port can read and control the experiment. "
             f"Keep it private: block port {port} from other machines with a firewall rule (e.g. "
-            f"`sudo ufw deny {port}/tcp`), or bind it to 127.0.0.1 (nni_fedexit.webui.nni_manager_env, "
-            f"or NODE_OPTIONS from nni_fedexit.webui.node_options() for nnictl) and open it from your "
+            f"`sudo ufw deny {port}/tcp`), or bind it to 127.0.0.1 (nni_fedexit.nni_tools.webui.nni_manager_env, "
+            f"or NODE_OPTIONS from nni_fedexit.nni_tools.webui.node_options() for nnictl) and open it from your "
             f"own machine through an SSH tunnel: `{tunnel}`, then {_url(LOCAL_HOST, port, url_prefix)}"
         )
     host = _check_host(host)

@@ -9,6 +9,6 @@ Importing this package does not import flwr; import ``server_app`` / ``client_ap
 See examples/flower_deployment/README.md for a SuperLink + SuperNodes deployment.
 """
 
-from .common import build_model, load_branch_state, settings_from_config, to_array_record, to_state_dict
+from nni_fedexit.federated.backends.flower.common import build_model, load_branch_state, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["build_model", "load_branch_state", "settings_from_config", "to_array_record", "to_state_dict"]

@@ -38,11 +38,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from ...exits import ExitCost, MultiExitNetwork, exit_costs
-from ..aggregate import UpdateRejected, WeightedMean
-from ..assign import assign_branches, client_profiles, select_clients
-from ..evaluator import FederatedSettings, _better, _Checkpoint, _seed, validate
-from .common import DataShape, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
+from nni_fedexit.exits import ExitCost, MultiExitNetwork, exit_costs
+from nni_fedexit.federated.aggregators.fedavg import UpdateRejected, WeightedMean
+from nni_fedexit.federated.assign import assign_branches, client_profiles, select_clients
+from nni_fedexit.federated.evaluator import FederatedSettings, _better, _Checkpoint, _seed, validate
+from nni_fedexit.federated.backends.flower.common import DataShape, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "BranchStrategy", "NodeProfile", "discover_nodes", "main"]
 

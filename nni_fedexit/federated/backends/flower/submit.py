@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..evaluator import FederatedError, FederatedSettings, _Checkpoint, _contiguous
-from .common import run_config, write_app
+from nni_fedexit.federated.evaluator import FederatedError, FederatedSettings, _Checkpoint, _contiguous
+from nni_fedexit.federated.backends.flower.common import run_config, write_app
 
 __all__ = ["FlowerCLI", "run_on_flower"]
 

@@ -1,6 +1,6 @@
 """The trial of a classic ``nnictl`` experiment over the block-pool space (examples/nnictl/).
 
-``python -m nni_fedexit.nnictl_trial [options]`` asks NNI for the next architecture
+``python -m nni_fedexit.nni_tools.nnictl_trial [options]`` asks NNI for the next architecture
 (``{"stage1": "resnet34", ...}``, from the search-space JSON that
 :func:`~nni_fedexit.search_space_json.to_nni_search_space` writes), builds it with
 ``space.build(sample)``, and then either
@@ -25,14 +25,14 @@ import time
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-from . import _nni  # noqa: F401
+from nni_fedexit.nni_tools import compat  # noqa: F401
 import nni
 import torch
 
-from .data import DataBundle, load_dataset
-from .space import ResNetBlockPoolSpace, architecture_label
-from .trial import TrialSettings, search_split
-from .training import TrainSettings, evaluate_accuracy, train_classifier
+from nni_fedexit.data import DataBundle, load_dataset
+from nni_fedexit.space import ResNetBlockPoolSpace, architecture_label
+from nni_fedexit.search.trial import TrialSettings, search_split
+from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classifier
 
 __all__ = ["main", "train_sample", "federate_sample"]
 
@@ -75,8 +75,8 @@ def train_sample(space: ResNetBlockPoolSpace, sample: Mapping[str, str], setting
 def federate_sample(space: ResNetBlockPoolSpace, sample: Mapping[str, str], data: DataBundle | None = None,
                     **settings: Any) -> dict[str, float]:
     """Federated training of ``sample``'s exit-point model; ``federate`` reports every round and the end."""
-    from .federated import FederatedSettings
-    from .federated.evaluator import FederatedData, federate
+    from nni_fedexit.federated import FederatedSettings
+    from nni_fedexit.federated.evaluator import FederatedData, federate
 
     fed = FederatedSettings(**settings)
     torch.manual_seed(fed.seed)  # the network's initial weights: a trial's result is reproducible
@@ -86,7 +86,7 @@ def federate_sample(space: ResNetBlockPoolSpace, sample: Mapping[str, str], data
 
 def _parser() -> argparse.ArgumentParser:
     d = TrialSettings()
-    p = argparse.ArgumentParser(prog="python -m nni_fedexit.nnictl_trial", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nni_fedexit.nni_tools.nnictl_trial", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", default="resnet_pool", help="block-pool space preset or YAML file (default: %(default)s)")
     p.add_argument("--dataset", default=d.dataset)
     p.add_argument("--data-dir", default=None, help="folder with the data set's files (default: the system copy)")

@@ -25,11 +25,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ...data import ImageData, load_image_folder
-from ...exits import MultiExitNetwork
-from ..evaluator import FederatedSettings
-from ..local import train_local
-from .common import DataShape, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict
+from nni_fedexit.data import ImageData, load_image_folder
+from nni_fedexit.exits import MultiExitNetwork
+from nni_fedexit.federated.evaluator import FederatedSettings
+from nni_fedexit.federated.client import train_local
+from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "node_data", "node_partition"]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _nni  # noqa: F401
+from nni_fedexit.nni_tools import compat  # noqa: F401
 
 __all__ = ["ExperimentRef", "ReopenError", "experiment_manifest", "find_experiment", "run_experiments", "view_experiment"]
 

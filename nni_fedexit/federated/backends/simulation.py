@@ -13,9 +13,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..data import ImageData
-from ..exits import MultiExitNetwork
-from .local import ClientUpdate, LocalSettings, train_local
+from nni_fedexit.data import ImageData
+from nni_fedexit.exits import MultiExitNetwork
+from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_local
 
 __all__ = ["ClientTask", "SimulationBackend"]
 

@@ -16,13 +16,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import _nni  # noqa: F401
+from nni_fedexit.nni_tools import compat  # noqa: F401
 import nni
 from nni.nas.evaluator import FunctionalEvaluator
 
-from .data import DataBundle, ImageData, load_dataset, split_roles
-from .space import architecture_label
-from .training import TrainSettings, evaluate_accuracy, train_classifier
+from nni_fedexit.data import DataBundle, ImageData, load_dataset, split_roles
+from nni_fedexit.space import architecture_label
+from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classifier
 
 __all__ = ["TrialSettings", "search_split", "train_and_report", "search_evaluator"]
 

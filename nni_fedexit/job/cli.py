@@ -10,11 +10,11 @@ from typing import Any, Callable
 
 import click
 
-from .config import ConfigError
-from .data import DataError
-from .presets import PresetError
-from .reopen import ReopenError
-from .space import SpecError
+from nni_fedexit.job.config import ConfigError
+from nni_fedexit.data import DataError
+from nni_fedexit.presets import PresetError
+from nni_fedexit.nni_tools.reopen import ReopenError
+from nni_fedexit.space import SpecError
 
 _USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, ReopenError, FileExistsError, FileNotFoundError)
 
@@ -49,11 +49,11 @@ def main() -> None:
 @_user_errors
 def space(space_preset: str, nni_json: str | None) -> None:
     """Show a block-pool search space: its pools, size and the baseline's parameter count."""
-    from .space import ResNetBlockPoolSpace
+    from nni_fedexit.space import ResNetBlockPoolSpace
 
     s = ResNetBlockPoolSpace.from_preset(space_preset)
     if nni_json:
-        from .search_space_json import write_nni_search_space
+        from nni_fedexit.space.nni_json import write_nni_search_space
 
         click.echo(f"NNI search space written to {write_nni_search_space(s, nni_json)} "
                    f"(tuner classArgs baseline_params: {s.baseline_params()})")
@@ -93,9 +93,9 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
     import numpy as np
     import torch
 
-    from .data import load_dataset, split_roles
-    from .space import ResNetBlockPoolSpace
-    from .training import TrainSettings, evaluate_accuracy, train_classifier
+    from nni_fedexit.data import load_dataset, split_roles
+    from nni_fedexit.space import ResNetBlockPoolSpace
+    from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classifier
 
     torch.manual_seed(seed)
     t0 = time.time()
@@ -126,8 +126,8 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
 
 
 def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
-    from .config import load_config
-    from .pipeline import Run
+    from nni_fedexit.job.config import load_config
+    from nni_fedexit.job.pipeline import Run
 
     overrides: dict[str, Any] = {}
     if run_dir:
@@ -187,8 +187,8 @@ def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -
 
 
 def _existing_run(run_dir: str) -> Any:
-    from .config import load_config
-    from .pipeline import Run
+    from nni_fedexit.job.config import load_config
+    from nni_fedexit.job.pipeline import Run
 
     cfg = Path(run_dir) / "config.yaml"
     if not cfg.is_file():
@@ -232,8 +232,8 @@ def report(run_dir: str) -> None:
 def view(target: str, stage: str | None, port: int, host: str, detach: bool) -> None:
     """Open the web UI of a finished or stopped NNI experiment of a run (TARGET: a run directory
     or an experiment id), where NNI 3.0's `nnictl view` fails for NAS experiments."""
-    from .reopen import find_experiment, view_experiment
-    from .webui import nni_manager_env, web_ui_message
+    from nni_fedexit.nni_tools.reopen import find_experiment, view_experiment
+    from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
     ref = find_experiment(target, stage)
     with nni_manager_env(host):
@@ -261,8 +261,8 @@ def view(target: str, stage: str | None, port: int, host: str, detach: bool) -> 
 def resume(target: str, port: int | None) -> None:
     """Go on with a stopped run (TARGET: its run directory, or the id of one of its experiments):
     finished stages are kept, the interrupted stage's NNI experiment is resumed under its id."""
-    from .pipeline import STAGES
-    from .reopen import find_experiment
+    from nni_fedexit.job.pipeline import STAGES
+    from nni_fedexit.nni_tools.reopen import find_experiment
 
     run_dir = Path(target)
     if not run_dir.is_dir():
@@ -293,7 +293,7 @@ def register() -> None:
     from nni.runtime.config import get_config_file
     from nni.tools import package_utils
 
-    from .tuner import NNICTL_META, SizeAwarePGTuner  # noqa: F401  (the class must import, as nnictl checks)
+    from nni_fedexit.search.tuner import NNICTL_META, SizeAwarePGTuner  # noqa: F401  (the class must import, as nnictl checks)
 
     name = NNICTL_META["builtinName"]
     old = package_utils.get_algo_meta(name)

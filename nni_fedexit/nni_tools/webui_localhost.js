@@ -2,7 +2,7 @@
 //
 // NNI 3.0's REST server calls `app.listen(port)` with no host, so node binds every interface, and
 // NNI has no option to change that. This file is loaded into the NNI manager's node process with
-// `NODE_OPTIONS=--require /abs/path/webui_localhost.js` (see nni_fedexit/webui.py); it changes no
+// `NODE_OPTIONS=--require /abs/path/webui_localhost.js` (see nni_fedexit/nni_tools/webui.py); it changes no
 // file of NNI. It wraps `net.Server.prototype.listen` (which http.Server and express use): a TCP
 // listen without a host, or with a wildcard host ("0.0.0.0", "::", ""), gets the host given by
 // NNI_FEDEXIT_LISTEN_HOST (default 127.0.0.1). Calls that name another host, Unix sockets / pipes,
@@ -66,7 +66,7 @@ if (!net.Server.prototype.listen[MARK]) {
 }
 
 // Do not pass this preload on to child processes: remove the "--require <this file>" option that
-// nni_fedexit.webui.node_options() wrote (plain or double-quoted path, "=" or a space).
+// nni_fedexit.nni_tools.webui.node_options() wrote (plain or double-quoted path, "=" or a space).
 if (process.env.NODE_OPTIONS) {
   const escaped = __filename.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
   const own = new RegExp(`(^|\\s)(--require|-r)(=|\\s+)("?)${escaped}\\4(?=\\s|$)`, 'g');

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from . import _nni  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
-from .presets import load_preset
+from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
+from nni_fedexit.presets import load_preset
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 from nni.nas.space import current_model, model_context
 

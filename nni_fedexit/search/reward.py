@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
-from . import _nni  # noqa: F401
+from nni_fedexit.nni_tools import compat  # noqa: F401
 from nni.nas.profiler import Profiler
 from nni.nas.space import RawFormatModelSpace, SimplifiedModelSpace
 

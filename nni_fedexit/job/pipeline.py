@@ -25,18 +25,18 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from . import _nni  # noqa: F401
-from .config import RunConfig
-from .data import DataBundle, ImageData, load_dataset, split_roles
-from .exits import (
+from nni_fedexit.nni_tools import compat  # noqa: F401
+from nni_fedexit.job.config import RunConfig
+from nni_fedexit.data import DataBundle, ImageData, load_dataset, split_roles
+from nni_fedexit.exits import (
     MultiExitNetwork, calibrate, early_exit_metrics, exit_accuracies, exit_costs, exit_outputs, export_branches,
     threshold_curve,
 )
-from .federated import FederatedData, FederatedSettings
-from .federated.evaluator import _Checkpoint
-from .space import ResNetBlockPoolSpace, load_space_spec
-from .strategy import FixedArchitecture, SizeAwarePolicyGradient
-from .webui import nni_manager_env, web_ui_message
+from nni_fedexit.federated import FederatedData, FederatedSettings
+from nni_fedexit.federated.evaluator import _Checkpoint
+from nni_fedexit.space import ResNetBlockPoolSpace, load_space_spec
+from nni_fedexit.search.strategy import FixedArchitecture, SizeAwarePolicyGradient
+from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
 __all__ = ["Run", "STAGES", "shared_search_evaluator"]
 
@@ -164,7 +164,7 @@ class Run:
         if strategy.mode == "shared":
             evaluator = self._shared_evaluator()
         else:
-            from .trial import search_evaluator
+            from nni_fedexit.search.trial import search_evaluator
 
             d = c.data
             evaluator = search_evaluator(**{
@@ -232,7 +232,7 @@ class Run:
         ``nni-fedexit view`` and ``resume`` find it whatever happens next."""
         from nni.nas.experiment import NasExperiment
 
-        from .reopen import STAGE_RECORDS, ExperimentRef, experiment_manifest
+        from nni_fedexit.nni_tools.reopen import STAGE_RECORDS, ExperimentRef, experiment_manifest
 
         record = self.dir / STAGE_RECORDS[stage]
         before = json.loads(record.read_text()) if record.is_file() else {}
@@ -241,7 +241,7 @@ class Run:
                        and old in experiment_manifest())
         attempt = int(before.get("attempts", 1)) + 1 if resumed else 1
         if resumed:
-            _nni.accept_import_data()
+            compat.accept_import_data()
         exp = NasExperiment(space, evaluator, strategy, id=old if resumed else None)
         exp.config.experiment_working_directory = str(self.experiments_dir())
         configure(exp)  # as when it was created: NNI resumes an experiment with its own config
@@ -264,7 +264,7 @@ class Run:
     def stage_federate(self) -> None:
         from nni.nas.experiment import NasExperiment
 
-        from .federated import FederatedEvaluator
+        from nni_fedexit.federated import FederatedEvaluator
 
         arch = self.architecture()
         s = self.federated_settings()
@@ -383,7 +383,7 @@ class Run:
         return records
 
     def stage_report(self) -> Path:
-        from .report import write_report
+        from nni_fedexit.job.report import write_report
 
         path = write_report(self.dir)
         self.echo(f"[report] {path}")

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import ImageData
-from ..exits import BranchModel, multi_exit_loss
-from ..training import TrainSettings, train_classifier
+from nni_fedexit.data import ImageData
+from nni_fedexit.exits import BranchModel, multi_exit_loss
+from nni_fedexit.training import TrainSettings, train_classifier
 
 __all__ = ["LocalSettings", "ClientUpdate", "train_local"]
 

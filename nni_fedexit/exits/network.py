@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import ImageData
+from nni_fedexit.data import ImageData
 
 __all__ = [
     "EXIT_HEADS",

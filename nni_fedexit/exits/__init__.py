@@ -1,0 +1,14 @@
+"""S4: the exit-point model: an exit after every stage, branch models, early-exit inference.
+
+network.py  MultiExitNetwork, BranchModel, the multi-exit loss, exit costs, calibration, export
+"""
+
+from nni_fedexit.exits.network import (
+    EXIT_HEADS, BranchModel, CalibrationResult, ExitCost, MultiExitNetwork, calibrate, confidence,
+    early_exit_metrics, early_exit_predict, exit_accuracies, exit_costs, exit_outputs, export_branches,
+    multi_exit_loss, threshold_curve,
+)
+
+__all__ = ["EXIT_HEADS", "BranchModel", "CalibrationResult", "ExitCost", "MultiExitNetwork", "calibrate", "confidence",
+           "early_exit_metrics", "early_exit_predict", "exit_accuracies", "exit_costs", "exit_outputs",
+           "export_branches", "multi_exit_loss", "threshold_curve"]

@@ -1,0 +1,21 @@
+"""S3: the size-aware policy-gradient search (LSTM controller, REINFORCE, claims 3 and 4).
+
+controller.py  the LSTM controller and its REINFORCE learner (PolicyGradient)
+reward.py      R(h) = Acc(h) * (p_h / P) ** (-1 / beta) and the other reward forms, the parameter profiler
+strategy.py    SizeAwarePolicyGradient: an NNI strategy, ``shared`` (ENAS) or ``trials`` mode
+tuner.py       SizeAwarePGTuner: the same search as a classic NNI tuner for nnictl
+trial.py       the trial of the ``trials`` mode: train a sampled network, report accuracy and size
+"""
+
+from nni_fedexit.search.controller import ControllerSettings, LSTMController, PolicyGradient
+from nni_fedexit.search.reward import (
+    DEFAULT_BETA, HardBudgetReward, LinearPenaltyReward, ParamsProfiler, Reward, SizeAwareReward,
+    hard_budget_reward, linear_penalty_reward, parse_metric, size_aware_reward,
+)
+from nni_fedexit.search.strategy import FixedArchitecture, SizeAwarePolicyGradient
+from nni_fedexit.search.tuner import SizeAwarePGTuner, TunerSettings
+
+__all__ = ["ControllerSettings", "LSTMController", "PolicyGradient", "DEFAULT_BETA", "HardBudgetReward",
+           "LinearPenaltyReward", "ParamsProfiler", "Reward", "SizeAwareReward", "hard_budget_reward",
+           "linear_penalty_reward", "parse_metric", "size_aware_reward", "FixedArchitecture",
+           "SizeAwarePolicyGradient", "SizeAwarePGTuner", "TunerSettings"]
