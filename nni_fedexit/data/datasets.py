@@ -3,7 +3,7 @@
 Everything is held as in-memory tensors: the data sets used here are small enough, and it lets
 the search, the federated rounds and the tests slice by index without re-reading files.
 
-Data roles (DESIGN.md): the server keeps a slice of the training set for the architecture search
+Data roles: the server keeps a slice of the training set for the architecture search
 (``search_train`` / ``search_val``), the rest is partitioned among the K edge clients, and the
 official test set is used only for final numbers.
 """

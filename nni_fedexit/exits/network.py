@@ -179,7 +179,6 @@ class BranchModel(nn.Module):
         self.stages = nn.ModuleList(list(full.stages)[:depth])
         self.exits = nn.ModuleDict(OrderedDict((str(i - 1), full.exits[i - 1]) for i in exits))
         self.depth = depth
-        self.held_exits = tuple(exits)
         self.loss_weights = tuple(full.exit_weights(exits))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,21 +1,40 @@
 """S5: federated training of the exit-point model on edge clients.
 
-aggregate.py   depth-aware weighted mean (pure; used by every backend)
-assign.py      client selection and branch assignment (random, capability)
-local.py       one client's local training
-simulation.py  in-process clients (the default backend)
-evaluator.py   FederatedEvaluator: rounds, validation, best round, checkpoints, NNI reports
+settings.py     FederatedSettings: every setting of a run, checked once
+client_data.py  FederatedData: the server's validation split, the test set, the clients' partitions
+assign.py       client selection and branch assignment (random, capability)
+client.py       one client's local training (every backend)
+rounds.py       the round engine every backend uses: plan, collect replies, aggregate, validate,
+                keep the best round, checkpoint
+aggregators/    server aggregation rules by name: fedavg (depth-aware weighted mean)
+objectives/     client objectives by name: multi_exit (claim 6's weighted loss)
+checkpoint.py   state.json and the safetensors weights it names
+backends/       where clients train, by name: simulation (in-process), flower (SuperLink/SuperNodes)
+evaluator.py    FederatedEvaluator (an NNI evaluator) and federate()
 """
 
-from nni_fedexit.federated.aggregators.fedavg import UpdateRejected, WeightedMean, aggregate, check_update
-from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients
-from nni_fedexit.federated.evaluator import FederatedData, FederatedError, FederatedEvaluator, FederatedResult, FederatedSettings, federate, validate
+from nni_fedexit.federated.errors import FederatedError, UpdateRejected
+from nni_fedexit.federated.settings import FederatedSettings
+from nni_fedexit.federated.assign import (
+    DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients,
+)
+from nni_fedexit.federated.aggregators import (
+    Aggregator, FedAvg, RoundAggregate, WeightedMean, aggregate, check_update, register_aggregator,
+)
+from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext, register_objective
 from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_local
-from nni_fedexit.federated.backends.simulation import ClientTask, SimulationBackend
+from nni_fedexit.federated.client_data import FederatedData
+from nni_fedexit.federated.checkpoint import Checkpoint
+from nni_fedexit.federated.rounds import ClientTask, RoundEngine, RoundResults, RunOutcome, stable_seed, validate
+from nni_fedexit.federated.backends import register_backend
+from nni_fedexit.federated.backends.simulation import SimulationBackend
+from nni_fedexit.federated.evaluator import FederatedEvaluator, FederatedResult, federate
 
 __all__ = [
-    "ClientProfile", "ClientTask", "ClientUpdate", "DEFAULT_PROFILE_MIX", "FederatedData", "FederatedError",
-    "FederatedEvaluator", "FederatedResult", "FederatedSettings", "LocalSettings", "SimulationBackend",
-    "UpdateRejected", "WeightedMean", "aggregate", "assign_branches", "check_update", "client_profiles",
-    "federate", "select_clients", "train_local", "validate",
+    "Aggregator", "Checkpoint", "ClientObjective", "ClientProfile", "ClientTask", "ClientUpdate", "DEFAULT_PROFILE_MIX",
+    "FedAvg", "FederatedData", "FederatedError", "FederatedEvaluator", "FederatedResult", "FederatedSettings",
+    "LocalSettings", "MultiExitObjective", "ObjectiveContext", "RoundAggregate", "RoundEngine", "RoundResults",
+    "RunOutcome", "SimulationBackend", "UpdateRejected", "WeightedMean", "aggregate", "assign_branches",
+    "check_update", "client_profiles", "federate", "register_aggregator", "register_backend", "register_objective",
+    "select_clients", "stable_seed", "train_local", "validate",
 ]

@@ -1,17 +1,20 @@
 """S5: one edge client's local training of its branch model (claim 1, S5; claims 6 and 7).
 
-E local epochs of SGD with momentum on the client's own partition; the loss is the weighted sum
-of cross-entropies over the exits the branch holds. Returns only the branch's entries.
+E local epochs of SGD with momentum on the client's own partition, minimising the run's client
+objective (``multi_exit`` by default: the weighted sum of cross-entropies over the exits the
+branch holds). Returns only the branch's entries. Every backend calls :func:`train_local`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
 from nni_fedexit.data import ImageData
-from nni_fedexit.exits import BranchModel, multi_exit_loss
+from nni_fedexit.exits import BranchModel
+from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext
 from nni_fedexit.training import TrainSettings, train_classifier
 
 __all__ = ["LocalSettings", "ClientUpdate", "train_local"]
@@ -27,24 +30,41 @@ class LocalSettings:
 
 @dataclass
 class ClientUpdate:
-    """What a client sends back: its branch's state dict, its sample count, its training loss."""
+    """What a client sends back: its branch's state dict, its sample count, its training loss.
+
+    ``client_state`` is the objective's per-client state after this round; it stays with the
+    client (it is never averaged).
+    """
 
     client: int
     depth: int
     state: dict[str, torch.Tensor]
     num_samples: int
     loss: float
+    client_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train_local(
-    client: int, branch: BranchModel, data: ImageData, settings: LocalSettings, lr: float, seed: int
+    client: int, branch: BranchModel, data: ImageData, settings: LocalSettings, lr: float, seed: int,
+    objective: ClientObjective | None = None, global_state: Mapping[str, torch.Tensor] | None = None,
+    client_state: dict[str, torch.Tensor] | None = None, round: int = 0,
 ) -> ClientUpdate:
-    """Train ``branch`` in place on ``data``; return a copy of its state dict on the CPU."""
+    """Train ``branch`` in place on ``data``; return a copy of its state dict on the CPU.
+
+    ``global_state`` is the round's global model as the server sent it (default: the branch's
+    weights before training); ``objective`` defaults to the multi-exit loss.
+    """
+    objective = objective or MultiExitObjective()
+    if global_state is None:
+        global_state = {k: v.detach().clone() for k, v in branch.state_dict().items()}
+    ctx = ObjectiveContext(branch, global_state, dict(client_state or {}), round, client)
+    objective.begin(ctx)
     losses = train_classifier(
         branch, data,
         TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=lr, momentum=settings.momentum,
                       weight_decay=settings.weight_decay, seed=seed, schedule="constant"),
-        loss_fn=lambda outputs, y: multi_exit_loss(outputs, y, branch.loss_weights),
+        loss_fn=lambda outputs, y: objective.loss(ctx, outputs, y),
     )
+    objective.end(ctx)
     state = {k: v.detach().to("cpu", copy=True) for k, v in branch.state_dict().items()}
-    return ClientUpdate(client, branch.depth, state, len(data), losses[-1])
+    return ClientUpdate(client, branch.depth, state, len(data), losses[-1], ctx.client_state)

@@ -8,13 +8,16 @@ choice's probability away from 0 so the search keeps exploring.
 
 REINFORCE with an exponential-moving-average baseline and an entropy bonus:
 ``loss = -(R - b) * log pi(a) - entropy_weight * H(pi)``. Rewards may arrive late and in any
-order (NNI trials): the log-probability is computed when the reward arrives.
+order (NNI trials): the log-probability is computed when the reward arrives. :class:`RewardBatch`
+collects rewarded samples and takes one step per ``samples_per_update`` of them (the strategy and
+the tuner both learn through it).
 
 Pure PyTorch: nothing here imports NNI's experiment machinery.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
@@ -23,7 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ControllerSettings", "LSTMController", "PolicyGradient"]
+from nni_fedexit.checks import positive_int
+
+__all__ = ["ControllerSettings", "LSTMController", "PolicyGradient", "RewardBatch"]
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,11 +169,6 @@ class PolicyGradient:
         }
 
     @torch.no_grad()
-    def log_prob(self, sample: Mapping[str, Any]) -> float:
-        _, log_prob, _, _ = self.controller(actions=self._to_actions(sample))
-        return float(log_prob)
-
-    @torch.no_grad()
     def probabilities(self) -> dict[str, dict[str, float]]:
         """Each label's choice probabilities along the greedy path (what the web UI and report show)."""
         actions, _, _, probs = self.controller(greedy=True)
@@ -243,3 +245,44 @@ class PolicyGradient:
         self.baseline = state["baseline"]
         self.steps = int(state["steps"])
         self.history = [dict(h) for h in state["history"]]
+
+
+class RewardBatch:
+    """Rewarded samples waiting for the controller: one :meth:`PolicyGradient.update` per ``size``.
+
+    :meth:`add` keeps ``(sample, reward)`` in arrival order; when ``size`` of them are waiting, the
+    learner takes one REINFORCE step on them all and the batch starts empty again. ``pending``
+    (and :meth:`state`) is what a checkpoint keeps of a batch that is not full yet.
+    """
+
+    def __init__(self, size: int, logger: logging.Logger | None = None):
+        self.size = positive_int("samples_per_update", size)
+        self.pending: list[tuple[dict[str, Any], float]] = []
+        self._logger = logger or _logger  # the owner's logger: its log keeps the controller steps
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, learner: PolicyGradient, sample: Mapping[str, Any], reward: float) -> dict[str, float] | None:
+        """Keep one (sample, reward); a full batch is ``learner``'s next step (its stats are returned)."""
+        self.pending.append((dict(sample), float(reward)))
+        if len(self.pending) < self.size:
+            return None
+        samples, rewards = zip(*self.pending)
+        stats = learner.update(list(samples), list(rewards))
+        self.pending.clear()
+        self._logger.info(
+            "[controller step %d] mean reward %.4f, baseline %.4f, entropy %.3f",
+            stats["step"], stats["mean_reward"], stats["baseline"], stats["entropy"],
+        )
+        return stats
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+    def state(self) -> list[list[Any]]:
+        """The waiting pairs as ``[[sample, reward], ...]`` (plain values: loads with weights_only)."""
+        return [[dict(s), float(r)] for s, r in self.pending]
+
+    def load_state(self, state: Sequence[Sequence[Any]]) -> None:
+        self.pending = [(dict(s), float(r)) for s, r in state]

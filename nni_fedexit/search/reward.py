@@ -1,7 +1,7 @@
 """S3: the size-aware reward, and how p_h is measured.
 
 Claim 4's reward weighs validation accuracy against model size. The published text lost the
-formula; this project uses MnasNet's soft constraint (DESIGN.md):
+formula; this project uses MnasNet's soft constraint (Tan et al. 2019):
 
     R(h) = Acc(h) * (p_h / P) ** (-1 / beta)
 
@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from nni_fedexit.nni_tools import compat  # noqa: F401
+from nni_fedexit.checks import positive_int
 from nni.nas.profiler import Profiler
 from nni.nas.space import RawFormatModelSpace, SimplifiedModelSpace
 
@@ -38,6 +39,7 @@ __all__ = [
     "LinearPenaltyReward",
     "ParamsProfiler",
     "DEFAULT_BETA",
+    "check_beta",
     "parse_metric",
 ]
 
@@ -49,10 +51,21 @@ DEFAULT_BETA = 14
 Reward = Callable[[float, int], float]
 
 
+def check_beta(beta: Any, key: str = "beta") -> int:
+    """``beta`` if it is a positive integer, else ``ValueError("<key> must be a positive integer, ...")``.
+
+    The reward, the strategy and the tuner check beta with this one function (``key`` names the
+    setting, e.g. ``classArgs.beta``).
+    """
+    try:
+        return positive_int(key, beta)
+    except ValueError:
+        raise ValueError(f"{key} must be a positive integer, got {beta!r}") from None
+
+
 def size_aware_reward(accuracy: float, params: float, baseline_params: float, beta: int = DEFAULT_BETA) -> float:
     """``accuracy * (params / baseline_params) ** (-1 / beta)``: the patent's reward (claim 4)."""
-    if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
-        raise ValueError(f"beta must be a positive integer, got {beta!r}")
+    check_beta(beta)
     if params <= 0 or baseline_params <= 0:
         raise ValueError(f"parameter counts must be positive, got p_h={params}, P={baseline_params}")
     return float(accuracy) * (params / baseline_params) ** (-1.0 / beta)

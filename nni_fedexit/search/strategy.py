@@ -1,6 +1,6 @@
 """S3: SizeAwarePolicyGradient, an NNI 3.0 strategy (LSTM controller, REINFORCE, size-aware reward).
 
-Two modes, one controller (:mod:`nni_fedexit.controller`) and one reward (:mod:`nni_fedexit.reward`):
+Two modes, one controller (:mod:`nni_fedexit.search.controller`) and one reward (:mod:`nni_fedexit.search.reward`):
 
 ``shared`` (default, the patent's ENAS method)
     A one-shot strategy on NNI's ``RandomOneShot`` machinery: the space becomes a supernet of
@@ -34,9 +34,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from nni_fedexit.nni_tools import compat  # noqa: F401
-from nni_fedexit.search.controller import ControllerSettings, PolicyGradient
+from nni_fedexit.checks import positive_int
+from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.presets import PresetError, load_preset
-from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, parse_metric
+from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, check_beta, parse_metric
 from nni.mutable import Categorical
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
@@ -120,10 +121,10 @@ class SizeAwarePolicyGradient(Strategy):
         count of the sample that takes every label's first value.
     reward
         Replaces the reward: any ``reward(accuracy, params) -> float``, e.g.
-        :class:`~nni_fedexit.reward.HardBudgetReward`. ``beta`` and ``baseline_params`` are then
+        :class:`~nni_fedexit.search.reward.HardBudgetReward`. ``beta`` and ``baseline_params`` are then
         unused except for P's default.
     controller
-        :class:`~nni_fedexit.controller.ControllerSettings` (or a dict of its fields); its seed
+        :class:`~nni_fedexit.search.controller.ControllerSettings` (or a dict of its fields); its seed
         defaults to ``seed``.
     samples_per_update
         Finished samples (trials, or validation batches in ``shared`` mode) per controller update.
@@ -169,12 +170,9 @@ class SizeAwarePolicyGradient(Strategy):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
-            raise ValueError(f"beta must be a positive integer, got {beta!r}")
-        if samples_per_update < 1:
-            raise ValueError(f"samples_per_update must be >= 1, got {samples_per_update}")
-        if final_samples < 1:
-            raise ValueError(f"final_samples must be >= 1, got {final_samples}")
+        check_beta(beta)
+        positive_int("samples_per_update", samples_per_update)
+        positive_int("final_samples", final_samples)
         if mode is not None and mode != self.MODE:
             raise ValueError(f"{type(self).__name__} runs mode {self.MODE!r}, not {mode!r}")
         self.mode = self.MODE
@@ -197,7 +195,7 @@ class SizeAwarePolicyGradient(Strategy):
         self.profiler: ParamsProfiler | None = None
         #: every scored sample: {"sample", "accuracy", "params", "reward", "step"}
         self.records: list[dict[str, Any]] = []
-        self._buffer: list[tuple[dict[str, Any], float]] = []
+        self._batch = RewardBatch(samples_per_update, _logger)
         self._pending_state: dict[str, Any] | None = None
         self._lock = threading.RLock()
 
@@ -284,18 +282,7 @@ class SizeAwarePolicyGradient(Strategy):
         """Give the controller one (sample, reward); it takes a step when a batch is full."""
         assert self.learner is not None
         with self._lock:
-            self._buffer.append((dict(sample), float(reward)))
-            if len(self._buffer) >= self.samples_per_update:
-                samples, rewards = zip(*self._buffer)
-                stats = self.learner.update(list(samples), list(rewards))
-                self._buffer.clear()
-                _logger.info(
-                    "[controller step %d] mean reward %.4f, baseline %.4f, entropy %.3f",
-                    stats["step"], stats["mean_reward"], stats["baseline"], stats["entropy"],
-                )
-
-    def best_record(self) -> dict[str, Any] | None:
-        return max(self.records, key=lambda r: r["reward"], default=None)
+            self._batch.add(self.learner, sample, reward)
 
     def _search_state(self) -> dict[str, Any]:
         if self.learner is None:
@@ -303,7 +290,7 @@ class SizeAwarePolicyGradient(Strategy):
         return {
             "controller": self.learner.state_dict(),
             "records": [dict(r) for r in self.records],
-            "buffer": [[dict(s), float(r)] for s, r in self._buffer],
+            "buffer": self._batch.state(),
             "baseline_params": self.baseline_params,
         }
 
@@ -316,7 +303,7 @@ class SizeAwarePolicyGradient(Strategy):
             return
         self.learner.load_state_dict(state["controller"])
         self.records = [dict(r) for r in state["records"]]
-        self._buffer = [(dict(s), float(r)) for s, r in state["buffer"]]
+        self._batch.load_state(state["buffer"])
 
     def state_dict(self) -> dict:
         return self._search_state()

@@ -1,8 +1,8 @@
 """S3 for ``nnictl``: SizeAwarePGTuner, the size-aware policy-gradient search as a classic NNI Tuner.
 
-The same LSTM controller and REINFORCE learner as :class:`~nni_fedexit.strategy.SizeAwarePolicyGradient`
-(:class:`~nni_fedexit.controller.PolicyGradient`) and the same reward
-(:func:`~nni_fedexit.reward.size_aware_reward`), behind NNI's ``Tuner`` API, so that any
+The same LSTM controller and REINFORCE learner as :class:`~nni_fedexit.search.strategy.SizeAwarePolicyGradient`
+(:class:`~nni_fedexit.search.controller.PolicyGradient`) and the same reward
+(:func:`~nni_fedexit.search.reward.size_aware_reward`), behind NNI's ``Tuner`` API, so that any
 ``nnictl create`` experiment whose search space is made of ``choice`` and ``randint`` parameters
 can use it::
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -51,9 +50,11 @@ import torch
 from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings)
 from nni.tuner import Tuner
 
-from nni_fedexit.search.controller import ControllerSettings, PolicyGradient
+from nni_fedexit.checks import positive_int
+from nni_fedexit.files import write_atomic, write_json
+from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.space import architecture_label
-from nni_fedexit.search.reward import DEFAULT_BETA, parse_metric, size_aware_reward
+from nni_fedexit.search.reward import DEFAULT_BETA, check_beta, parse_metric, size_aware_reward
 
 __all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "NNICTL_META", "SUPPORTED_TYPES"]
 
@@ -162,16 +163,14 @@ class TunerSettings:
     state_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1:
-            raise ValueError(f"classArgs.beta must be a positive integer, got {self.beta!r}")
+        check_beta(self.beta, "classArgs.beta")
         if self.baseline_params is not None:
             p = self.baseline_params
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
                 raise ValueError(f"classArgs.baseline_params (P) must be a positive number of parameters, got {p!r}")
         if self.optimize_mode not in _OPTIMIZE_MODES:
             raise ValueError(f"classArgs.optimize_mode must be one of {_OPTIMIZE_MODES}, got {self.optimize_mode!r}")
-        if isinstance(self.samples_per_update, bool) or not isinstance(self.samples_per_update, int) or self.samples_per_update < 1:
-            raise ValueError(f"classArgs.samples_per_update must be a positive integer, got {self.samples_per_update!r}")
+        positive_int("classArgs.samples_per_update", self.samples_per_update)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"classArgs.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.controller, Mapping):
@@ -214,7 +213,7 @@ class SizeAwarePGTuner(Tuner):
         #: samples that were pending when the state was saved (their parameter ids are stale after a resume)
         self.orphans: list[dict[str, Any]] = []
         #: (sample, reward) waiting for the next controller update
-        self.buffer: list[tuple[dict[str, Any], float]] = []
+        self._batch = RewardBatch(self.settings.samples_per_update, _logger)
         #: every scored result: parameter_id, trial_job_id, parameters, metric, params, reward, step, source
         self.records: list[dict[str, Any]] = []
         #: parameter id -> reward of the trials of this session (parameter ids restart on resume)
@@ -225,6 +224,11 @@ class SizeAwarePGTuner(Tuner):
         self._recovered: Counter[str] = Counter()  # results of resumed trials, not yet tied to a trial id
         self._saved_state: dict[str, Any] | None = None
         self._lock = threading.RLock()  # NNI calls trial_end and receive_trial_result from two threads
+
+    @property
+    def buffer(self) -> list[tuple[dict[str, Any], float]]:
+        """The (sample, reward) pairs waiting for the next controller update."""
+        return self._batch.pending
 
     # ---- where the state lives --------------------------------------------------------------
 
@@ -248,7 +252,7 @@ class SizeAwarePGTuner(Tuner):
             self.space = space
             self.learner = PolicyGradient(space, self.settings.controller_settings())
             self.pending.clear()
-            self.buffer.clear()
+            self._batch.clear()
             if self._saved_state is not None:
                 self._restore(self._saved_state)
                 self._saved_state = None
@@ -390,13 +394,7 @@ class SizeAwarePGTuner(Tuner):
             self.rewards[parameter_id] = reward
         _logger.info("[%s] %s: metric %.4f, p_h %s, reward %.4f", where, _arch(sample), metric,
                      "n/a" if params is None else f"{params:,.0f}", reward)
-        self.buffer.append((sample, reward))
-        if len(self.buffer) >= self.settings.samples_per_update:
-            samples, rewards = zip(*self.buffer)
-            stats = self.learner.update(list(samples), list(rewards))
-            self.buffer.clear()
-            _logger.info("[controller step %d] mean reward %.4f, baseline %.4f, entropy %.3f",
-                         stats["step"], stats["mean_reward"], stats["baseline"], stats["entropy"])
+        self._batch.add(self.learner, sample, reward)
         return 1
 
     def _sample_of(self, parameters: Any) -> dict[str, Any] | None:
@@ -428,7 +426,7 @@ class SizeAwarePGTuner(Tuner):
             "space": {k: list(v) for k, v in (self.space or {}).items()},
             "controller": self.learner.state_dict(),
             "baseline_params": self.baseline_params,
-            "buffer": [[dict(s), float(r)] for s, r in self.buffer],
+            "buffer": self._batch.state(),
             "pending": [dict(s) for s in self.pending.values()] + [dict(s) for s in self.orphans],
             "records": [dict(r) for r in self.records],
             "counted_trials": sorted(self._counted_trials),
@@ -446,7 +444,7 @@ class SizeAwarePGTuner(Tuner):
         self.learner.load_state_dict(state["controller"])
         if self.settings.baseline_params is None:
             self.baseline_params = state["baseline_params"]
-        self.buffer = [(dict(s), float(r)) for s, r in state["buffer"]]
+        self._batch.load_state(state["buffer"])
         self.orphans = [dict(s) for s in state["pending"]]  # their parameter ids do not survive a resume
         self.records = [dict(r) for r in state["records"]]
         self._counted_trials = set(state["counted_trials"])
@@ -460,10 +458,7 @@ class SizeAwarePGTuner(Tuner):
         folder = self.state_dir
         if folder is None or self.learner is None:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (STATE_FILE + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, folder / STATE_FILE)
+        write_atomic(folder / STATE_FILE, lambda tmp: torch.save(self.state_dict(), tmp))
         summary = {
             "settings": asdict(self.settings),
             "baseline_params": self.baseline_params,
@@ -472,9 +467,7 @@ class SizeAwarePGTuner(Tuner):
             "failed_trials": self.failed,
             "trials": [{**r, "architecture": _arch(r["parameters"])} for r in self.records],
         }
-        tmp = folder / (RECORDS_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1, default=str))
-        os.replace(tmp, folder / RECORDS_FILE)
+        write_json(folder / RECORDS_FILE, summary)
 
 
 def _arch(sample: Mapping[str, Any]) -> str:

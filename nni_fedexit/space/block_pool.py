@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
+from nni_fedexit.checks import positive_int
 from nni_fedexit.presets import load_preset
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 from nni.nas.space import current_model, model_context
@@ -128,8 +129,11 @@ def architecture_label(sample: Mapping[str, Any]) -> str:
 
 
 def _positive_int(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"{key}: expected a positive integer, got {value!r}")
+    """:func:`nni_fedexit.checks.positive_int`, raising its error as a SpecError."""
+    try:
+        positive_int(key, value)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
 
 
 def load_space_spec(name_or_path: str | Path, **overrides: Any) -> SpaceSpec:

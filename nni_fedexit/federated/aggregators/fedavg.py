@@ -1,4 +1,4 @@
-"""S5: depth-aware federated averaging, as one pure function (used by every client backend).
+"""S5 aggregator ``fedavg``: depth-aware federated averaging (the patent's aggregation; every backend).
 
 Clients train branch models of different depths, so each update holds only some of the global
 model's entries. For every parameter and buffer, the new value is the sample-weighted mean over
@@ -13,13 +13,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["UpdateRejected", "check_update", "WeightedMean", "aggregate"]
+from nni_fedexit.federated.aggregators.base import Aggregator, register_aggregator
+from nni_fedexit.federated.errors import UpdateRejected
+
+__all__ = ["FedAvg", "check_update", "WeightedMean", "aggregate"]
 
 State = Mapping[str, torch.Tensor]
-
-
-class UpdateRejected(ValueError):
-    """A client update that must not be averaged in; the message names the key and the reason."""
 
 
 def check_update(global_state: State, update: State) -> None:
@@ -79,8 +78,13 @@ class WeightedMean:
                 out[key] = old.clone()
         return out
 
-    def touched(self) -> set[str]:
-        return set(self._sums)
+
+@register_aggregator("fedavg")
+class FedAvg(Aggregator):
+    """``fedavg``: each round's new global model is the :class:`WeightedMean` of the accepted updates."""
+
+    def begin(self, global_state: State) -> WeightedMean:
+        return WeightedMean(global_state)
 
 
 def aggregate(global_state: State, updates: Sequence[tuple[State, float]]) -> dict[str, torch.Tensor]:

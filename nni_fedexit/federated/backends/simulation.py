@@ -1,51 +1,59 @@
-"""S5: the ``simulation`` backend: edge clients trained in-process, one after another.
+"""S5 backend ``simulation``: edge clients trained in-process, one after another (the default).
 
 Memory holds the global model and one client model: each client's turn loads the global weights
 into that one model, trains the branch it was given on its partition (data loaded once, at the
-start), and hands the update to the server's aggregator before the next client starts.
+start), and hands the update to the round's results before the next client starts. The rounds
+themselves are :class:`~nni_fedexit.federated.rounds.RoundEngine`'s.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+import logging
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from nni_fedexit.data import ImageData
-from nni_fedexit.exits import MultiExitNetwork
+from nni_fedexit.exits import ExitCost, MultiExitNetwork
+from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_local
+from nni_fedexit.federated.client_data import FederatedData
+from nni_fedexit.federated.errors import FederatedError
+from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective
+from nni_fedexit.federated.rounds import ClientTask, RoundEngine, RunOutcome
+from nni_fedexit.federated.settings import FederatedSettings
 
-__all__ = ["ClientTask", "SimulationBackend"]
+__all__ = ["SimulationBackend", "run_simulation"]
 
-
-@dataclass(frozen=True)
-class ClientTask:
-    """One client's job in one round."""
-
-    client: int
-    depth: int
-    lr: float
-    seed: int
+_logger = logging.getLogger(__name__)
 
 
 class SimulationBackend:
     """In-process clients. Subclass and override :meth:`train_client` to change a client's work."""
 
-    name = "simulation"
-
     def __init__(self, template: MultiExitNetwork, client_data: Sequence[ImageData], local: LocalSettings,
-                 all_exits: bool = True):
+                 all_exits: bool = True, objective: ClientObjective | None = None,
+                 client_states: dict[int, dict[str, torch.Tensor]] | None = None):
         self.client_model = copy.deepcopy(template)
         self.client_data = list(client_data)
         self.local = local
         self.all_exits = all_exits
+        self.objective = objective or MultiExitObjective()
+        #: each client's objective state across rounds (the round engine checkpoints it)
+        self.client_states = client_states if client_states is not None else {}
+        #: the round being trained (objectives may look at it)
+        self.round = 0
 
     def train_client(self, global_state: Mapping[str, torch.Tensor], task: ClientTask) -> ClientUpdate:
+        assert task.client is not None
         self.client_model.load_state_dict(global_state)
         branch = self.client_model.branch(task.depth, all_exits=self.all_exits)
-        return train_local(task.client, branch, self.client_data[task.client], self.local, task.lr, task.seed)
+        update = train_local(task.client, branch, self.client_data[task.client], self.local, task.lr, task.seed,
+                             self.objective, global_state, self.client_states.get(task.client), self.round)
+        if update.client_state:
+            self.client_states[task.client] = update.client_state
+        return update
 
     def run_round(
         self,
@@ -64,3 +72,46 @@ class SimulationBackend:
                 on_failure(task, err)
                 continue
             on_update(task, update)
+
+
+def run_simulation(
+    model: MultiExitNetwork, settings: FederatedSettings, data: FederatedData, costs: Sequence[ExitCost],
+    on_record: Callable[[dict[str, Any]], None] | None = None, clients: Callable[..., SimulationBackend] | None = None,
+) -> RunOutcome:
+    """The rounds of the ``simulation`` backend. ``clients(template, client_data, local_settings,
+    all_exits, objective, client_states)`` builds the in-process clients (default :class:`SimulationBackend`)."""
+    from nni_fedexit.federated.objectives import make_objective
+
+    s = settings
+    ckpt = Checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
+    engine = RoundEngine(model, s, costs, data.val, ckpt, on_record)
+    engine.resume()
+    factory = clients or SimulationBackend
+    backend = factory(model, data.clients, s.local_settings(), s.branch_all_exits, make_objective(s),
+                      engine.client_states)
+    for t in range(engine.done + 1, s.rounds + 1):
+        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        backend.round = t
+        new_state = None
+        for attempt in range(s.round_retries + 1):
+            plan = engine.plan(t, attempt)
+            results = engine.open(plan, global_state)
+            backend.run_round(
+                global_state, plan.tasks,
+                lambda task, update: results.accept(task, update.state, update.num_samples, update.loss),
+                lambda task, err: results.fail(task, f"{type(err).__name__}: {err}"),
+            )
+            new_state = engine.close(results)
+            if new_state is not None:
+                break
+            _logger.warning("Round %d: only %d of %d client updates accepted (min_clients=%d)%s", t, results.accepted,
+                            len(plan.tasks), s.min_clients, "; retrying" if attempt < s.round_retries else "")
+        if new_state is None:
+            raise FederatedError(
+                f"round {t}: only {results.accepted} client updates were accepted after {s.round_retries + 1} "
+                f"attempts, fewer than min_clients={s.min_clients}. Rounds 1..{t - 1} are kept"
+                + (f" in {ckpt.folder}; rerun to resume" if ckpt else "")
+                + "; lower min_clients or check the failing clients in the log."
+            )
+        engine.finish(results, new_state)
+    return engine.outcome(data.summary)

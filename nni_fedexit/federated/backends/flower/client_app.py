@@ -19,6 +19,7 @@ MetricRecord with ``num-examples`` (and ``train-loss``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
@@ -27,8 +28,9 @@ from flwr.clientapp import ClientApp
 
 from nni_fedexit.data import ImageData, load_image_folder
 from nni_fedexit.exits import MultiExitNetwork
-from nni_fedexit.federated.evaluator import FederatedSettings
 from nni_fedexit.federated.client import train_local
+from nni_fedexit.federated.objectives import ClientObjective, make_objective
+from nni_fedexit.federated.settings import FederatedSettings
 from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "node_data", "node_partition"]
@@ -36,6 +38,9 @@ __all__ = ["app", "node_data", "node_partition"]
 app = ClientApp()
 
 _MODEL_CACHE: dict[str, MultiExitNetwork] = {}
+_SETTINGS_CACHE: dict[str, tuple[FederatedSettings, ClientObjective]] = {}
+#: the objective's per-client state lives in the node's context.state under this name
+STATE_RECORD = "objective-state"
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int | None, int]:
@@ -90,16 +95,26 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"profile": profile}), reply_to=msg)
 
 
+def node_settings(run_config: Mapping[str, Any], parts: int) -> tuple[FederatedSettings, ClientObjective]:
+    """The run's settings (as this node's share of the data set needs them) and the client objective,
+    built once per run config."""
+    key = repr(sorted(run_config.items())) + f"|{parts}"
+    if key not in _SETTINGS_CACHE:
+        base = settings_from_config(run_config)
+        settings = dataclasses.replace(base, num_clients=parts, min_clients=min(base.min_clients, parts))
+        _SETTINGS_CACHE.clear()
+        _SETTINGS_CACHE[key] = (settings, make_objective(settings))
+    return _SETTINGS_CACHE[key]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the branch model carried by ``msg`` on this node's partition."""
     cfg = dict(context.run_config)
     pid, parts = node_partition(context.node_config)
-    base = settings_from_config(cfg)
-    if base.client_threads > 0:
-        torch.set_num_threads(base.client_threads)
-    parts = max(parts, 1)
-    settings = settings_from_config(cfg, num_clients=parts, min_clients=min(base.min_clients, parts))
+    settings, objective = node_settings(cfg, max(parts, 1))
+    if settings.client_threads > 0:
+        torch.set_num_threads(settings.client_threads)
     record = msg.content.config_records.get("data")
     local, shape = node_data(context.node_config, settings, DataShape.from_config(record) if record else None)
 
@@ -112,10 +127,14 @@ def train(msg: Message, context: Context) -> Message:
     task = msg.content.config_records["config"]
     depth = int(task["depth"])
     all_exits = bool(task.get("all-exits", settings.branch_all_exits))
-    state = to_state_dict(msg.content.array_records["arrays"])
-    load_branch_state(model, {k: v.to(settings.device) for k, v in state.items()}, depth, all_exits)
+    state = {k: v.to(settings.device) for k, v in to_state_dict(msg.content.array_records["arrays"]).items()}
+    load_branch_state(model, state, depth, all_exits)
     branch = model.branch(depth, all_exits=all_exits)
+    kept = context.state.array_records.get(STATE_RECORD)
     update = train_local(pid if pid is not None else -1, branch, local, settings.local_settings(), float(task["lr"]),
-                         int(task["seed"]))
+                         int(task["seed"]), objective, state, to_state_dict(kept) if kept is not None else None,
+                         int(task.get("server-round", 0)))
+    if update.client_state:
+        context.state.array_records[STATE_RECORD] = to_array_record(update.client_state)
     metrics = MetricRecord({"num-examples": int(update.num_samples), "train-loss": float(update.loss), "depth": depth})
     return Message(RecordDict({"arrays": to_array_record(update.state), "metrics": metrics}), reply_to=msg)

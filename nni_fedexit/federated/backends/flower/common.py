@@ -3,7 +3,7 @@
 A Flower run config holds only flat ``bool | int | float | str`` values, so lists travel as
 strings: ``architecture`` is a JSON object (``{"stage1": "resnet18", ...}``), ``space-widths``
 and ``space-sources`` are comma-separated, ``loss-weights`` and ``profile-mix`` are JSON lists.
-Every :class:`~nni_fedexit.federated.FederatedSettings` field can be set under its name with
+Every :class:`~nni_fedexit.federated.settings.FederatedSettings` field can be set under its name with
 hyphens (``local-epochs``, ``client-samples`` ...); for a field whose default is None, ``""``
 (and ``0`` for counts and widths) means None.
 
@@ -26,7 +26,9 @@ import torch
 from nni_fedexit.data import DataBundle
 from nni_fedexit.exits import MultiExitNetwork
 from nni_fedexit.space import ResNetBlockPoolSpace
-from nni_fedexit.federated.evaluator import FederatedData, FederatedSettings, _seed
+from nni_fedexit.federated.client_data import FederatedData
+from nni_fedexit.federated.rounds import stable_seed
+from nni_fedexit.federated.settings import FederatedSettings
 
 if TYPE_CHECKING:  # flwr is only needed by the apps themselves
     from flwr.app import ArrayRecord
@@ -184,10 +186,10 @@ def build_model(run_config: Mapping[str, Any], settings: FederatedSettings, bund
     s = settings
     space = space_from_config(run_config, bundle)
     arch = architecture_from_config(run_config)
-    torch.manual_seed(_seed(s.seed))  # the network's initial weights
+    torch.manual_seed(stable_seed(s.seed))  # the network's initial weights
     network = space.build(arch)
     network.arch = dict(arch)
-    torch.manual_seed(_seed(s.seed, 0))  # the exits' initial weights, as federate() seeds them
+    torch.manual_seed(stable_seed(s.seed, 0))  # the exits' initial weights, as federate() seeds them
     return MultiExitNetwork.from_network(network, head=s.head, head_width=s.head_width, loss_weights=s.loss_weights)
 
 

@@ -25,11 +25,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from nni_fedexit.federated.evaluator import FederatedError, FederatedSettings, _Checkpoint, _contiguous
+from nni_fedexit.exits import ExitCost
+from nni_fedexit.federated.checkpoint import Checkpoint, cpu_tensors
+from nni_fedexit.federated.client_data import FederatedData
+from nni_fedexit.federated.errors import FederatedError
+from nni_fedexit.federated.rounds import RunOutcome
+from nni_fedexit.federated.settings import FederatedSettings
 from nni_fedexit.federated.backends.flower.common import run_config, write_app
 
 __all__ = ["FlowerCLI", "run_on_flower"]
@@ -119,35 +124,45 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def run_on_flower(
-    model: torch.nn.Module, settings: FederatedSettings, on_round: Callable[[Mapping[str, Any]], None] | None = None,
-) -> tuple[list[dict[str, Any]], int, dict[str, torch.Tensor], dict[str, Any]]:
-    """Run ``settings.rounds`` rounds on the SuperNodes; ``(history, best_round, best_state, state)``.
+    model: torch.nn.Module, settings: FederatedSettings, data: FederatedData | None = None,
+    costs: Sequence[ExitCost] = (), on_record: Callable[[Mapping[str, Any]], None] | None = None,
+) -> RunOutcome:
+    """The ``flower`` backend: run ``settings.rounds`` rounds on the SuperNodes of a SuperLink.
 
-    ``model`` is the exit-point model (a :class:`~nni_fedexit.exits.MultiExitNetwork` with the
-    ``arch`` and ``spec`` of its network): its weights are the run's initial weights.
-    ``on_round(record)`` is called once for every round this run adds.
+    The ServerApp runs the rounds (with the same round engine as the simulation) and writes the
+    checkpoint; this side submits the run, follows ``state.json`` and calls ``on_record(record)``
+    once for every round the run adds. ``model`` is the exit-point model (a
+    :class:`~nni_fedexit.exits.MultiExitNetwork` with the ``arch`` and ``spec`` of its network):
+    its weights are the run's initial weights. ``data`` and ``costs`` are not needed here: the
+    ServerApp loads the data and measures the exits itself.
     """
     s = settings
+
+    def on_round(record: Mapping[str, Any]) -> None:
+        _logger.info("Round %d/%d: val accuracy per exit %s, total loss %.4f", record["round"], s.rounds,
+                     " ".join(f"{a:.4f}" for a in record["exit_accuracy"]), record["total_loss"])
+        if on_record is not None:
+            on_record(record)
+
     if getattr(model, "arch", None) is None or getattr(model, "spec", None) is None:
         raise FederatedError("backend 'flower' rebuilds the network on the server and the nodes from its architecture: "
                              "give federate() a network of ResNetBlockPoolSpace (space.build(sample) or NNI's trial model)")
     cli = FlowerCLI(str(s.flower_superlink), s.flower_home)
     if s.checkpoint_dir:
-        ckpt = _Checkpoint(Path(s.checkpoint_dir).expanduser().absolute())
+        ckpt = Checkpoint(Path(s.checkpoint_dir).expanduser().absolute())
     else:
-        ckpt = _Checkpoint(tempfile.mkdtemp(prefix="fedexit-flower-"))
+        ckpt = Checkpoint(tempfile.mkdtemp(prefix="fedexit-flower-"))
         _logger.info("Checkpoints of the Flower run go to %s", ckpt.folder)
     ckpt.folder.mkdir(parents=True, exist_ok=True)
     if not s.resume:
-        for name in ("state.json", "last.safetensors", "best.safetensors"):
-            (ckpt.folder / name).unlink(missing_ok=True)
+        ckpt.clear()
     before = ckpt.state()
     reported = int(before["round"]) if before else 0
 
     from safetensors.torch import load_file, save_file
 
     initial = ckpt.folder / "initial.safetensors"
-    save_file(_contiguous(model.state_dict()), str(initial))
+    save_file(cpu_tensors(model.state_dict()), str(initial))
     config = run_config(s, model.arch, model.spec, **{"checkpoint-dir": str(ckpt.folder), "initial-weights": str(initial)})
     app = write_app(ckpt.folder / "flower_app", config)
 
@@ -169,8 +184,7 @@ def run_on_flower(
             for record in (state or {}).get("history", []):
                 if record["round"] > reported:
                     reported = record["round"]
-                    if on_round is not None:
-                        on_round(record)
+                    on_round(record)
             status = cli.status(run_id)
             if status is not None:
                 last_answer = time.time()
@@ -196,7 +210,7 @@ def run_on_flower(
 
     state = ckpt.state()
     for record in (state or {}).get("history", []):  # rounds the last look missed
-        if record["round"] > reported and on_round is not None:
+        if record["round"] > reported:
             on_round(record)
     done = int(state["round"]) if state else 0
     if status != "finished:completed" or done < s.rounds:
@@ -204,4 +218,5 @@ def run_on_flower(
             f"Flower run {run_id} ended {status} after round {done} of {s.rounds}; rounds 1..{done} are kept in "
             f"{ckpt.folder} (rerun with resume to go on). The ServerApp's log ({log_path}) ends with:\n{_tail(log_path)}"
         )
-    return state["history"], int(state["best_round"]), load_file(str(ckpt.folder / "best.safetensors")), state
+    clients = [{"node": int(n), **p} for n, p in state.get("nodes", {}).items()]
+    return RunOutcome(state["history"], int(state["best_round"]), load_file(str(ckpt.folder / "best.safetensors")), clients)

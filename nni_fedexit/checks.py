@@ -1,0 +1,55 @@
+"""Checks of setting values, shared by every settings dataclass: one error, naming the key.
+
+A settings class calls :func:`check_fields` in ``__post_init__``: each value must fit its field's
+annotation (``int``, ``float``, ``str``, ``bool``, ``list``, ``dict``, each ``| None`` or not), so a
+YAML ``lr: "0.1"`` or ``round_retries: 1.5`` is refused when the settings are built, by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+__all__ = ["check_fields", "check_type", "positive_int"]
+
+
+def check_type(key: str, value: Any, annotation: str) -> None:
+    """Raise ``ValueError("<key>: expected ...")`` unless ``value`` fits ``annotation`` (a string)."""
+    kinds = {part.strip().split("[")[0] for part in annotation.split("|")}
+    if value is None:
+        if "None" in kinds:
+            return
+        raise ValueError(f"{key}: must not be empty (null)")
+    if "Any" in kinds:
+        return
+    if "bool" in kinds:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+    elif "int" in kinds and "float" not in kinds:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+    elif "float" in kinds:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+    elif "str" in kinds:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+    elif "list" in kinds or "tuple" in kinds:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+    elif "dict" in kinds:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}: expected a mapping of keys to values, got {value!r}")
+
+
+def check_fields(settings: Any, prefix: str = "") -> None:
+    """:func:`check_type` for every field of the dataclass instance ``settings``."""
+    for f in dataclasses.fields(settings):
+        check_type(prefix + f.name, getattr(settings, f.name), str(f.type))
+
+
+def positive_int(key: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1; else ``ValueError("<key>: expected a positive integer ...")``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,13 @@
+"""S5 aggregation rules, by name (``federated.aggregator``).
+
+base.py    the Aggregator interface and its registry
+fedavg.py  ``fedavg``: the depth-aware sample-weighted mean (the patent's aggregation)
+"""
+
+from nni_fedexit.federated.aggregators.base import (
+    Aggregator, RoundAggregate, aggregator_names, make_aggregator, register_aggregator,
+)
+from nni_fedexit.federated.aggregators.fedavg import FedAvg, WeightedMean, aggregate, check_update
+
+__all__ = ["Aggregator", "FedAvg", "RoundAggregate", "WeightedMean", "aggregate", "aggregator_names", "check_update",
+           "make_aggregator", "register_aggregator"]

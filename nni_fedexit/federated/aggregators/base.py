@@ -1,0 +1,75 @@
+"""The aggregator seam: how the server turns a round's client updates into the new global model.
+
+An :class:`Aggregator` lives for a whole run (it may keep server-side state, e.g. a server
+optimiser's moments, saved in the checkpoint through :meth:`Aggregator.state_dict`); each round
+it opens a :class:`RoundAggregate` that takes the accepted updates one at a time, so a backend
+never holds more than one client update. Register a new rule with :func:`register_aggregator`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+__all__ = ["Aggregator", "RoundAggregate", "register_aggregator", "make_aggregator", "aggregator_names"]
+
+State = Mapping[str, torch.Tensor]
+
+
+class RoundAggregate(Protocol):
+    """One round's aggregation: ``add`` each accepted update, then take ``result``."""
+
+    #: updates added so far
+    count: int
+
+    def add(self, update: State, weight: float) -> None:
+        """Add a client's update (its branch's entries) with its weight; raise ``UpdateRejected`` to refuse it."""
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The new global state (every entry of the global model)."""
+
+
+class Aggregator:
+    """A server aggregation rule. Subclasses implement :meth:`begin`; stateful ones the state methods."""
+
+    def __init__(self, settings: Any = None):
+        self.settings = settings
+
+    def begin(self, global_state: State) -> RoundAggregate:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Server-side state to checkpoint (tensors by name; empty for a stateless rule)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (a resumed run)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint holds {sorted(state)[:3]}")
+
+
+_AGGREGATORS: dict[str, Callable[..., Aggregator]] = {}
+
+
+def register_aggregator(name: str) -> Callable[[Any], Any]:
+    """Class decorator: make an :class:`Aggregator` subclass available as ``federated.aggregator: name``."""
+
+    def register(cls: Any) -> Any:
+        _AGGREGATORS[name] = cls
+        return cls
+
+    return register
+
+
+def aggregator_names() -> list[str]:
+    return sorted(_AGGREGATORS)
+
+
+def make_aggregator(settings: Any) -> Aggregator:
+    """The aggregator ``settings.aggregator`` names, built for this run."""
+    try:
+        factory = _AGGREGATORS[settings.aggregator]
+    except KeyError:
+        raise ValueError(f"aggregator: must be one of {aggregator_names()}, got {settings.aggregator!r}") from None
+    return factory(settings)

@@ -1,0 +1,74 @@
+"""The client-objective seam: what an edge client minimises when it trains its branch model.
+
+An objective sees the branch, its exit outputs, the labels, the round's global weights and the
+client's own state (kept from round to round: by the simulation backend, in its checkpoint; on a
+Flower SuperNode, in the node's ``context.state``), so FedProx-, FedDyn- or distillation-style
+objectives are one file each. Register a new one with :func:`register_objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from nni_fedexit.exits import BranchModel
+
+__all__ = ["ClientObjective", "ObjectiveContext", "register_objective", "make_objective", "objective_names"]
+
+
+@dataclass
+class ObjectiveContext:
+    """What an objective may look at during one client's local training in one round."""
+
+    branch: BranchModel
+    #: the global model's entries as the server sent them this round (the branch's keys at least)
+    global_state: Mapping[str, torch.Tensor]
+    #: this client's own state: tensors by name, kept across rounds (the objective updates it in place)
+    client_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    round: int = 0
+    client: int | None = None
+
+
+class ClientObjective:
+    """A client's training objective. Subclasses implement :meth:`loss`; stateful ones :meth:`end`."""
+
+    def __init__(self, settings: Any = None):
+        self.settings = settings
+
+    def begin(self, ctx: ObjectiveContext) -> None:
+        """Called once before the client's local epochs (e.g. to snapshot the global weights)."""
+
+    def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch: ``outputs`` are the logits of the branch's exits, in order."""
+        raise NotImplementedError
+
+    def end(self, ctx: ObjectiveContext) -> None:
+        """Called once after local training: update ``ctx.client_state`` for the next round."""
+
+
+_OBJECTIVES: dict[str, Callable[..., ClientObjective]] = {}
+
+
+def register_objective(name: str) -> Callable[[Any], Any]:
+    """Class decorator: make a :class:`ClientObjective` subclass available as ``federated.objective: name``."""
+
+    def register(cls: Any) -> Any:
+        _OBJECTIVES[name] = cls
+        return cls
+
+    return register
+
+
+def objective_names() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def make_objective(settings: Any) -> ClientObjective:
+    """The objective ``settings.objective`` names, built for this run."""
+    try:
+        factory = _OBJECTIVES[settings.objective]
+    except KeyError:
+        raise ValueError(f"objective: must be one of {objective_names()}, got {settings.objective!r}") from None
+    return factory(settings)

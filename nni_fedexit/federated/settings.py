@@ -1,0 +1,165 @@
+"""S5 settings: everything a federated run depends on, checked once when they are built.
+
+:class:`FederatedSettings` holds plain values (NNI ships it to a trial as keyword arguments, the
+Flower backend as a flat run config); building one checks every field, and an error starts with
+the field's name, which the run config prefixes with ``federated.``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from nni_fedexit.checks import check_fields, positive_int
+from nni_fedexit.exits import EXIT_HEADS
+from nni_fedexit.federated.aggregators import aggregator_names
+from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, ClientProfile
+from nni_fedexit.federated.backends import backend_names
+from nni_fedexit.federated.client import LocalSettings
+from nni_fedexit.federated.objectives import objective_names
+
+__all__ = ["FederatedSettings", "OPERATIONAL"]
+
+#: settings that do not change what a run computes: a checkpoint may be resumed with others
+OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "backend", "flower_superlink",
+               "flower_home", "node_wait", "round_timeout", "client_threads")
+
+
+@dataclass
+class FederatedSettings:
+    """Everything a federated run depends on. Plain values, so NNI can ship it to a trial."""
+
+    rounds: int = 10
+    num_clients: int = 10
+    #: share of the clients selected each round (at least ``min_clients``)
+    client_fraction: float = 1.0
+    #: a round counts only if at least this many client updates were accepted
+    min_clients: int = 2
+    #: "random" (the patent) or "capability" (the deepest branch a client's profile affords)
+    assignment: str = "random"
+    #: capability mode: [[name, budget (share of the full model's MACs), share of clients], ...]
+    profile_mix: list | None = None
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    #: the learning rate of round t is lr * lr_decay ** (t - 1)
+    lr_decay: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: client partition: "iid", "dirichlet" (alpha) or "shards" (classes_per_client)
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    server_fraction: float = 0.2
+    val_fraction: float = 0.2
+    #: caps for CPU-sized runs (None: everything)
+    client_samples: int | None = None
+    val_samples: int | None = None
+    test_samples: int | None = None
+    #: exit heads: "linear" or "conv"; lambda_i per exit (None: all 1)
+    head: str = "conv"
+    head_width: int | None = None
+    loss_weights: list | None = None
+    #: True: a client trains every exit along its branch (deep supervision); False: exit i only
+    branch_all_exits: bool = True
+    #: the server's aggregation rule, by name (``federated.aggregators``): "fedavg" is the depth-aware mean
+    aggregator: str = "fedavg"
+    #: the clients' training objective, by name (``federated.objectives``): "multi_exit" is claim 6's loss
+    objective: str = "multi_exit"
+    #: attempts of a round that got fewer than min_clients updates, before the run stops
+    round_retries: int = 1
+    #: where the rounds run, by name (``federated.backends``): "simulation" (in this process) or "flower"
+    backend: str = "simulation"
+    #: flower backend: the SuperLink connection (a ``[superlink.NAME]`` entry of
+    #: ``$FLWR_HOME/config.toml``) the run is submitted to with ``flwr run``
+    flower_superlink: str | None = None
+    #: flower backend: FLWR_HOME of the ``flwr`` CLI (None: the environment's, else ``~/.flwr``)
+    flower_home: str | None = None
+    #: flower backend: seconds the server waits for ``min_clients`` SuperNodes before round 1
+    node_wait: float = 120.0
+    #: flower backend: seconds a round waits for the nodes' replies (late ones are left out)
+    round_timeout: float = 600.0
+    #: flower backend: torch threads of each ClientApp (0: torch's default)
+    client_threads: int = 0
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # 1 and 1.0 are the same setting (JSON round trips, e.g. NNI resuming a trial, drop the ".0"):
+        # float fields hold floats, so the fingerprint does not depend on how a number was written
+        check_fields(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if type(f.default) is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client"):
+            positive_int(key, getattr(self, key))
+        for key in ("client_samples", "val_samples", "test_samples", "head_width"):
+            if getattr(self, key) is not None:
+                positive_int(key, getattr(self, key))
+        if self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients: {self.min_clients} is more than num_clients ({self.num_clients})")
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError(f"client_fraction: must be in (0, 1], got {self.client_fraction}")
+        for key, allowed in (("assignment", ("random", "capability")), ("partition", ("iid", "dirichlet", "shards")),
+                             ("head", EXIT_HEADS), ("aggregator", aggregator_names()),
+                             ("objective", objective_names()), ("backend", backend_names())):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.backend == "flower" and not self.flower_superlink:
+            raise ValueError("flower_superlink: the flower backend needs the name of a SuperLink connection "
+                             "([superlink.NAME] in $FLWR_HOME/config.toml), e.g. flower_superlink='local-deploy'")
+        for key in ("node_wait", "round_timeout", "lr", "lr_decay", "alpha"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+        for key in ("momentum", "weight_decay"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.client_threads < 0:
+            raise ValueError(f"client_threads: must be >= 0 (0: torch's default), got {self.client_threads}")
+        if self.round_retries < 0:
+            raise ValueError(f"round_retries: must be >= 0, got {self.round_retries}")
+        for key in ("server_fraction", "val_fraction"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be in (0, 1), got {getattr(self, key)}")
+        if self.loss_weights is not None:
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                       for w in self.loss_weights):
+                raise ValueError(f"loss_weights: expected a list of finite non-negative numbers (one per exit), "
+                                 f"got {self.loss_weights!r}")
+        self.profiles()
+
+    def profiles(self) -> list[tuple[ClientProfile, float]]:
+        """The capability mode's device classes and their shares of the clients."""
+        if self.profile_mix is None:
+            return list(DEFAULT_PROFILE_MIX)
+        try:
+            mix = [(ClientProfile(str(name), float(budget)), float(share)) for name, budget, share in self.profile_mix]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"profile_mix: expected [[name, budget, share], ...], got {self.profile_mix!r}") from err
+        if not mix or any(share < 0 for _, share in mix) or sum(share for _, share in mix) <= 0:
+            raise ValueError(f"profile_mix: shares must be non-negative with a positive sum, got {self.profile_mix!r}")
+        return mix
+
+    def round_lr(self, t: int) -> float:
+        """The clients' learning rate in round ``t`` (1-based): ``lr * lr_decay ** (t - 1)``."""
+        return self.lr * self.lr_decay ** (t - 1)
+
+    def local_settings(self) -> LocalSettings:
+        """What every client's local training takes from these settings (all backends)."""
+        return LocalSettings(epochs=self.local_epochs, batch_size=self.batch_size, momentum=self.momentum,
+                             weight_decay=self.weight_decay)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must agree on to be resumed (everything but rounds, paths and backend)."""
+        d = dataclasses.asdict(self)
+        for key in OPERATIONAL:
+            d.pop(key)
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
