@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nni-fedexit-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data browser demo test clean
+.PHONY: install data browser demo test docs clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[flower,onnx,test]'
+	$(PY) -m pip install --quiet -e '.[flower,onnx,test,docs]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package where apt-get and root are there;
@@ -43,6 +43,10 @@ demo: install data
 
 test: install data browser
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/) built into site/; open site/index.html.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

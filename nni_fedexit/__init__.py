@@ -3,8 +3,11 @@
 S1 ResNetBlockPoolSpace (block pools cropped from timm ResNets), S2 data roles and client
 partitions, S3 SizeAwarePolicyGradient (LSTM controller, REINFORCE, size-aware reward), S4
 MultiExitNetwork (exits after every stage, branch models, early exits), S5 FederatedEvaluator
-(depth-aware federated averaging over simulated edge clients). SizeAwarePGTuner is the S3 search
-as a classic NNI tuner for nnictl experiments.
+(depth-aware federated averaging over edge clients, simulated in-process or real Flower
+SuperNodes). SizeAwarePGTuner is the S3 search as a classic NNI tuner for nnictl experiments.
+
+One subpackage per step: space (S1), data (S2), search (S3), exits (S4), federated (S5); job is
+the main job (config, pipeline, report, CLI), nni_tools the NNI tooling and workarounds.
 """
 
 from nni_fedexit.nni_tools import compat  # noqa: F401  (must come before anything imports nni)

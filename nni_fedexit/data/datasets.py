@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from nni_fedexit.files import write_atomic
+
 __all__ = [
     "DataError",
     "ImageData",
@@ -151,14 +153,15 @@ def _stage_fmnist(files: dict[str, Path]) -> dict[str, Path]:
         dst = staged[stem] = raw / stem
         if dst.is_file():
             continue
-        tmp = dst.with_suffix(".tmp")
-        try:
+        def unzip(tmp: Path, src: Path = src) -> None:
             with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
+
+        try:
+            write_atomic(dst, unzip)
         except (OSError, EOFError, gzip.BadGzipFile) as err:
-            tmp.unlink(missing_ok=True)
+            dst.with_name(dst.name + ".tmp").unlink(missing_ok=True)
             raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({err}). {_FMNIST_HELP}") from err
-        tmp.replace(dst)
     return staged
 
 

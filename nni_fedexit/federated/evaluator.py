@@ -113,14 +113,15 @@ class FederatedEvaluator(MutableEvaluator):
         s = self.settings
         return f"rounds={s.rounds}, num_clients={s.num_clients}, assignment={s.assignment!r}, partition={s.partition!r}"
 
-    def fit(self, network: nn.Module, data: FederatedData | None = None, report: bool = True) -> FederatedResult:
-        """Run the federated training; returns the trained model and what was measured."""
+    def fit(self, network: nn.Module, data: FederatedData | None = None, report: bool = True,
+            backend_factory: Callable[..., Any] | None = None) -> FederatedResult:
+        """Run the federated training (see :func:`federate`); returns the trained model and what was measured."""
         settings = self.settings
         if settings.checkpoint_dir is None and nni.get_trial_id() != "STANDALONE":
             out = os.environ.get("NNI_OUTPUT_DIR")
             if out:
                 settings = dataclasses.replace(settings, checkpoint_dir=str(Path(out) / "federated"))
-        self.result = federate(network, settings, data=data, report=report)
+        self.result = federate(network, settings, data=data, backend_factory=backend_factory, report=report)
         return self.result
 
     def _execute(self, model: Any) -> Any:

@@ -36,7 +36,7 @@ How each way of starting the manager can use it
   calls ``start()``, so the manager inherits nnictl's environment): set the variable for that one
   command::
 
-      NODE_OPTIONS="$(python -c 'from nni_fedexit.webui import node_options; print(node_options())')" \\
+      NODE_OPTIONS="$(python -c 'from nni_fedexit.nni_tools.webui import node_options; print(node_options())')" \\
           nnictl create --config config.yml --port 8080
 
 * Either way, the web UI is then reached from another machine through an SSH tunnel:
