@@ -132,10 +132,9 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
     overrides: dict[str, Any] = {}
     if run_dir:
         overrides["run_dir"] = run_dir
-    config = load_config(config_path, overrides)
     if port is not None:
-        config.nni.port = port
-    run = Run(config, echo=click.echo)
+        overrides["nni.port"] = port
+    run = Run(load_config(config_path, overrides), echo=click.echo)  # checked once, here
     try:
         run.run(resume=resume, stages=stages)
     except KeyboardInterrupt:
@@ -186,14 +185,17 @@ def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -
     _run_stages(config, ("federate",), True, port, run_dir)
 
 
-def _existing_run(run_dir: str) -> Any:
+def _existing_run(run_dir: str, port: int | None = None) -> Any:
     from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
 
     cfg = Path(run_dir) / "config.yaml"
     if not cfg.is_file():
         raise FileNotFoundError(f"{cfg} not found: {run_dir} is not a run directory of nni-fedexit")
-    return Run(load_config(cfg, {"run_dir": run_dir}), echo=click.echo)
+    overrides: dict[str, Any] = {"run_dir": run_dir}
+    if port is not None:
+        overrides["nni.port"] = port
+    return Run(load_config(cfg, overrides), echo=click.echo)
 
 
 @main.command()
@@ -271,9 +273,7 @@ def resume(target: str, port: int | None) -> None:
             raise ReopenError(f"experiment {target} is not part of an nni-fedexit run directory: resume it from the "
                               f"Python that created it, NasExperiment(space, evaluator, strategy, id={target!r}).resume()")
         run_dir = ref.run_dir
-    run = _existing_run(str(run_dir))
-    if port is not None:
-        run.config.nni.port = port
+    run = _existing_run(str(run_dir), port)
     if run.done() == list(STAGES):
         click.echo(f"every stage of {run.dir} has finished: `nni-fedexit view {run.dir}` opens its web UI")
         return

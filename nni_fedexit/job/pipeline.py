@@ -27,15 +27,16 @@ import yaml
 
 from nni_fedexit.nni_tools import compat  # noqa: F401
 from nni_fedexit.job.config import RunConfig
-from nni_fedexit.data import DataBundle, ImageData, load_dataset, split_roles
+from nni_fedexit.data import DataBundle, DataRoles, ImageData, load_dataset, split_roles
 from nni_fedexit.exits import (
     MultiExitNetwork, calibrate, early_exit_metrics, exit_accuracies, exit_costs, exit_outputs, export_branches,
     threshold_curve,
 )
-from nni_fedexit.federated import FederatedData, FederatedSettings
-from nni_fedexit.federated.evaluator import _Checkpoint
+from nni_fedexit.federated import FederatedData
+from nni_fedexit.federated.checkpoint import Checkpoint
+from nni_fedexit.files import write_atomic, write_json
 from nni_fedexit.space import ResNetBlockPoolSpace, load_space_spec
-from nni_fedexit.search.strategy import FixedArchitecture, SizeAwarePolicyGradient
+from nni_fedexit.search.strategy import FixedArchitecture
 from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
 __all__ = ["Run", "STAGES", "shared_search_evaluator"]
@@ -43,13 +44,6 @@ __all__ = ["Run", "STAGES", "shared_search_evaluator"]
 _logger = logging.getLogger(__name__)
 
 STAGES = ("search", "federate", "evaluate", "export", "report")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def shared_search_evaluator(
@@ -81,6 +75,7 @@ class Run:
         self._data: DataBundle | None = None
         self._space: ResNetBlockPoolSpace | None = None
         self._federated_data: FederatedData | None = None
+        self._roles: DataRoles | None = None
         #: whether run() continues an earlier run (an interrupted stage's experiment is resumed)
         self._resuming = False
 
@@ -110,18 +105,18 @@ class Run:
         torch.manual_seed(self.config.seed)  # the supernet's initial weights (shared search): reproducible runs
         return ResNetBlockPoolSpace.from_spec(spec)
 
-    def federated_settings(self) -> FederatedSettings:
-        d = self.config.data
-        return FederatedSettings(**{
-            **self.config.federated, "dataset": d.dataset, "data_dir": d.data_dir, "server_fraction": d.server_fraction,
-            "val_fraction": d.val_fraction, "test_samples": d.test_samples, "seed": self.config.seed,
-            "checkpoint_dir": str(self.dir / "federated"), "device": self.config.device,
-        })
+    @property
+    def roles(self) -> DataRoles:
+        """The training set's split into the server's search train/val and the clients' share."""
+        if self._roles is None:
+            d = self.config.data
+            self._roles = split_roles(len(self.data.train), d.server_fraction, d.val_fraction, seed=self.config.seed)
+        return self._roles
 
     def federated_data(self) -> FederatedData:
         """The clients' partitions and the server's splits, built once per run."""
         if self._federated_data is None:
-            self._federated_data = FederatedData(self.federated_settings(), bundle=self.data)
+            self._federated_data = FederatedData(self.config.federated_settings(), bundle=self.data)
         return self._federated_data
 
     def done(self) -> list[str]:
@@ -130,7 +125,7 @@ class Run:
 
     def _mark(self, stage: str) -> None:
         done = [s for s in self.done() if s != stage] + [stage]
-        _write_json(self.dir / "stages.json", {"done": done})
+        write_json(self.dir / "stages.json", {"done": done})
 
     def experiments_dir(self) -> Path:
         return self.dir / "nni-experiments"
@@ -159,20 +154,17 @@ class Run:
         from nni.nas.experiment import NasExperiment
 
         c = self.config
-        strategy = self._strategy()
+        strategy = c.new_strategy()
         space = self.new_space()
         if strategy.mode == "shared":
             evaluator = self._shared_evaluator()
         else:
             from nni_fedexit.search.trial import search_evaluator
 
-            d = c.data
-            evaluator = search_evaluator(**{
-                "dataset": d.dataset, "data_dir": d.data_dir, "server_fraction": d.server_fraction,
-                "val_fraction": d.val_fraction, "seed": c.seed, **c.search.trial,
-                # the web UI shows each trial's reward as the strategy computes it
-                "reward": strategy.reward_for(strategy.baseline_params or space.baseline_params()),
-            })
+            # NNI ships the trial's settings as keyword arguments; the web UI shows each trial's
+            # reward as the strategy computes it
+            evaluator = search_evaluator(**c.trial_settings(),
+                                         reward=strategy.reward_for(strategy.baseline_params or space.baseline_params()))
         def configure(exp: NasExperiment) -> None:
             if strategy.mode == "trials":
                 exp.config.max_trial_number = c.search.max_trials
@@ -199,26 +191,17 @@ class Run:
             "samples": strategy.records, "probabilities": learner.probabilities(),
             "final_candidates": getattr(strategy, "final_candidates", []),
         }
-        _write_json(self.dir / "search" / "history.json", history)
+        write_json(self.dir / "search" / "history.json", history)
         arch = {"sample": best, "params": space.count_params(best), "baseline_params": space.baseline_params(),
                 "baseline": space.spec.sources[0], "num_architectures": space.num_architectures(),
                 "experiment_id": exp.id}
-        _write_json(self.dir / "search" / "architecture.json", arch)
+        write_json(self.dir / "search" / "architecture.json", arch)
         self.echo(f"[search] chose {best}: {arch['params']:,} parameters "
                   f"({arch['params'] / arch['baseline_params']:.2f} x the {arch['baseline']} baseline)")
         return arch
 
-    def _strategy(self) -> SizeAwarePolicyGradient:
-        cfg = self.config.search.strategy
-        if isinstance(cfg, str):
-            return SizeAwarePolicyGradient.from_preset(cfg, seed=self.config.seed)
-        cfg = dict(cfg)
-        preset = cfg.pop("preset", "size_aware_pg")
-        return SizeAwarePolicyGradient.from_preset(preset, **{"seed": self.config.seed, **cfg})
-
     def _shared_evaluator(self) -> Any:
-        c, d = self.config, self.config.data
-        roles = split_roles(len(self.data.train), d.server_fraction, d.val_fraction, seed=c.seed)
+        c, roles = self.config, self.roles
         return shared_search_evaluator(
             self.data.train.subset(roles.search_train[: c.search.train_samples]), self.data.train.subset(roles.search_val),
             self.data.num_classes, epochs=c.search.epochs, batch_size=c.search.batch_size,
@@ -245,7 +228,7 @@ class Run:
         exp = NasExperiment(space, evaluator, strategy, id=old if resumed else None)
         exp.config.experiment_working_directory = str(self.experiments_dir())
         configure(exp)  # as when it was created: NNI resumes an experiment with its own config
-        _write_json(record, {"experiment_id": exp.id, "stage": stage, "attempts": attempt})
+        write_json(record, {"experiment_id": exp.id, "stage": stage, "attempts": attempt})
         return exp, resumed
 
     def _start(self, exp: Any, resumed: bool) -> None:
@@ -267,8 +250,8 @@ class Run:
         from nni_fedexit.federated import FederatedEvaluator
 
         arch = self.architecture()
-        s = self.federated_settings()
-        evaluator = FederatedEvaluator(**dataclasses.asdict(s))
+        s = self.config.federated_settings()
+        evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
         def configure(exp: NasExperiment) -> None:
             exp.config.max_trial_number = 1
             exp.config.trial_concurrency = 1
@@ -292,18 +275,17 @@ class Run:
             stop.set()
             watcher.join()
             exp.stop()
-        state_path = Path(s.checkpoint_dir) / "state.json"
-        if not state_path.is_file():
+        state = Checkpoint(s.checkpoint_dir).state()
+        if state is None:
             raise RuntimeError(f"the federated trial wrote no checkpoint: see its log under {self.experiments_dir() / exp.id}")
-        state = json.loads(state_path.read_text())
         if state["round"] < s.rounds:
             raise RuntimeError(f"the federated trial stopped after round {state['round']} of {s.rounds}: see its log "
                                f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
-        _write_json(self.dir / "federated" / "metrics.json", {
+        write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
         })
         data = self.federated_data()
-        _write_json(self.dir / "federated" / "partition.json", {
+        write_json(self.dir / "federated" / "partition.json", {
             "scheme": s.partition, "alpha": s.alpha, "label_skew": data.label_skew, "clients": data.summary,
             # flower backend: the SuperNodes that took part (partition-id, or their own data-dir)
             **({"backend": "flower", "nodes": state.get("nodes", {})} if s.backend == "flower" else {}),
@@ -311,9 +293,9 @@ class Run:
         from safetensors.torch import load_file, save_file
 
         best = load_file(str(Path(s.checkpoint_dir) / "best.safetensors"))
-        save_file(best, str(self.dir / "model.safetensors"))
-        _write_json(self.dir / "model.json", {"architecture": arch["sample"], "head": s.head,
-                                              "loss_weights": s.loss_weights, "best_round": state["best_round"]})
+        write_atomic(self.dir / "model.safetensors", lambda p: save_file(best, str(p)))
+        write_json(self.dir / "model.json", {"architecture": arch["sample"], "head": s.head,
+                                             "loss_weights": s.loss_weights, "best_round": state["best_round"]})
 
     def _watch_rounds(self, folder: Path, rounds: int, stop: threading.Event) -> None:
         """Progress bar of the federated trial, read from its checkpoints."""
@@ -321,7 +303,7 @@ class Run:
 
         bar = tqdm(total=rounds, desc="federated rounds", unit="round")
         seen = 0
-        ckpt = _Checkpoint(folder)
+        ckpt = Checkpoint(folder)
         while not stop.wait(2.0):
             state = ckpt.state()
             if state is not None and state["round"] > seen:
@@ -349,11 +331,10 @@ class Run:
         return model.eval()
 
     def stage_evaluate(self) -> dict[str, Any]:
-        c, d = self.config, self.config.data
+        c = self.config
         model = self.model()
-        roles = split_roles(len(self.data.train), d.server_fraction, d.val_fraction, seed=c.seed)
-        val = self.data.train.subset(roles.search_val)
-        test = self.data.test if d.test_samples is None else self.data.test.subset(range(min(d.test_samples, len(self.data.test))))
+        val = self.data.train.subset(self.roles.search_val)
+        test = self.federated_data().test  # the federated stage's test set (data.test_samples)
         costs = exit_costs(model, test.images[:1])
         cal = calibrate(model, val, max_accuracy_drop=c.exits.max_accuracy_drop, macs_budget=c.exits.macs_budget,
                         criterion=c.exits.criterion, costs=costs)
@@ -370,7 +351,7 @@ class Run:
             "test": {**on_test, "last_exit_accuracy": test_acc[-1], "macs_saved": 1 - on_test["expected_macs"] / costs[-1].macs},
             "test_curve": curve, "test_images": len(test), "val_images": len(val),
         }
-        _write_json(self.dir / "evaluation.json", result)
+        write_json(self.dir / "evaluation.json", result)
         self.echo(f"[evaluate] test accuracy per exit {' '.join(f'{a:.4f}' for a in test_acc)}; early exits: "
                   f"{on_test['accuracy']:.4f} at {result['test']['macs_saved']:.1%} less compute")
         return result
@@ -378,7 +359,7 @@ class Run:
     def stage_export(self) -> list[dict[str, Any]]:
         model = self.model()
         records = export_branches(model, self.dir / "export", self.data.test.images[:2])
-        _write_json(self.dir / "export" / "exports.json", records)
+        write_json(self.dir / "export" / "exports.json", records)
         self.echo(f"[export] {len(records)} files in {self.dir / 'export'}")
         return records
 

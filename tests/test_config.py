@@ -1,0 +1,178 @@
+"""The run configuration: every section checked when it loads, messages that start with the dotted key,
+the run's FederatedSettings built once."""
+
+import re
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from nni_fedexit.job.cli import main
+from nni_fedexit.job.config import ConfigError, load_config
+from helpers import EXAMPLES
+
+
+def _config(tmp_path, **changes):
+    """tiny_digits.yaml with ``section__key=value`` (or ``key=value``) changes, as a file."""
+    data = yaml.safe_load((EXAMPLES / "tiny_digits.yaml").read_text())
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            data.setdefault(section, {})[key] = value
+        else:
+            data[section] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """load_config must not read any data: loading a data set here fails the test."""
+    import nni_fedexit.data
+    import nni_fedexit.data.datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_config loaded data")
+
+    for module in (nni_fedexit.data, nni_fedexit.data.datasets):
+        monkeypatch.setattr(module, "load_dataset", refuse)
+
+
+@pytest.mark.parametrize(
+    "changes,prefix",
+    [
+        ({"federated__profile_mix": [[1]]}, "federated.profile_mix: "),
+        ({"federated__loss_weights": "abc"}, "federated.loss_weights: "),
+        ({"federated__head": "mlp"}, "federated.head: "),
+        ({"federated__round_retries": 1.5}, "federated.round_retries: "),
+        ({"federated__lr": "0.1"}, "federated.lr: "),
+        ({"federated__aggregator": "nope"}, "federated.aggregator: "),
+        ({"federated__objective": "nope"}, "federated.objective: "),
+        ({"federated__backend": "nope"}, "federated.backend: "),
+        ({"federated__roundz": 3}, "federated.roundz: unknown key"),
+        ({"federated__seed": 3}, "federated.seed: "),
+        ({"data__server_fraction": 1.5}, "data.server_fraction: "),
+        ({"data__test_samples": 0}, "data.test_samples: "),
+        ({"data__dataset": "mnist"}, "data.dataset: "),
+        ({"search": {"strategy": "no_such_preset"}}, "search.strategy: "),
+        ({"search": {"strategy": {"preset": "no_such_preset"}}}, "search.strategy.preset: "),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "bogus": 1}}}, "search.strategy.bogus: unknown key"),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "beta": 0}}}, "search.strategy.beta: "),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "samples_per_update": "two"}}},
+         "search.strategy.samples_per_update: "),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "mode": "both"}}}, "search.strategy.mode: "),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "controller": {"hidden": 3}}}},
+         "search.strategy.controller.hidden: unknown key"),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "controller": {"hidden_size": 0}}}},
+         "search.strategy.controller.hidden_size: "),
+        ({"search": {"strategy": {"preset": "size_aware_pg", "reward": 3}}}, "search.strategy.reward: "),
+        ({"search__trial": {"epoch": 1}}, "search.trial.epoch: unknown key"),
+        ({"search__trial": {"lr": "fast"}}, "search.trial.lr: "),
+        ({"search__learning_rate": 0}, "search.learning_rate: "),
+        ({"space": {"preset": "resnet_pool", "sources": ["resnet18"]}}, "space.sources: "),
+        ({"space": "no_such_space"}, "space: "),
+        ({"exits__macs_budget": 1e6}, "exits: give exactly one"),
+        ({"seedd": 1}, "seedd: unknown key"),
+    ],
+)
+def test_bad_value_fails_at_load_naming_the_dotted_key(tmp_path, no_data, changes, prefix):
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, **changes))
+    assert str(info.value).startswith(prefix), str(info.value)
+
+
+def test_a_missing_strategy_preset_names_the_available_ones(tmp_path, no_data):
+    with pytest.raises(ConfigError, match=r"^search\.strategy\.preset: .*'no_such_preset'.*size_aware_pg_trials"):
+        load_config(_config(tmp_path, search={"strategy": {"preset": "no_such_preset"}}))
+
+
+def test_an_unknown_strategy_key_lists_the_known_ones(tmp_path, no_data):
+    with pytest.raises(ConfigError, match=r"^search\.strategy\.bogus: unknown key.*'final_samples'.*'preset'"):
+        load_config(_config(tmp_path, search={"strategy": {"preset": "size_aware_pg", "bogus": 1}}))
+
+
+def test_a_good_config_builds_its_federated_settings_once(tmp_path, no_data):
+    from nni_fedexit.federated import FederatedSettings
+
+    config = load_config(_config(tmp_path, federated__rounds=7, run_dir=str(tmp_path / "run")))
+    settings = config.federated_settings()
+    assert isinstance(settings, FederatedSettings)
+    assert settings is config.federated_settings() is config.federated_settings()
+    assert settings.rounds == 7 and settings.dataset == "digits" and settings.seed == config.seed
+    assert settings.checkpoint_dir == str((tmp_path / "run" / "federated").resolve())
+    # what the run directory's config.yaml holds: the sections as written, no built object
+    assert config.to_dict()["federated"] == {"rounds": 7, "num_clients": 3, "min_clients": 2, "head": "linear"}
+    assert load_config(_config(tmp_path, **config.to_dict())).federated_settings() == settings
+
+
+def test_the_strategy_comes_from_the_checked_arguments(tmp_path, no_data):
+    config = load_config(_config(tmp_path, seed=5))
+    preset, arguments = config.strategy_arguments()
+    assert preset == "size_aware_pg" and arguments == {"seed": 5, "final_samples": 4, "samples_per_update": 2}
+    first, second = config.new_strategy(), config.new_strategy()
+    assert first is not second and (first.final_samples, first.seed, first.mode) == (4, 5, "shared")
+
+
+def test_dotted_overrides_are_checked(tmp_path, no_data):
+    assert load_config(_config(tmp_path), {"nni.port": 9001}).nni.port == 9001
+    with pytest.raises(ConfigError, match=r"^nni\.port: must be in 1\.\.65535"):
+        load_config(_config(tmp_path), {"nni.port": 0})
+
+
+# ---- from the command line (moved from test_run.py) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"federated__roundz": 3}, "federated.roundz: unknown key"),
+        ({"search__epochs": "three"}, "search.epochs: expected an integer"),
+        ({"federated__min_clients": 9}, "federated.min_clients: 9 is more than num_clients"),
+        ({"federated__num_clients": 100000}, "100000 clients but only"),
+        ({"exits__criterion": "margin"}, "exits.criterion"),
+        ({"data__datset": "digits"}, "data.datset: unknown key"),
+        ({"space": {"preset": "resnet_pool", "widht": [8]}}, "space.widht: unknown key"),
+        ({"device": "tpu"}, "device: must be cpu or cuda"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path, changes, needle):
+    result = CliRunner().invoke(main, ["run", str(_config(tmp_path, **changes)), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_bad_port_option_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(_config(tmp_path)), "--run-dir", str(tmp_path / "r"), "--port", "0"])
+    assert result.exit_code == 2 and "nni.port: must be in 1..65535" in result.output, result.output
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml not found" in result.output
+
+
+def test_every_example_config_is_valid():
+    names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+    assert {"fmnist_quickstart.yaml", "fmnist_full.yaml", "cifar10.yaml", "fmnist_noniid.yaml"} <= set(names)
+    for name in names:
+        load_config(EXAMPLES / name)
+
+
+def test_flower_example_config_is_checked(tmp_path):
+    """federated.backend: flower needs the SuperLink connection; the example names it."""
+    config = load_config(EXAMPLES / "tiny_digits_flower.yaml")
+    settings = config.federated_settings()
+    assert (settings.backend, settings.flower_superlink) == ("flower", "local-deploy")
+    broken = yaml.safe_load((EXAMPLES / "tiny_digits_flower.yaml").read_text())
+    del broken["federated"]["flower_superlink"]
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(ConfigError, match=r"^federated\.flower_superlink: .*config\.toml"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_messages_start_with_the_key_not_a_file_path(tmp_path, no_data):
+    """A strategy preset's own errors name the preset file after the key, not before it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, search={"strategy": {"preset": "size_aware_pg", "final_samples": 0}}))
+    assert re.match(r"^search\.strategy\.final_samples: ", str(info.value)), str(info.value)
