@@ -8,11 +8,13 @@ never holds more than one client update. Register a new rule with :func:`registe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 
-__all__ = ["Aggregator", "RoundAggregate", "register_aggregator", "make_aggregator", "aggregator_names"]
+from nni_fedexit.registry import Registry
+
+__all__ = ["AGGREGATORS", "Aggregator", "RoundAggregate", "register_aggregator", "make_aggregator", "aggregator_names"]
 
 State = Mapping[str, torch.Tensor]
 
@@ -49,27 +51,12 @@ class Aggregator:
             raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint holds {sorted(state)[:3]}")
 
 
-_AGGREGATORS: dict[str, Callable[..., Aggregator]] = {}
-
-
-def register_aggregator(name: str) -> Callable[[Any], Any]:
-    """Class decorator: make an :class:`Aggregator` subclass available as ``federated.aggregator: name``."""
-
-    def register(cls: Any) -> Any:
-        _AGGREGATORS[name] = cls
-        return cls
-
-    return register
-
-
-def aggregator_names() -> list[str]:
-    return sorted(_AGGREGATORS)
+AGGREGATORS = Registry("aggregator")
+#: class decorator: ``@register_aggregator("name")`` makes an Aggregator subclass ``federated.aggregator: name``
+register_aggregator = AGGREGATORS.register
+aggregator_names = AGGREGATORS.names
 
 
 def make_aggregator(settings: Any) -> Aggregator:
-    """The aggregator ``settings.aggregator`` names, built for this run."""
-    try:
-        factory = _AGGREGATORS[settings.aggregator]
-    except KeyError:
-        raise ValueError(f"aggregator: must be one of {aggregator_names()}, got {settings.aggregator!r}") from None
-    return factory(settings)
+    """The aggregator ``settings.aggregator`` names, built for this run (``settings``: its FederatedSettings)."""
+    return AGGREGATORS.get(settings.aggregator)(settings)

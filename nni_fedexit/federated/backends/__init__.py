@@ -11,34 +11,16 @@ the registry imports a backend's module only when a run uses it (so ``flwr`` sta
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+from nni_fedexit.registry import Registry
 
-__all__ = ["register_backend", "get_backend", "backend_names"]
+__all__ = ["BACKENDS", "register_backend", "get_backend", "backend_names"]
 
-_BACKENDS: dict[str, Callable[..., Any] | str] = {
+BACKENDS = Registry("backend", {
     "simulation": "nni_fedexit.federated.backends.simulation:run_simulation",
     "flower": "nni_fedexit.federated.backends.flower.submit:run_on_flower",
-}
-
-
-def register_backend(name: str, run: Callable[..., Any] | str) -> None:
-    """Make ``run`` (a function, or ``"module:function"`` imported on first use) the backend ``name``."""
-    _BACKENDS[name] = run
-
-
-def backend_names() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def get_backend(name: str) -> Callable[..., Any]:
-    """The run function of backend ``name``."""
-    try:
-        run = _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"backend: must be one of {backend_names()}, got {name!r}") from None
-    if isinstance(run, str):
-        module, _, attr = run.partition(":")
-        run = getattr(importlib.import_module(module), attr)
-        _BACKENDS[name] = run
-    return run
+})
+#: ``register_backend(name, run)``: ``run`` a function, or ``"module:function"`` imported on first use
+register_backend = BACKENDS.register
+backend_names = BACKENDS.names
+#: the run function of a backend, by name
+get_backend = BACKENDS.get

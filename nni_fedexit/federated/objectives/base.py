@@ -9,13 +9,14 @@ objectives are one file each. Register a new one with :func:`register_objective`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from nni_fedexit.exits import BranchModel
+from nni_fedexit.registry import Registry
 
-__all__ = ["ClientObjective", "ObjectiveContext", "register_objective", "make_objective", "objective_names"]
+__all__ = ["OBJECTIVES", "ClientObjective", "ObjectiveContext", "register_objective", "make_objective", "objective_names"]
 
 
 @dataclass
@@ -48,27 +49,12 @@ class ClientObjective:
         """Called once after local training: update ``ctx.client_state`` for the next round."""
 
 
-_OBJECTIVES: dict[str, Callable[..., ClientObjective]] = {}
-
-
-def register_objective(name: str) -> Callable[[Any], Any]:
-    """Class decorator: make a :class:`ClientObjective` subclass available as ``federated.objective: name``."""
-
-    def register(cls: Any) -> Any:
-        _OBJECTIVES[name] = cls
-        return cls
-
-    return register
-
-
-def objective_names() -> list[str]:
-    return sorted(_OBJECTIVES)
+OBJECTIVES = Registry("objective")
+#: class decorator: ``@register_objective("name")`` makes a ClientObjective subclass ``federated.objective: name``
+register_objective = OBJECTIVES.register
+objective_names = OBJECTIVES.names
 
 
 def make_objective(settings: Any) -> ClientObjective:
-    """The objective ``settings.objective`` names, built for this run."""
-    try:
-        factory = _OBJECTIVES[settings.objective]
-    except KeyError:
-        raise ValueError(f"objective: must be one of {objective_names()}, got {settings.objective!r}") from None
-    return factory(settings)
+    """The objective ``settings.objective`` names, built for this run (``settings``: its FederatedSettings)."""
+    return OBJECTIVES.get(settings.objective)(settings)
