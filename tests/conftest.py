@@ -1,7 +1,14 @@
+"""Fixtures the tests share (session-scoped: built once per run). Plain helpers: tests/helpers.py."""
+
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `from helpers import ...` in every test module, whatever pytest's --import-mode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)

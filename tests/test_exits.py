@@ -20,6 +20,7 @@ from nni_fedexit.exits import (
     multi_exit_loss,
 )
 from nni_fedexit.training import TrainSettings, train_classifier
+from helpers import TINY_SAMPLE, tiny_space
 
 SAMPLE = {"stage1": "resnet50", "stage2": "resnet18", "stage3": "resnet34", "stage4": "resnet50"}
 
@@ -112,8 +113,7 @@ def test_confidence_criteria():
 @pytest.fixture(scope="module")
 def trained(digits):
     torch.manual_seed(0)
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
-    model = MultiExitNetwork.from_architecture(space, {"stage1": "resnet18", "stage2": "resnet50", "stage3": "resnet18"})
+    model = MultiExitNetwork.from_architecture(tiny_space(widths=(8, 16, 32)), TINY_SAMPLE)
     train_classifier(model, digits.train, TrainSettings(epochs=4, batch_size=32, lr=0.05, seed=0),
                      loss_fn=lambda outs, y: multi_exit_loss(outs, y, model.loss_weights))
     return model

@@ -27,12 +27,7 @@ from nni_fedexit.federated import (
     select_clients,
     train_local,
 )
-
-SAMPLE = {"stage1": "resnet18", "stage2": "resnet50", "stage3": "resnet18"}
-
-
-def tiny_space():
-    return ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 16])
+from helpers import HAVE_FMNIST, TINY_SAMPLE as SAMPLE, run_trials_experiment, tiny_space
 
 
 def digits_settings(**overrides):
@@ -150,8 +145,6 @@ def test_one_client_with_all_the_data_equals_central_training(digits):
 
 def test_federated_run_on_fashion_mnist_raises_validation_accuracy(tmp_path):
     pytest.importorskip("torchvision")
-    from tests.test_data import HAVE_FMNIST
-
     if not HAVE_FMNIST:
         pytest.skip("Fashion-MNIST not installed (`make data`)")
     space = ResNetBlockPoolSpace.from_preset("resnet_pool", widths=[8, 16, 16, 32])
@@ -243,7 +236,6 @@ def test_federated_evaluator_runs_as_nni_trials_with_a_curve_per_round(tmp_path)
     import json
 
     from nni_fedexit.search.strategy import SizeAwarePolicyGradient
-    from tests.nni_helpers import run_trials_experiment
 
     space = tiny_space()
     evaluator = FederatedEvaluator(dataset="digits", rounds=2, num_clients=3, min_clients=2, head="linear")

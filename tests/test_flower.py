@@ -8,14 +8,8 @@ the same seed and partitions.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -29,191 +23,22 @@ import tomllib
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "examples" / "flower_deployment"
-BIN = Path(sys.executable).parent
+from helpers import (
+    Deployment,
+    flower_app_config,
+    flwr_cli,
+    flwr_runs,
+    free_port,
+    make_tls,
+    max_abs_difference,
+    run_trials_experiment,
+    ssh_key,
+    tiny_space,
+    torch_threads,
+    write_flwr_config,
+)
+
 RUN_TIMEOUT = 240  # seconds for the whole run (2 rounds of the digits model take far less)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode} before listening on {port}:\n{log.read_text()[-3000:]}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-class Processes:
-    """Processes started by the test, each in its own session; stopped (with children) by pid."""
-
-    def __init__(self, env: dict[str, str], logs: Path):
-        self.env = env
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(args, env=self.env, cwd=str(self.logs), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc, log
-
-    def stop_all(self) -> None:
-        # newest first: the run, the SuperNodes (and their ClientApps), then the SuperLink
-        for _, proc in reversed(self.procs):
-            self._signal(proc, signal.SIGTERM)
-        deadline = time.time() + 15
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-            self._signal(proc, signal.SIGKILL)  # its process group: the children it spawned
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen, sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)  # the group whose id is this process's pid (start_new_session)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-class Deployment(Processes):
-    """A SuperLink and its SuperNodes on 127.0.0.1, with a temporary FLWR_HOME (``local-deploy``).
-
-    ``tls``: a folder holding ``ca.crt``, ``server.pem`` and ``server.key`` (see :func:`_make_tls`):
-    the SuperLink then serves TLS and authenticates SuperNodes, and ``flwr`` trusts that CA.
-    """
-
-    def __init__(self, tmp_path: Path, tls: Path | None = None):
-        home = tmp_path / "flwr_home"
-        home.mkdir()
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        self.tls = tls
-        self.link_port = _free_port()
-        security = f'root-certificates = "{tls / "ca.crt"}"' if tls else "insecure = true"
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "local-deploy"\n\n'
-            f'[superlink.local-deploy]\naddress = "127.0.0.1:{self.link_port}"\n{security}\n'
-        )
-        env = dict(os.environ)
-        env.update(
-            FLWR_HOME=str(home),
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # flwr-serverapp, flwr-clientapp, ... of this venv
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-        )
-        super().__init__(env, logs)
-
-    def superlink(self) -> subprocess.Popen:
-        if self.tls:
-            security = ["--ssl-ca-certfile", str(self.tls / "ca.crt"), "--ssl-certfile", str(self.tls / "server.pem"),
-                        "--ssl-keyfile", str(self.tls / "server.key"), "--enable-supernode-auth"]
-        else:
-            security = ["--insecure"]
-        link, link_log = self.start("superlink", [
-            str(BIN / "flower-superlink"), *security, "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.link_port),
-        ])
-        _wait_port(self.link_port, link, 60, link_log)
-        return link
-
-    def supernode(self, name: str, node_config: str, key: Path | None = None) -> tuple[subprocess.Popen, Path]:
-        if self.tls:
-            security = ["--root-certificates", str(self.tls / "ca.crt"), "--auth-supernode-private-key", str(key)]
-        else:
-            security = ["--insecure"]
-        return self.start(name, [
-            str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.link_port}",
-            "--port", str(_free_port()), "--node-config", node_config,
-        ])
-
-    def run(self, run_config: str) -> tuple[subprocess.Popen, Path]:
-        return self.start("flwr_run", [
-            str(BIN / "flwr"), "run", str(APP), "local-deploy", "--stream", "--run-config", run_config,
-        ])
-
-    def online_nodes(self) -> int:
-        res = _flwr(self.env, "supernode", "list", "local-deploy", "--format", "json", timeout=30)
-        try:
-            return sum(n.get("status") == "online" for n in json.loads(res.stdout).get("nodes", []))
-        except (json.JSONDecodeError, AttributeError):
-            return 0
-
-    def wait_online(self, count: int, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.online_nodes() >= count:
-                return
-            time.sleep(1)
-        raise AssertionError(f"fewer than {count} SuperNodes online after {timeout} s\n{self.diag()}")
-
-    @staticmethod
-    def state(ckpt: Path) -> dict | None:
-        try:
-            return json.loads((ckpt / "state.json").read_text())
-        except (OSError, json.JSONDecodeError):  # not there yet, or being written
-            return None
-
-    def wait_rounds(self, ckpt: Path, run: subprocess.Popen, rounds: int, timeout: float) -> dict | None:
-        """The checkpoint's state once ``rounds`` rounds are in it and the run has ended (or at the deadline)."""
-        deadline = time.time() + timeout
-        state = None
-        while time.time() < deadline:
-            state = self.state(ckpt) or state
-            if state is not None and state["round"] >= rounds:
-                break
-            if run.poll() is not None and run.returncode != 0:
-                break
-            time.sleep(2)
-        # the run finishes right after the last round's checkpoint
-        while time.time() < deadline and run.poll() is None:
-            time.sleep(1)
-        return self.state(ckpt) or state
-
-    def diag(self) -> str:
-        return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logs.glob("*.log")))
-
-    def kill(self, proc: subprocess.Popen) -> None:
-        self._signal(proc, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _app_config(**overrides) -> dict:
-    config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config.update(overrides)
-    return config
-
-
-def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=str(ROOT), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def _run_status(env: dict[str, str]) -> list[dict]:
-    res = _flwr(env, "ls", "local-deploy", "--format", "json", timeout=30)
-    try:
-        return json.loads(res.stdout).get("runs", [])
-    except (json.JSONDecodeError, AttributeError):
-        return []
 
 
 def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
@@ -230,7 +55,7 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
         diag = dep.diag()
         assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"
         assert run.returncode == 0, diag
-        runs = _run_status(dep.env)
+        runs = flwr_runs(dep.env)
         assert runs and all("completed" in str(r.get("status", "")) for r in runs), f"{runs}\n{diag}"
     finally:
         dep.stop_all()
@@ -245,25 +70,22 @@ def test_deployment_trains_two_rounds_like_the_simulation(tmp_path):
     from nni_fedexit.federated import federate
     from nni_fedexit.federated.backends.flower.common import build_model, load_data, settings_from_config
 
-    config = _app_config()
+    config = flower_app_config()
     settings = settings_from_config(config, num_clients=2, min_clients=2, checkpoint_dir=str(tmp_path / "sim"))
     # one torch thread, as the ClientApps ran (client-threads=1, OMP_NUM_THREADS=1): float32
     # reductions depend on the thread count, the data's normalisation statistics included
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         data = load_data(settings)
         model = build_model(config, settings, data.bundle)
         assert set(model.state_dict()) == set(deployed)
         result = federate(model, settings, data=data, report=False)
-    finally:
-        torch.set_num_threads(threads)
     assert [h["clients"] for h in result.history] == [
-        [{"client": c["partition"], "depth": c["depth"], "seed": c["seed"]} for c in sorted(h["clients"], key=lambda c: c["partition"])]
+        [{"client": c["client"], "depth": c["depth"], "lr": c["lr"], "seed": c["seed"]}
+         for c in sorted(h["clients"], key=lambda c: c["client"])]
         for h in state["history"]
     ]
     simulated = load_file(str(tmp_path / "sim" / "last.safetensors"))
-    worst = max(float((deployed[k].double() - simulated[k].double()).abs().max()) for k in simulated)
+    worst = max_abs_difference(deployed, simulated)
     assert worst <= 1e-5, f"deployment and simulation differ by {worst}"
 
 
@@ -273,12 +95,8 @@ def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_pat
     the weights are the simulation backend's with those images as client 1's data."""
     # one torch thread here, as the ClientApps run (client-threads=1, OMP_NUM_THREADS=1): float32
     # reductions, the data's standardisation statistics included, depend on the thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         _evaluator_on_flower(tmp_path, monkeypatch)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _evaluator_on_flower(tmp_path, monkeypatch):
@@ -287,16 +105,14 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     import nni
-    from nni_fedexit import ResNetBlockPoolSpace
     from nni_fedexit.data import load_dataset
     from nni_fedexit.exits import MultiExitNetwork
     from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, federate
     from nni_fedexit.search.strategy import FixedArchitecture
-    from nni_helpers import run_trials_experiment
 
     bundle = load_dataset("digits")
     sizes = dict(in_chans=bundle.in_chans, image_size=bundle.image_size, num_classes=bundle.num_classes)
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], widths=[8, 16, 16], **sizes)
+    space = tiny_space(**sizes)
     arch = {"stage1": "resnet50", "stage2": "resnet18", "stage3": "resnet18"}
     ckpt = tmp_path / "checkpoint"
     dep = Deployment(tmp_path)
@@ -346,7 +162,7 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     federate(model, dataclasses.replace(settings, rounds=2, backend="simulation", checkpoint_dir=str(tmp_path / "sim")),
              data=data, report=False)
     deployed, simulated = load_file(str(ckpt / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
-    worst = max(float((deployed[k].double() - simulated[k].double()).abs().max()) for k in simulated)
+    worst = max_abs_difference(deployed, simulated)
     assert worst <= 1e-5, f"resumed deployment and simulation differ by {worst}"
 
 
@@ -355,14 +171,13 @@ def test_flower_backend_names_the_missing_superlink(tmp_path):
 
     with pytest.raises(ValueError, match="flower_superlink"):
         FederatedSettings(backend="flower")
-    from nni_fedexit import ResNetBlockPoolSpace
     from nni_fedexit.exits import MultiExitNetwork
     from nni_fedexit.federated.backends.flower.submit import run_on_flower
 
     home = tmp_path / "flwr_home"
     home.mkdir()
-    (home / "config.toml").write_text(f'[superlink.nowhere]\naddress = "127.0.0.1:{_free_port()}"\ninsecure = true\n')
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 16])
+    write_flwr_config(home, "nowhere", f"127.0.0.1:{free_port()}")
+    space = tiny_space()
     model = MultiExitNetwork.from_architecture(space, {"stage1": "resnet18", "stage2": "resnet18", "stage3": "resnet50"})
     settings = FederatedSettings(dataset="digits", num_clients=2, backend="flower", flower_superlink="nowhere",
                                  flower_home=str(home), checkpoint_dir=str(tmp_path / "ckpt"))
@@ -373,11 +188,10 @@ def test_flower_backend_names_the_missing_superlink(tmp_path):
 def test_run_config_round_trips_the_settings(tmp_path):
     import dataclasses
 
-    from nni_fedexit import ResNetBlockPoolSpace
     from nni_fedexit.federated import FederatedSettings
     from nni_fedexit.federated.backends.flower.common import run_config, settings_from_config, space_from_config, write_app
 
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 16], depth_crops=[1])
+    space = tiny_space(depth_crops=[1])
     settings = FederatedSettings(dataset="digits", num_clients=3, loss_weights=[1, 0.5, 2], client_samples=90,
                                  profile_mix=[["phone", 0.3, 0.5], ["edge", 1.0, 0.5]], lr=0.02)
     arch = {"stage1": "resnet50-d1", "stage2": "resnet18", "stage3": "resnet18"}
@@ -392,7 +206,7 @@ def test_run_config_round_trips_the_settings(tmp_path):
     assert rebuilt.spec == space.spec and json.loads(config["architecture"]) == arch
     # the example app lists only keys the ServerApp knows
     known = set(config)
-    assert set(_app_config()) <= known, set(_app_config()) - known
+    assert set(flower_app_config()) <= known, set(flower_app_config()) - known
 
 
 class _Sizes:
@@ -407,7 +221,7 @@ def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
         branch_keys, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict,
     )
 
-    config = _app_config(**{"client-samples": 0, "loss-weights": "[1, 0.5, 2]", "batch-size": 16.0})
+    config = flower_app_config(**{"client-samples": 0, "loss-weights": "[1, 0.5, 2]", "batch-size": 16.0})
     settings = settings_from_config(config, num_clients=2, min_clients=2)
     assert (settings.dataset, settings.rounds, settings.head, settings.client_samples) == ("digits", 2, "linear", None)
     assert settings.loss_weights == [1, 0.5, 2] and settings.batch_size == 16 and settings.backend == "simulation"
@@ -448,8 +262,8 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
             time.sleep(0.2)
         assert first is not None and first["round"] == 1, f"round 1 was not checkpointed\n{dep.diag()}"
         # a node that trained in round 1 goes away for good (with its ClientApp)
-        victim = max(first["history"][0]["clients"], key=lambda c: c["partition"])
-        dep.kill(nodes[victim["partition"]])
+        victim = max(first["history"][0]["clients"], key=lambda c: c["client"])
+        dep.kill(nodes[victim["client"]])
         state = dep.wait_rounds(ckpt, run, 3, deadline - time.time())
         diag = dep.diag()
         assert state is not None and state["round"] == 3, f"the run did not complete 3 rounds in {FAULT_TIMEOUT} s\n{diag}"
@@ -473,57 +287,16 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
     assert named, f"no warning names node {victim['node']}:\n{text[-4000:]}"
 
 
-def _make_tls(folder: Path) -> Path:
-    """A CA and a server certificate (SANs localhost, 127.0.0.1) it signed: ca.crt, server.pem, server.key."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir()
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject, issuer, public_key, signing_key, ca: bool, san=None):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(signing_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nni-fedexit test CA")])
-    ca_cert = cert(ca_name, ca_name, ca_key.public_key(), ca_key, True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key.public_key(), ca_key,
-                  False, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return folder
-
-
-def _ssh_key(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)], check=True,
-                   capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    return path
-
-
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is needed for the SuperNode keys")
 def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
-    tls = _make_tls(tmp_path / "tls")
-    keys = [_ssh_key(tmp_path / f"node{i}") for i in range(3)]  # node2's key is never registered
+    tls = make_tls(tmp_path / "tls")
+    keys = [ssh_key(tmp_path / f"node{i}") for i in range(3)]  # node2's key is never registered
     ckpt = tmp_path / "checkpoint"
     dep = Deployment(tmp_path, tls=tls)
     try:
         dep.superlink()
         for key in keys[:2]:
-            res = _flwr(dep.env, "supernode", "register", f"{key}.pub", "local-deploy")
+            res = flwr_cli(dep.env, "supernode", "register", f"{key}.pub", "local-deploy")
             assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{dep.diag()}"
         intruder, intruder_log = dep.supernode("intruder", "partition-id=2 num-partitions=3", keys[2])
         for i in range(2):
@@ -544,7 +317,7 @@ def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
         dep.stop_all()
     history = state["history"]
     assert all(h["accepted"] == 2 and not h["failed"] for h in history), history
-    assert all(sorted(c["partition"] for c in h["clients"]) == [0, 1] for h in history), history
+    assert all(sorted(c["client"] for c in h["clients"]) == [0, 1] for h in history), history
 
 
 def test_node_config_names_the_data_or_says_how():

@@ -7,30 +7,25 @@ stops only this test's experiment.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-from nni_helpers import free_port
+from helpers import BIN, PLANTED, PLANTED_SPACE, ROOT, free_port, nni_api, venv_env, wait_experiment_done
 
-BIN = Path(sys.executable).parent
 NNICTL = BIN / "nnictl"
-META = Path(__file__).parent.parent / "strategies" / "size_aware_pg_tuner.meta.yml"
-PLANTED = {"a": "z", "c": 2}
+META = ROOT / "strategies" / "size_aware_pg_tuner.meta.yml"
 
-TRIAL_SCRIPT = """\
+TRIAL_SCRIPT = f"""\
 import nni
 
-PLANTED = {"a": "z", "c": 2}
+PLANTED = {PLANTED!r}
 params = nni.get_next_parameter()
 score = 0.4 + sum(0.3 for k, v in PLANTED.items() if params[k] == v)
-nni.report_final_result({"default": score, "params": 1000})
+nni.report_final_result({{"default": score, "params": 1000}})
 """
 
 pytestmark = pytest.mark.skipif(not NNICTL.exists(), reason=f"nnictl not found next to {sys.executable}")
@@ -40,25 +35,8 @@ def _nnictl(env, *args, timeout=60):
     return subprocess.run([str(NNICTL), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _get(port, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
-        return json.load(r)
-
-
-def _wait_done(port, deadline):
-    status = None
-    while time.time() < deadline:
-        status = _get(port, "check-status")
-        if status["status"] in ("DONE", "ERROR", "STOPPED"):
-            return status
-        time.sleep(1)
-    raise AssertionError(f"experiment not done in time; last status {status}, "
-                         f"{len(_get(port, 'trial-jobs'))} trial jobs so far")
-
-
 def _isolated_env(tmp_path):
-    env = dict(os.environ, NNI_CONFIG_DIR=str(tmp_path / "nni-config"), HOME=str(tmp_path / "home"))
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = venv_env(NNI_CONFIG_DIR=str(tmp_path / "nni-config"), HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     return env
 
@@ -67,7 +45,7 @@ def _write_experiment(tmp_path, trials):
     """A tiny choice space (2 parameters x 3 values) and a trial whose score has a planted best value per parameter."""
     (tmp_path / "trial.py").write_text(TRIAL_SCRIPT)
     config = {
-        "searchSpace": {"a": {"_type": "choice", "_value": ["x", "y", "z"]}, "c": {"_type": "randint", "_value": [0, 3]}},
+        "searchSpace": PLANTED_SPACE,
         "trialCommand": f"{sys.executable} trial.py",
         "trialCodeDirectory": str(tmp_path),
         "trialConcurrency": 2,
@@ -96,9 +74,9 @@ def test_nnictl_experiment_with_size_aware_pg_concentrates_on_the_planted_best(t
     try:
         created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
         assert created.returncode == 0, created.stdout + created.stderr
-        status = _wait_done(port, t0 + 150)
-        jobs = _get(port, "trial-jobs")
-        experiment = _get(port, "experiment")
+        status = wait_experiment_done(port, t0 + 150)
+        jobs = nni_api(port, "trial-jobs")
+        experiment = nni_api(port, "experiment")
     finally:
         stopped = _nnictl(env, "stop", "--all")
     elapsed = time.time() - t0
@@ -148,15 +126,15 @@ def test_nnictl_resume_continues_the_controller_instead_of_restarting(tmp_path):
     try:
         created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
         assert created.returncode == 0, created.stdout + created.stderr
-        assert _wait_done(port, t0 + 90)["status"] == "DONE"
-        exp_id = _get(port, "experiment")["id"]
+        assert wait_experiment_done(port, t0 + 90)["status"] == "DONE"
+        exp_id = nni_api(port, "experiment")["id"]
         assert _nnictl(env, "stop", exp_id).returncode == 0
         resumed = _nnictl(env, "resume", exp_id, "--port", str(port))
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         updated = _nnictl(env, "update", "trialnum", exp_id, "--value", "12")
         assert updated.returncode == 0, updated.stdout + updated.stderr
         deadline = time.time() + 90
-        while len([j for j in _get(port, "trial-jobs") if j["status"] == "SUCCEEDED"]) < 12:
+        while len([j for j in nni_api(port, "trial-jobs") if j["status"] == "SUCCEEDED"]) < 12:
             assert time.time() < deadline, "the resumed experiment did not run 4 more trials in time"
             time.sleep(1)
     finally:

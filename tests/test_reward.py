@@ -2,7 +2,6 @@
 
 import pytest
 
-from nni_fedexit import ResNetBlockPoolSpace
 from nni_fedexit.search.reward import (
     HardBudgetReward,
     LinearPenaltyReward,
@@ -12,6 +11,7 @@ from nni_fedexit.search.reward import (
     linear_penalty_reward,
     size_aware_reward,
 )
+from helpers import tiny_space
 
 
 def test_equals_accuracy_when_the_network_is_the_baseline_size():
@@ -51,7 +51,7 @@ def test_alternative_rewards():
 def test_profiler_gives_the_frozen_module_parameter_count_of_any_space():
     from nni.nas.hub.pytorch import NasBench201
 
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    space = tiny_space(widths=(8, 16, 32))
     sample = {"stage1": "resnet50", "stage2": "resnet18", "stage3": "resnet50"}
     assert ParamsProfiler(space).profile(sample) == sum(p.numel() for p in space.build(sample).parameters())
 

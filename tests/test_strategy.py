@@ -16,13 +16,12 @@ from nni.nas.evaluator.pytorch import DataLoader  # traced: NNI can ship it to t
 from nni.nas.execution import SequentialExecutionEngine
 from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, model_context
 
-from nni_fedexit import ResNetBlockPoolSpace
-from tests.nni_helpers import run_trials_experiment
 from nni_fedexit.search.strategy import (
     SharedSizeAwarePolicyGradient,
     SizeAwarePolicyGradient,
     TrialsSizeAwarePolicyGradient,
 )
+from helpers import run_shared_experiment, run_trials_experiment, tiny_space
 
 
 @nni.trace
@@ -169,18 +168,10 @@ def _classification(digits, max_epochs, size=None):
 
 
 def test_shared_mode_nas_experiment_exports_the_best_scored_sample(digits, tmp_path):
-    from nni.nas.experiment import NasExperiment
-
     torch.manual_seed(0)
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    space = tiny_space(widths=(8, 16, 32))
     strategy = SizeAwarePolicyGradient(final_samples=6, samples_per_update=2, seed=0)
-    exp = NasExperiment(space, _classification(digits, max_epochs=2), strategy)
-    exp.config.experiment_working_directory = str(tmp_path)
-    try:
-        exp.run()
-        exported = exp.export_top_models(formatter="dict")
-    finally:
-        exp.stop()
+    exported = run_shared_experiment(space, _classification(digits, max_epochs=2), strategy, tmp_path)
     assert len(exported) == 1 and space.contains(exported[0])
     assert strategy.learner.steps == 2 * 7 // 2  # 7 validation batches an epoch, 2 per update
     best = max(strategy.final_candidates, key=lambda c: c["reward"])
@@ -190,19 +181,12 @@ def test_shared_mode_nas_experiment_exports_the_best_scored_sample(digits, tmp_p
 
 
 def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
-    from nni.nas.experiment import NasExperiment
     from nni.nas.hub.pytorch import NasBench201
 
     torch.manual_seed(0)
     space = NasBench201(stem_out_channels=4, num_modules_per_stack=1)
     strategy = SizeAwarePolicyGradient(final_samples=3, samples_per_update=2, seed=0)
-    exp = NasExperiment(space, _classification(digits, max_epochs=1, size=32), strategy)
-    exp.config.experiment_working_directory = str(tmp_path)
-    try:
-        exp.run()
-        (sample,) = exp.export_top_models(formatter="dict")
-    finally:
-        exp.stop()
+    (sample,) = run_shared_experiment(space, _classification(digits, max_epochs=1, size=32), strategy, tmp_path)
     assert set(sample) == {f"cell/{j}_{i}" for i in range(1, 4) for j in range(i)}
     assert space.contains(sample) and strategy.learner.steps == 3
     assert strategy.baseline_params > 0  # P: the sample of every label's first choice
@@ -211,7 +195,7 @@ def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
 def test_trials_mode_real_experiment_lists_trials_with_metrics(tmp_path):
     from nni_fedexit.search.trial import search_evaluator
 
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    space = tiny_space(widths=(8, 16, 32))
     strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=2, seed=0)
     evaluator = search_evaluator(dataset="digits", train_samples=None, epochs=1)
     jobs, _, exported = run_trials_experiment(space, evaluator, strategy, tmp_path, trials=4)

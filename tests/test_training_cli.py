@@ -7,10 +7,11 @@ from click.testing import CliRunner
 from nni_fedexit import ResNetBlockPoolSpace
 from nni_fedexit.job.cli import main
 from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classifier
+from helpers import tiny_space
 
 
 def test_sampled_architecture_learns_digits(digits):
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    space = tiny_space(widths=(8, 16, 32))
     sample = {}
     model = space.random(memo=sample, random_state=np.random.RandomState(0))
     before = evaluate_accuracy(model, digits.test)

@@ -2,7 +2,6 @@
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,12 +11,7 @@ from nni_fedexit.search.reward import size_aware_reward
 from nni_fedexit.space.nni_json import to_nni_search_space, write_nni_search_space
 from nni_fedexit.search.reward import parse_metric
 from nni_fedexit.search.tuner import NNICTL_META, STATE_FILE, parse_search_space
-
-SPACE = {
-    "a": {"_type": "choice", "_value": ["x", "y", "z"]},
-    "c": {"_type": "randint", "_value": [0, 3]},
-}
-PLANTED = {"a": "z", "c": 2}
+from helpers import EXAMPLES, PLANTED, ROOT, PLANTED_SPACE as SPACE
 
 
 def planted_score(p):
@@ -245,7 +239,7 @@ def test_a_trial_running_at_the_stop_is_counted_once_across_two_resumes(tmp_path
 
 
 def test_nnictl_meta_file_matches_the_code():
-    meta = yaml.safe_load((Path(__file__).parent.parent / "strategies" / "size_aware_pg_tuner.meta.yml").read_text())
+    meta = yaml.safe_load((ROOT / "strategies" / "size_aware_pg_tuner.meta.yml").read_text())
     assert meta == NNICTL_META
 
 
@@ -266,7 +260,7 @@ def test_block_pool_space_as_nni_json_agrees_with_the_space(fmnist_space, tmp_pa
 def test_example_search_space_is_the_exported_block_pool_space():
     from nni_fedexit import ResNetBlockPoolSpace
 
-    example = Path(__file__).parent.parent / "examples" / "nnictl"
+    example = EXAMPLES / "nnictl"
     config = yaml.safe_load((example / "config.yml").read_text())
     committed = json.loads((example / config["searchSpaceFile"]).read_text())
     space = ResNetBlockPoolSpace.from_preset("resnet_pool")
@@ -287,7 +281,7 @@ def test_register_command_is_idempotent_and_nnictl_finds_the_tuner(tmp_path, mon
     assert "SizeAwarePG registered" in first.output and str(tmp_path) in first.output
     second = CliRunner().invoke(main, ["register"])
     assert second.exit_code == 0 and "SizeAwarePG already registered" in second.output
-    assert "| SizeAwarePG     | tuner      | user      | SizeAwarePGTuner     | nni_fedexit.tuner" in second.output
+    assert "| SizeAwarePG     | tuner      | user      | SizeAwarePGTuner     | nni_fedexit.search.tuner" in second.output
     meta = get_algo_meta("SizeAwarePG")
     assert meta.class_name == NNICTL_META["className"] and not meta.is_builtin
     assert (tmp_path / "registered_algorithms.yml").read_text().count("builtinName: SizeAwarePG") == 1

@@ -9,9 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,10 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from nni_fedexit.job.cli import main
-from tests.nni_helpers import free_port
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-BIN = Path(sys.executable).parent
+from helpers import BIN, EXAMPLES, free_port, nni_api
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -35,10 +30,6 @@ def _config(tmp: Path, rounds: int = 2) -> Path:
     path = tmp / "tiny_trials.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _api(port: int, what: str):
-    return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{what}", timeout=10))
 
 
 def _stop(port: int) -> None:
@@ -76,11 +67,11 @@ def test_view_serves_the_finished_search_with_readable_trials(viewed):
     from nni_fedexit.nni_tools.webui import listening_hosts
 
     run_dir, port, exp_id = viewed
-    assert _api(port, "check-status")["status"] == "VIEWED"
+    assert nni_api(port, "check-status")["status"] == "VIEWED"
     assert listening_hosts(port) == {"127.0.0.1"}  # nni-fedexit view keeps the web UI on this machine
     history = json.loads((run_dir / "search" / "history.json").read_text())
     by_arch = {" ".join(f"{k}={v}" for k, v in s["sample"].items()): s for s in history["samples"]}
-    jobs = _api(port, "trial-jobs")
+    jobs = nni_api(port, "trial-jobs")
     assert len(jobs) == 3 and all(j["status"] == "SUCCEEDED" for j in jobs)
     for job in jobs:
         final = json.loads(json.loads(job["finalMetricData"][0]["data"]))

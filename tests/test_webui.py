@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from nni_fedexit import webui
+from nni_fedexit.nni_tools import webui
 from nni_fedexit.nni_tools.webui import listening_hosts, nni_manager_env, node_options, web_ui_message
-from nni_helpers import free_port
+from helpers import free_port, nni_api, wait_experiment_done
 
 NODE = None
 try:
@@ -40,11 +39,6 @@ nni.report_final_result(1.0)
 """
 
 ALL_INTERFACES = {"0.0.0.0", "::"}
-
-
-def _get(port, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
-        return json.load(r)
 
 
 def _experiment(tmp_path, name):
@@ -85,14 +79,7 @@ def _reachable(address, port):
 
 
 def _wait_done(port, timeout=60):
-    deadline = time.time() + timeout
-    status = None
-    while time.time() < deadline:
-        status = _get(port, "check-status")["status"]
-        if status in ("DONE", "ERROR", "STOPPED"):
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"experiment not done in {timeout} s; last status {status}")
+    return wait_experiment_done(port, time.time() + timeout, poll=0.5)["status"]
 
 
 def test_nni_manager_binds_localhost_only_and_the_local_trial_succeeds(tmp_path, monkeypatch):
@@ -104,12 +91,12 @@ def test_nni_manager_binds_localhost_only_and_the_local_trial_succeeds(tmp_path,
             exp.start(port)
         assert os.environ["NODE_OPTIONS"] == "--no-deprecation"
         assert listening_hosts(port) == {"127.0.0.1"}
-        assert _get(port, "check-status")["status"] in ("RUNNING", "DONE")
+        assert nni_api(port, "check-status")["status"] in ("RUNNING", "DONE")
         other = _other_address()
         if other is not None:  # the machine's own network address is refused
             assert not _reachable(other, port)
         assert _wait_done(port) == "DONE"
-        jobs = _get(port, "trial-jobs")
+        jobs = nni_api(port, "trial-jobs")
         assert [j["status"] for j in jobs] == ["SUCCEEDED"], jobs
         assert json.loads(jobs[0]["finalMetricData"][0]["data"]) in (1.0, "1.0")
         trial = json.loads(next(work.rglob("trial_env.json")).read_text())
@@ -136,7 +123,7 @@ def test_without_it_nni_binds_all_interfaces(tmp_path):
             assert _reachable(other, port)
         # let the tuner and the trial finish: stopping while the tuner connects makes it print a traceback
         assert _wait_done(port) == "DONE"
-        assert [j["status"] for j in _get(port, "trial-jobs")] == ["SUCCEEDED"]
+        assert [j["status"] for j in nni_api(port, "trial-jobs")] == ["SUCCEEDED"]
     finally:
         exp.stop()
     assert listening_hosts(port) == set()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -333,6 +334,8 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
 
     max_dedup_draws = 20
     max_uniform_draws = 1000
+    #: seconds to wait, once NNI reports every trial done, for the last trials' end events
+    end_event_wait = 10.0
 
     def _run(self) -> None:
         assert self.learner is not None
@@ -347,6 +350,14 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
             _logger.info("[trial %d] submitting %s", len(self.records) + len(self._running), sample)
             self.engine.submit_models(model)  # the sequential engine runs it (and its callbacks) here
         self.engine.wait_models()
+        # NNI's engine reports every model done before its listener thread has delivered the last
+        # TrainingEnd events: wait for them (bounded), or the last trials' rewards would be lost
+        deadline = time.monotonic() + self.end_event_wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._running:
+                    break
+            time.sleep(0.05)
 
     def _next_sample(self) -> dict[str, Any] | None:
         """The controller's next architecture; with ``dedup``, one not trained or running yet."""

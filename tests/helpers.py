@@ -1,0 +1,403 @@
+"""What the tests share, in one place (fixtures are in conftest.py):
+
+- paths: the repository, its examples, this venv's scripts; whether Fashion-MNIST is installed;
+- the tiny digits-sized space and its sample, the tests' planted choice space;
+- a free port, NNI's REST API, NNI experiments (NAS trials, shared mode), waiting for one to end;
+- torch thread counts and state-dict comparisons;
+- the Flower harness: FLWR_HOME config files, a SuperLink with SuperNodes as real processes,
+  `flwr` calls, TLS certificates and SuperNode keys.
+
+Test modules import it as ``from helpers import ...`` (conftest.py puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from nni_fedexit.data import FASHION_MNIST_SYSTEM_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+#: this venv's scripts (nnictl, nni-fedexit, flower-superlink, flwr, ...)
+BIN = Path(sys.executable).parent
+#: Debian's dataset-fashion-mnist is installed (`make data`)
+HAVE_FMNIST = (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+
+# ---- spaces and samples ------------------------------------------------------------------------
+
+#: an architecture of :func:`tiny_space` (3 stages)
+TINY_SAMPLE = {"stage1": "resnet18", "stage2": "resnet50", "stage3": "resnet18"}
+
+#: a classic NNI search space of two parameters with a planted best value each (tuner and nnictl tests)
+PLANTED_SPACE = {
+    "a": {"_type": "choice", "_value": ["x", "y", "z"]},
+    "c": {"_type": "randint", "_value": [0, 3]},
+}
+PLANTED = {"a": "z", "c": 2}
+
+
+def tiny_space(widths=(8, 16, 16), **kwargs):
+    """The block-pool space of resnet18 and resnet50 blocks for 8x8 images (digits): 3 stages, 8 networks."""
+    from nni_fedexit import ResNetBlockPoolSpace
+
+    return ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], **{"image_size": 8, **kwargs}, widths=list(widths))
+
+
+# ---- ports, NNI's REST API, NNI experiments ----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nni_api(port: int, path: str):
+    """GET ``/api/v1/nni/<path>`` of the NNI manager on ``port``, as JSON."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
+        return json.load(r)
+
+
+def wait_experiment_done(port: int, deadline: float, poll: float = 1.0) -> dict:
+    """The experiment's ``check-status`` once it is DONE, ERROR or STOPPED; fails at ``deadline`` (time.time())."""
+    status = None
+    while time.time() < deadline:
+        status = nni_api(port, "check-status")
+        if status["status"] in ("DONE", "ERROR", "STOPPED"):
+            return status
+        time.sleep(poll)
+    raise AssertionError(f"experiment not done in time; last status {status}, "
+                         f"{len(nni_api(port, 'trial-jobs'))} trial jobs so far")
+
+
+def trial_threads(concurrent: int) -> str:
+    """OMP_NUM_THREADS for ``concurrent`` trial processes: their share of this machine's CPUs (at least 1),
+    at most what the environment already says. Two trials of 2 torch threads each on 2 cores are
+    oversubscribed: with one thread each, test_strategy's 4-trial experiment took 19-23 s instead of
+    23-37 s on the 2-core machine (what the trials report is only compared with itself)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cpus // max(1, concurrent))
+    return str(min(share, int(os.environ.get("OMP_NUM_THREADS") or share)))
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block (what processes started in it inherit), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_trials_experiment(space, evaluator, strategy, work_dir, trials: int, concurrency: int = 2):
+    """Run a NasExperiment on the local training service; returns (trial jobs, metric data, top model).
+
+    The trial processes (started by NNI's manager, which inherits this environment) share the CPUs:
+    see :func:`trial_threads`."""
+    from nni.nas.experiment import NasExperiment
+
+    exp = NasExperiment(space, evaluator, strategy)
+    exp.config.max_trial_number = trials
+    exp.config.trial_concurrency = concurrency
+    exp.config.training_service.use_active_gpu = False
+    exp.config.experiment_working_directory = str(work_dir)
+    port = free_port()
+    try:
+        with environment(OMP_NUM_THREADS=trial_threads(min(trials, concurrency))):
+            exp.run(port=port)
+        jobs = nni_api(port, "trial-jobs")
+        metrics = nni_api(port, "metric-data")
+        exported = exp.export_top_models(formatter="dict")
+    finally:
+        exp.stop()
+    return jobs, metrics, exported
+
+
+def run_shared_experiment(space, evaluator, strategy, work_dir):
+    """Run a NasExperiment in this process (a shared-mode strategy); returns its top models as dicts."""
+    from nni.nas.experiment import NasExperiment
+
+    exp = NasExperiment(space, evaluator, strategy)
+    exp.config.experiment_working_directory = str(work_dir)
+    try:
+        exp.run()
+        return exp.export_top_models(formatter="dict")
+    finally:
+        exp.stop()
+
+
+def venv_env(**overrides: str) -> dict[str, str]:
+    """This process's environment with ``overrides`` and this venv's scripts first on PATH."""
+    env = dict(os.environ, **overrides)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+# ---- torch -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads (float32 reductions depend on the thread count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def max_abs_difference(a: Mapping, b: Mapping) -> float:
+    """The largest absolute difference between two state dicts, over the keys of ``b``."""
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
+
+
+# ---- Flower ------------------------------------------------------------------------------------
+
+#: the Flower app the deployment tests submit, as a user would
+FLOWER_APP = EXAMPLES / "flower_deployment"
+
+
+def write_flwr_config(home: Path, connection: str, address: str, security: str = "insecure = true",
+                      default: bool = False) -> Path:
+    """FLWR_HOME's config.toml with one SuperLink connection (``security``: a TOML line)."""
+    head = f'[superlink]\ndefault = "{connection}"\n\n' if default else ""
+    path = home / "config.toml"
+    path.write_text(f'{head}[superlink.{connection}]\naddress = "{address}"\n{security}\n')
+    return path
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Until something listens on 127.0.0.1:``port``; fails with ``log``'s tail when ``proc`` exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before listening on {port}:\n{log.read_text()[-3000:]}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+class Processes:
+    """Processes started by the test, each in its own session; stopped (with children) by pid."""
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env = env
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, env=self.env, cwd=str(self.logs), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc, log
+
+    def stop_all(self) -> None:
+        # newest first: the run, the SuperNodes (and their ClientApps), then the SuperLink
+        for _, proc in reversed(self.procs):
+            self._signal(proc, signal.SIGTERM)
+        deadline = time.time() + 15
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            self._signal(proc, signal.SIGKILL)  # its process group: the children it spawned
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # the group whose id is this process's pid (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Deployment(Processes):
+    """A SuperLink and its SuperNodes on 127.0.0.1, with a temporary FLWR_HOME (``local-deploy``).
+
+    ``tls``: a folder holding ``ca.crt``, ``server.pem`` and ``server.key`` (see :func:`make_tls`):
+    the SuperLink then serves TLS and authenticates SuperNodes, and ``flwr`` trusts that CA.
+    """
+
+    def __init__(self, tmp_path: Path, tls: Path | None = None):
+        home = tmp_path / "flwr_home"
+        home.mkdir()
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        self.tls = tls
+        self.link_port = free_port()
+        security = f'root-certificates = "{tls / "ca.crt"}"' if tls else "insecure = true"
+        write_flwr_config(home, "local-deploy", f"127.0.0.1:{self.link_port}", security, default=True)
+        env = venv_env(  # flwr-serverapp, flwr-clientapp, ... of this venv first on PATH
+            FLWR_HOME=str(home),
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        super().__init__(env, logs)
+
+    def superlink(self) -> subprocess.Popen:
+        if self.tls:
+            security = ["--ssl-ca-certfile", str(self.tls / "ca.crt"), "--ssl-certfile", str(self.tls / "server.pem"),
+                        "--ssl-keyfile", str(self.tls / "server.key"), "--enable-supernode-auth"]
+        else:
+            security = ["--insecure"]
+        link, link_log = self.start("superlink", [
+            str(BIN / "flower-superlink"), *security, "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.link_port),
+        ])
+        wait_port(self.link_port, link, 60, link_log)
+        return link
+
+    def supernode(self, name: str, node_config: str, key: Path | None = None) -> tuple[subprocess.Popen, Path]:
+        if self.tls:
+            security = ["--root-certificates", str(self.tls / "ca.crt"), "--auth-supernode-private-key", str(key)]
+        else:
+            security = ["--insecure"]
+        return self.start(name, [
+            str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.link_port}",
+            "--port", str(free_port()), "--node-config", node_config,
+        ])
+
+    def run(self, run_config: str) -> tuple[subprocess.Popen, Path]:
+        return self.start("flwr_run", [
+            str(BIN / "flwr"), "run", str(FLOWER_APP), "local-deploy", "--stream", "--run-config", run_config,
+        ])
+
+    def online_nodes(self) -> int:
+        res = flwr_cli(self.env, "supernode", "list", "local-deploy", "--format", "json", timeout=30)
+        try:
+            return sum(n.get("status") == "online" for n in json.loads(res.stdout).get("nodes", []))
+        except (json.JSONDecodeError, AttributeError):
+            return 0
+
+    def wait_online(self, count: int, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.online_nodes() >= count:
+                return
+            time.sleep(1)
+        raise AssertionError(f"fewer than {count} SuperNodes online after {timeout} s\n{self.diag()}")
+
+    @staticmethod
+    def state(ckpt: Path) -> dict | None:
+        try:
+            return json.loads((ckpt / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):  # not there yet, or being written
+            return None
+
+    def wait_rounds(self, ckpt: Path, run: subprocess.Popen, rounds: int, timeout: float) -> dict | None:
+        """The checkpoint's state once ``rounds`` rounds are in it and the run has ended (or at the deadline)."""
+        deadline = time.time() + timeout
+        state = None
+        while time.time() < deadline:
+            state = self.state(ckpt) or state
+            if state is not None and state["round"] >= rounds:
+                break
+            if run.poll() is not None and run.returncode != 0:
+                break
+            time.sleep(2)
+        # the run finishes right after the last round's checkpoint
+        while time.time() < deadline and run.poll() is None:
+            time.sleep(1)
+        return self.state(ckpt) or state
+
+    def diag(self) -> str:
+        return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logs.glob("*.log")))
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        self._signal(proc, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def flower_app_config(**overrides) -> dict:
+    """The run config of the example Flower app (its pyproject.toml), with ``overrides``."""
+    config = tomllib.loads((FLOWER_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    config.update(overrides)
+    return config
+
+
+def flwr_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The ``flwr`` command line of this venv."""
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def flwr_runs(env: dict[str, str]) -> list[dict]:
+    """``flwr ls local-deploy``: the runs the SuperLink knows ([] when it does not answer)."""
+    res = flwr_cli(env, "ls", "local-deploy", "--format", "json", timeout=30)
+    try:
+        return json.loads(res.stdout).get("runs", [])
+    except (json.JSONDecodeError, AttributeError):
+        return []
+
+
+def make_tls(folder: Path) -> Path:
+    """A CA and a server certificate (SANs localhost, 127.0.0.1) it signed: ca.crt, server.pem, server.key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir()
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signing_key, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nni-fedexit test CA")])
+    ca_cert = cert(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key.public_key(), ca_key,
+                  False, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return folder
+
+
+def ssh_key(path: Path) -> Path:
+    """A SuperNode key pair (``path`` and ``path.pub``) made by ssh-keygen."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)], check=True,
+                   capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    return path
