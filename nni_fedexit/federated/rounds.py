@@ -162,10 +162,11 @@ class RoundResults:
                         task.describe() if task else ref, task.depth if task else None, reason)
         self.rejected.append({**ref, "reason": reason})
 
-    def fail(self, task: ClientTask, reason: str) -> None:
-        _logger.warning("Round %d: %s (branch %d) failed and is dropped from the round: %s", self.plan.round,
-                        task.describe(), task.depth, reason)
-        self.failed.append({**task.ref(), "reason": reason})
+    def fail(self, task: ClientTask | None, reason: str, ref: Mapping[str, Any] | None = None) -> None:
+        ref = dict(ref or (task.ref() if task else {}))
+        _logger.warning("Round %d: %s (branch %s) failed and is dropped from the round: %s", self.plan.round,
+                        task.describe() if task else ref, task.depth if task else None, reason)
+        self.failed.append({**ref, "reason": reason})
 
     def summary(self) -> dict[str, Any]:
         """The round's record of its clients (see :meth:`RoundEngine.finish`)."""

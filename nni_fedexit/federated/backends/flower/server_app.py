@@ -45,7 +45,7 @@ from flwr.supercore import log
 from nni_fedexit.exits import exit_costs
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.federated.errors import UpdateRejected
-from nni_fedexit.federated.rounds import ClientTask, Participant, RoundEngine, RoundResults, validate
+from nni_fedexit.federated.rounds import ClientTask, Participant, RoundEngine, RoundPlan, RoundResults, validate
 from nni_fedexit.federated.backends.flower.common import DataShape, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
 
 __all__ = ["app", "BranchStrategy", "NodeProfile", "discover_nodes", "main"]
@@ -155,7 +155,7 @@ class BranchStrategy(Strategy):
         # partitions first, in order; nodes with only their own data-dir after them, by node id
         nodes = sorted(self.profiles, key=lambda n: (self.profiles[n].partition is None, self.profiles[n].partition or 0, n))
         participants = [Participant(self.profiles[n].partition, n, _budget(self.profiles[n])) for n in nodes]
-        plan = self.engine.plan(t, 0, participants)
+        plan = self.engine.plan(t, 0, participants) if participants else RoundPlan(t, 0, s.round_lr(t), [])
         self.results = self.engine.open(plan, global_state)
         if not participants:
             log(WARNING, "Round %d: no node is connected; nothing to train", t)
@@ -187,8 +187,7 @@ class BranchStrategy(Strategy):
             answered.add(node)
             task = self.tasks.get(node)
             if reply.has_error():
-                if task is not None:
-                    results.fail(task, f"error {reply.error.code}: {reply.error.reason}")
+                results.fail(task, f"error {reply.error.code}: {reply.error.reason}", ref=None if task else {"node": node})
                 continue
             try:
                 if task is None:
