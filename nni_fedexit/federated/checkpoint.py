@@ -9,6 +9,7 @@ settings) is written last. Weights are safetensors: nothing in a checkpoint is u
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -33,12 +34,14 @@ def cpu_tensors(state: State) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+@dataclass
 class Resumed:
     """What a checkpoint holds to go on from: its ``state.json``, the last and best weights, the server state."""
 
-    def __init__(self, state: dict[str, Any], last: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None,
-                 server: dict[str, torch.Tensor]):
-        self.state, self.last, self.best, self.server = state, last, best, server
+    state: dict[str, Any]
+    last: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    server: dict[str, torch.Tensor]
 
     @property
     def round(self) -> int:

@@ -92,7 +92,11 @@ class Participant:
     budget: float | None = None
 
     def describe(self) -> str:
-        return f"client {self.client}" if self.node is None else f"node {self.node}"
+        return _describe(self.client, self.node)
+
+
+def _describe(client: int | None, node: int | None) -> str:
+    return f"client {client}" if node is None else f"node {node}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class ClientTask:
     node: int | None = None
 
     def describe(self) -> str:
-        return f"client {self.client}" if self.node is None else f"node {self.node}"
+        return _describe(self.client, self.node)
 
     def ref(self) -> dict[str, Any]:
         """Who it is, for the round's record: ``{"client": c}`` (and ``"node"`` on Flower)."""
@@ -119,7 +123,6 @@ class ClientTask:
 @dataclass
 class RoundPlan:
     round: int
-    attempt: int
     lr: float
     tasks: list[ClientTask]
     started: float = field(default_factory=time.time)
@@ -264,7 +267,7 @@ class RoundEngine:
                 continue
             key = p.client if p.client is not None else p.node
             tasks.append(ClientTask(p.client, depths[i], lr, stable_seed(s.seed, t, attempt, key), node=p.node))
-        return RoundPlan(t, attempt, lr, tasks)
+        return RoundPlan(t, lr, tasks)
 
     def open(self, plan: RoundPlan, global_state: State) -> RoundResults:
         """The round's result collector, aggregating onto ``global_state``."""

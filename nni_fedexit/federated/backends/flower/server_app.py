@@ -155,7 +155,7 @@ class BranchStrategy(Strategy):
         # partitions first, in order; nodes with only their own data-dir after them, by node id
         nodes = sorted(self.profiles, key=lambda n: (self.profiles[n].partition is None, self.profiles[n].partition or 0, n))
         participants = [Participant(self.profiles[n].partition, n, _budget(self.profiles[n])) for n in nodes]
-        plan = self.engine.plan(t, 0, participants) if participants else RoundPlan(t, 0, s.round_lr(t), [])
+        plan = self.engine.plan(t, 0, participants) if participants else RoundPlan(t, s.round_lr(t), [])
         self.results = self.engine.open(plan, global_state)
         if not participants:
             log(WARNING, "Round %d: no node is connected; nothing to train", t)
