@@ -4,22 +4,57 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["write_atomic", "write_json"]
+__all__ = ["fsync_dir", "write_atomic", "write_json", "write_text"]
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX: the directory entry is flushed)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:  # not supported here (e.g. some network file systems): nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any], durable: bool = True) -> Path:
+    """``write(tmp)`` to a fresh temporary file beside ``path``, flush it to disk, then rename it
+    over ``path`` (atomic on POSIX). Each call gets its own temporary name, so two writers never
+    share one; a failed write removes its temporary file and leaves ``path`` as it was. The file is
+    readable by its owner only (``mkstemp``): run files are nobody else's business."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        if durable:
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` at ``path``, atomically."""
+    return write_atomic(path, lambda p: p.write_text(text))
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 1) -> Path:
     """``data`` as JSON at ``path``, atomically (non-JSON values such as paths become strings)."""
-    return write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=indent, default=str)))
+    return write_text(path, json.dumps(data, indent=indent, default=str))
+
