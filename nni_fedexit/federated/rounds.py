@@ -32,14 +32,15 @@ import torch.nn.functional as F
 
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import ExitCost, MultiExitNetwork, exit_accuracies, exit_outputs
-from nni_fedexit.federated.aggregators import Aggregator, RoundAggregate, make_aggregator
+from nni_fedexit.federated.aggregators import Aggregator, RoundAggregate, check_update, make_aggregator
 from nni_fedexit.federated.assign import assign_branches, client_profiles, select_clients
 from nni_fedexit.federated.checkpoint import Checkpoint, Resumed
 from nni_fedexit.federated.errors import FederatedError, UpdateRejected
 from nni_fedexit.federated.settings import FederatedSettings
 
 __all__ = [
-    "ClientTask", "Participant", "RoundPlan", "RoundResults", "RoundEngine", "RunOutcome", "better", "metric_dict",
+    "ClientTask", "Participant", "RoundPlan", "RoundResults", "RoundEngine", "RunOutcome", "better", "check_weight",
+    "metric_dict",
     "stable_seed", "validate",
 ]
 
@@ -81,6 +82,20 @@ def metric_dict(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_weight(weight: Any, bound: float | None) -> float:
+    """A client's sample count as the aggregate's weight: a finite number in (0, ``bound``]; else
+    UpdateRejected. The bound keeps any one client to its share of the round (see RoundEngine)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
+        raise UpdateRejected(f"its sample count is a {type(weight).__name__}, not a number")
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise UpdateRejected(f"its sample count must be a finite number > 0, got {weight}")
+    if bound is not None and value > bound:
+        raise UpdateRejected(f"it reports {weight:g} examples, more than the {bound:g} it may count for "
+                             "(its partition's size, or max_client_samples)")
+    return value
+
+
 @dataclass(frozen=True)
 class Participant:
     """A client that can take part in a round: its partition (``client``), its Flower node, its budget."""
@@ -90,6 +105,8 @@ class Participant:
     node: int | None = None
     #: the share of the full model's MACs it reported it can run (None: the profile mix decides)
     budget: float | None = None
+    #: the training examples the server knows it holds (its partition); None: not known to the server
+    samples: int | None = None
 
     def describe(self) -> str:
         return _describe(self.client, self.node)
@@ -108,6 +125,8 @@ class ClientTask:
     lr: float
     seed: int
     node: int | None = None
+    #: the most examples its update may count for in the aggregate (None: no bound)
+    max_weight: float | None = None
 
     def describe(self) -> str:
         return _describe(self.client, self.node)
@@ -146,6 +165,7 @@ class RoundResults:
                allowed: Sequence[str] | None = None) -> bool:
         """Add a client's update (refused, and recorded, if it does not fit); True when accepted."""
         try:
+            weight = check_weight(weight, task.max_weight)
             if not math.isfinite(loss):
                 raise UpdateRejected(f"its training loss is {loss}")
             if allowed is not None:
@@ -196,11 +216,17 @@ class RoundEngine:
 
     ``on_record(record)`` is called after each finished round (the NNI report);
     ``checkpoint_extra()`` adds backend entries to ``state.json`` (Flower: the nodes).
+
+    Weight bound: a client's update counts in the weighted mean with the sample count it
+    reports, which must not exceed what the server knows it holds: ``client_sizes[c]`` (the
+    size of partition ``c``), for a client the server knows no size of (a device with its own
+    images) the largest partition, and never more than ``settings.max_client_samples`` when that
+    is set. A reply claiming more is rejected, so no client weighs more than its share.
     """
 
     def __init__(self, model: MultiExitNetwork, settings: FederatedSettings, costs: Sequence[ExitCost], val: ImageData,
                  checkpoint: Checkpoint | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
-                 checkpoint_extra: Callable[[], dict[str, Any]] | None = None):
+                 checkpoint_extra: Callable[[], dict[str, Any]] | None = None, client_sizes: Sequence[int] | None = None):
         self.model = model
         self.settings = settings
         self.costs = list(costs)
@@ -208,6 +234,8 @@ class RoundEngine:
         self.checkpoint = checkpoint
         self.on_record = on_record
         self.checkpoint_extra = checkpoint_extra
+        #: training examples of each partition (the weight bound's base)
+        self.client_sizes = list(client_sizes) if client_sizes is not None else None
         self.aggregator: Aggregator = make_aggregator(settings)
         #: each client's objective state, kept across rounds and in the checkpoint (in-process clients)
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}
@@ -216,27 +244,79 @@ class RoundEngine:
         self.best_state: dict[str, torch.Tensor] | None = None
         #: rounds already done (a resumed run goes on after them)
         self.done = 0
+        #: the best round's weights must be written at the next save (a resumed checkpoint lost them)
+        self.rewrite_best = False
 
     # ---- resume ---------------------------------------------------------------------------------
 
     def resume(self) -> Resumed | None:
-        """Go on from the checkpoint, if there is one for these settings: weights, history, best round, states."""
+        """Go on from the checkpoint, if there is one for these settings: weights, history, best round, states.
+
+        Every weights file must fit the model (same entries, shapes and dtypes, finite values);
+        one that does not is refused by name. An unusable best file costs only the best round's
+        weights: the last round's model takes its place, and the log says so.
+        """
         resumed = self.checkpoint.resume_point(self.settings) if self.checkpoint is not None else None
         if resumed is None:
             return None
+        folder = self.checkpoint.folder  # type: ignore[union-attr]
+        model_state = self.model.state_dict()
+        self._check_weights(resumed.last, model_state, folder / "last.safetensors")
         self.model.load_state_dict(resumed.last)
         self.history = list(resumed.state["history"])
         self.done = resumed.round
-        if resumed.best is not None and resumed.best_round:
-            self.best_state, self.best_round = resumed.best, resumed.best_round
-        self.aggregator.load_state_dict({k[len("aggregator/"):]: v for k, v in resumed.server.items()
-                                         if k.startswith("aggregator/")})
-        for key, value in resumed.server.items():
-            if key.startswith("client/"):
-                _, client, name = key.split("/", 2)
-                self.client_states.setdefault(int(client), {})[name] = value
-        _logger.info("Resuming from %s after round %d", self.checkpoint.folder, self.done)  # type: ignore[union-attr]
+        best, problem = resumed.best, resumed.best_problem
+        if best is not None and problem is None:
+            try:
+                self._check_weights(best, model_state, folder / "best.safetensors")
+            except FederatedError as err:
+                best, problem = None, str(err)
+        if self.done:
+            if best is None and resumed.best_round != self.done:
+                _logger.warning("%s The best round so far (%d) has lost its weights: the last round (%d) takes its "
+                                "place, and the best round is chosen among it and the rounds still to run.",
+                                problem or f"{folder / 'best.safetensors'} is missing.", resumed.best_round, self.done)
+                self.best_round, self.rewrite_best = self.done, True
+            else:
+                self.best_round = resumed.best_round
+                self.rewrite_best = best is None
+            self.best_state = best if best is not None else {k: v.clone() for k, v in resumed.last.items()}
+        self._load_server_state(resumed.server, folder / "server.safetensors")
+        _logger.info("Resuming from %s after round %d", folder, self.done)
         return resumed
+
+    @staticmethod
+    def _check_weights(weights: State, model_state: State, path: Any) -> None:
+        """Refuse (by file name) weights that do not fit the model or hold NaN / Inf."""
+        missing = sorted(set(model_state) - set(weights))
+        try:
+            if missing:
+                raise UpdateRejected(f"it lacks {len(missing)} entries of the model, e.g. {missing[0]!r}")
+            check_update(model_state, weights)
+        except UpdateRejected as err:
+            raise FederatedError(f"checkpoint file {path} does not fit this model: {err}; it was written for another "
+                                 "network or damaged. Use another checkpoint directory, or resume=False to start over") from None
+
+    def _load_server_state(self, server: State, path: Any) -> None:
+        aggregator: dict[str, torch.Tensor] = {}
+        clients: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in server.items():
+            role, _, rest = key.partition("/")
+            if role == "aggregator" and rest:
+                aggregator[rest] = value
+                continue
+            client, _, name = rest.partition("/")
+            if role != "client" or not client.isdigit() or int(client) >= self.settings.num_clients or not name:
+                raise FederatedError(f"checkpoint file {path} holds the entry {key!r}, which is neither 'aggregator/<name>' "
+                                     f"nor 'client/<0..{self.settings.num_clients - 1}>/<name>'; use another checkpoint "
+                                     "directory, or resume=False to start over")
+            clients.setdefault(int(client), {})[name] = value
+        try:
+            self.aggregator.load_state_dict(aggregator)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise FederatedError(f"checkpoint file {path} does not fit the aggregator {self.settings.aggregator!r}: {err}; "
+                                 "use another checkpoint directory, or resume=False to start over") from None
+        self.client_states.update(clients)
 
     # ---- one round ------------------------------------------------------------------------------
 
@@ -245,16 +325,17 @@ class RoundEngine:
         every client of the simulation). Capability assignment is used when the settings ask for
         it or a participant reported a budget."""
         s = self.settings
-        parts = list(participants) if participants is not None else [Participant(c) for c in range(s.num_clients)]
+        sizes = self.client_sizes
+        parts = (list(participants) if participants is not None else
+                 [Participant(c, samples=sizes[c] if sizes and c < len(sizes) else None) for c in range(s.num_clients)])
         n = len(parts)
         rng = np.random.default_rng([s.seed, t, attempt])
         selected = select_clients(n, s.client_fraction, min(s.min_clients, n), rng)
-        reported = [p.budget for p in parts]
-        mode = "capability" if s.assignment == "capability" or any(b is not None for b in reported) else "random"
+        mode = s.assignment
         budgets = None
         if mode == "capability":
             mix = client_profiles(n, s.profiles(), seed=s.seed)
-            budgets = [float(b) if b is not None else mix[i].budget for i, b in enumerate(reported)]
+            budgets = [float(p.budget) if p.budget is not None else mix[i].budget for i, p in enumerate(parts)]
         depths = assign_branches(selected, len(self.costs), mode, rng, budgets=budgets,
                                  exit_macs=[c.macs for c in self.costs])
         lr = s.round_lr(t)
@@ -266,8 +347,19 @@ class RoundEngine:
                              budgets[i] if budgets else "")
                 continue
             key = p.client if p.client is not None else p.node
-            tasks.append(ClientTask(p.client, depths[i], lr, stable_seed(s.seed, t, attempt, key), node=p.node))
+            tasks.append(ClientTask(p.client, depths[i], lr, stable_seed(s.seed, t, attempt, key), node=p.node,
+                                    max_weight=self.weight_bound(p)))
         return RoundPlan(t, lr, tasks)
+
+    def weight_bound(self, participant: Participant) -> float | None:
+        """The most examples ``participant``'s update may count for (see the class doc)."""
+        bound = participant.samples
+        if bound is None and self.client_sizes:
+            bound = max(self.client_sizes)
+        cap = self.settings.max_client_samples
+        if cap is not None:
+            bound = cap if bound is None else min(bound, cap)
+        return None if bound is None else float(bound)
 
     def open(self, plan: RoundPlan, global_state: State) -> RoundResults:
         """The round's result collector, aggregating onto ``global_state``."""
@@ -277,7 +369,13 @@ class RoundEngine:
         """The new global state, or None when fewer than ``min_clients`` updates were accepted."""
         if results.accepted < self.settings.min_clients:
             return None
-        return results.aggregate.result()
+        new_state = results.aggregate.result()
+        bad = [k for k, v in new_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            _logger.warning("Round %d: the aggregate holds NaN or Inf (%s); the global model is kept",
+                            results.plan.round, ", ".join(bad[:3]))
+            return None
+        return new_state
 
     def finish(self, results: RoundResults, new_state: State | None) -> dict[str, Any]:
         """Load the new global state (None: keep the model), validate, record, keep the best, checkpoint."""
@@ -302,8 +400,9 @@ class RoundEngine:
         if self.checkpoint is not None:
             state = {"fingerprint": s.fingerprint(), "round": t, "best_round": self.best_round, "history": self.history,
                      **(self.checkpoint_extra() if self.checkpoint_extra else {})}
-            self.checkpoint.save(state, self.model.state_dict(), self.best_state if improved else None,
-                                 self.server_state())
+            self.checkpoint.save(state, self.model.state_dict(),
+                                 self.best_state if improved or self.rewrite_best else None, self.server_state())
+            self.rewrite_best = False
         return record
 
     def server_state(self) -> dict[str, torch.Tensor]:

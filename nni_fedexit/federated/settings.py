@@ -27,6 +27,9 @@ __all__ = ["FederatedSettings", "OPERATIONAL"]
 OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "backend", "flower_superlink",
                "flower_home", "node_wait", "round_timeout", "client_threads")
 
+#: settings added after checkpoints were first written, with their defaults (left out of the fingerprint at those)
+_ADDED_LATER = {"max_client_samples": None}
+
 
 @dataclass
 class FederatedSettings:
@@ -71,6 +74,9 @@ class FederatedSettings:
     aggregator: str = "fedavg"
     #: the clients' training objective, by name (``federated.objectives``): "multi_exit" is claim 6's loss
     objective: str = "multi_exit"
+    #: the most examples one client's update may count for in the weighted mean (None: the size of
+    #: its partition; a device with its own images, the largest partition). Replies claiming more are rejected
+    max_client_samples: int | None = None
     #: attempts of a round that got fewer than min_clients updates, before the run stops
     round_retries: int = 1
     #: where the rounds run, by name (``federated.backends``): "simulation" (in this process) or "flower"
@@ -101,7 +107,7 @@ class FederatedSettings:
                 setattr(self, f.name, float(value))
         for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client"):
             positive_int(key, getattr(self, key))
-        for key in ("client_samples", "val_samples", "test_samples", "head_width"):
+        for key in ("client_samples", "val_samples", "test_samples", "head_width", "max_client_samples"):
             if getattr(self, key) is not None:
                 positive_int(key, getattr(self, key))
         if self.min_clients > self.num_clients:
@@ -162,4 +168,7 @@ class FederatedSettings:
         d = dataclasses.asdict(self)
         for key in OPERATIONAL:
             d.pop(key)
+        for key, default in _ADDED_LATER.items():  # so checkpoints of earlier versions still resume
+            if d[key] == default:
+                d.pop(key)
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -48,7 +49,7 @@ from nni_fedexit.federated.errors import UpdateRejected
 from nni_fedexit.federated.rounds import ClientTask, Participant, RoundEngine, RoundPlan, RoundResults, validate
 from nni_fedexit.federated.backends.flower.common import DataShape, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
 
-__all__ = ["app", "BranchStrategy", "NodeProfile", "discover_nodes", "main"]
+__all__ = ["app", "BranchStrategy", "NodeProfile", "admit_nodes", "discover_nodes", "main", "read_reply", "server_path"]
 
 app = ServerApp()
 
@@ -56,15 +57,124 @@ app = ServerApp()
 class NodeProfile(dict):
     """What a SuperNode reported: ``partition-id``, ``num-partitions``, ``data-dir``, ``budget``."""
 
+    @classmethod
+    def checked(cls, record: Mapping[str, Any]) -> "NodeProfile":
+        """The known entries of a node's profile reply, type-checked; ValueError says what is wrong."""
+        out = cls()
+        for key in ("partition-id", "num-partitions"):
+            if key in record:
+                value = record[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{key!r} must be a whole number >= 0, got {value!r}")
+                out[key] = int(value)
+        if record.get("data-dir"):
+            if not isinstance(record["data-dir"], str):
+                raise ValueError(f"'data-dir' must be a string, got {record['data-dir']!r}")
+            out["data-dir"] = record["data-dir"]
+        if record.get("budget") is not None:
+            budget = record["budget"]
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+                raise ValueError(f"'budget' must be a finite number > 0, got {budget!r}")
+            out["budget"] = float(budget)
+        if "partition-id" not in out and "data-dir" not in out:
+            raise ValueError("it sent neither a partition-id nor a data-dir")
+        return out
+
     @property
     def partition(self) -> int | None:
         """Its partition of the data set; None for a node training on its own ``data-dir`` only."""
         return int(self["partition-id"]) if "partition-id" in self else None
 
+    @property
+    def own_data(self) -> bool:
+        """Whether it trains on its own images (``data-dir``) rather than its partition."""
+        return bool(self.get("data-dir"))
+
     def describe(self) -> str:
         where = f"data-dir {self['data-dir']}" if "data-dir" in self else ""
         part = f"partition {self.partition}/{self.get('num-partitions')}" if self.partition is not None else ""
         return " + ".join(w for w in (part, where) if w)
+
+
+def admit_nodes(profiles: Mapping[int, NodeProfile], num_clients: int, refused: dict[int, str] | None = None,
+                holders: dict[int, int] | None = None) -> dict[int, NodeProfile]:
+    """The nodes that may take part in a run of ``num_clients`` partitions (the server's setting).
+
+    A node is left out (and named in the log, once) when its partition is outside
+    ``0..num_clients-1``, when it loads the data set split into another number of partitions,
+    or when another node already holds its partition (``holders``, partition -> node, kept across
+    rounds by the caller: the first node to claim a partition keeps it while it is connected).
+    """
+    refused = refused if refused is not None else {}
+    taken = holders if holders is not None else {}
+    for part in [q for q, n in taken.items() if n not in profiles]:
+        del taken[part]
+    out: dict[int, NodeProfile] = {}
+    for node in sorted(profiles):
+        p = profiles[node]
+        why = None
+        if p.partition is not None:
+            if p.partition >= num_clients:
+                why = f"its partition-id {p.partition} is outside 0..{num_clients - 1} (num_clients={num_clients})"
+            elif not p.own_data and p.get("num-partitions") != num_clients:
+                why = (f"it splits the data set into num-partitions={p.get('num-partitions')}, the run into "
+                       f"num_clients={num_clients}")
+            elif taken.get(p.partition, node) != node:
+                why = f"node {taken[p.partition]} already holds partition {p.partition}"
+        if why is not None:
+            if refused.get(node) != why:
+                log(WARNING, "Node %s is left out of the run: %s", node, why)
+            refused[node] = why
+            continue
+        if p.partition is not None:
+            taken[p.partition] = node
+        out[node] = p
+    return out
+
+
+def run_num_clients(run_config: Mapping[str, Any], profiles: Mapping[int, NodeProfile]) -> int:
+    """The run's number of partitions: the run config's ``num-clients`` when it sets one, else the
+    ``num-partitions`` most nodes report (the smaller on a tie; a single node cannot change it
+    against the others), else the number of nodes."""
+    if "num-clients" in run_config:
+        return int(run_config["num-clients"])
+    counts: dict[int, int] = {}
+    for p in profiles.values():
+        if p.partition is not None and not p.own_data and p.get("num-partitions", 0) > 0:
+            counts[p["num-partitions"]] = counts.get(p["num-partitions"], 0) + 1
+    if counts:
+        return min(counts, key=lambda n: (-counts[n], n))
+    return max(len(profiles), 1)
+
+
+#: where a ServerApp may read and write (``checkpoint-dir``, ``initial-weights``): folders separated by ":"
+SERVER_ROOT_ENV = "NNI_FEDEXIT_SERVER_ROOT"
+
+
+def server_roots() -> list[Path]:
+    """The folders the ServerApp's files must lie in: ``$NNI_FEDEXIT_SERVER_ROOT`` (set it where
+    the SuperLink starts), else its working directory and the system's temporary directory."""
+    import tempfile
+
+    value = os.environ.get(SERVER_ROOT_ENV, "")
+    roots = [Path(r) for r in value.split(os.pathsep) if r] or [Path.cwd(), Path(tempfile.gettempdir())]
+    return [r.expanduser().resolve() for r in roots]
+
+
+def server_path(value: str, key: str) -> Path:
+    """``value`` (a run-config path) resolved, if it lies in one of :func:`server_roots`; else an error.
+
+    A run config comes from whoever submits the run: it must not choose where the SuperLink's
+    user reads or writes.
+    """
+    path = Path(value).expanduser()
+    resolved = path.resolve()
+    roots = server_roots()
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise ValueError(f"{key}: {value} is outside the folders this ServerApp may use ({', '.join(map(str, roots))}); "
+                         f"start the SuperLink with {SERVER_ROOT_ENV}=/folder/for/runs (several: separated by "
+                         f"{os.pathsep!r}) to allow another")
+    return resolved
 
 
 def _wait_for_nodes(grid: Grid, want: int, wait: float) -> list[int]:
@@ -93,10 +203,10 @@ def _query_profiles(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[in
                 node, reply.error.code, reply.error.reason)
             continue
         record = reply.content.config_records.get("profile")
-        if record is None or ("partition-id" not in record and "data-dir" not in record):
-            log(WARNING, "Node %s sent neither a partition-id nor a data-dir; it is left out", node)
-            continue
-        out[node] = NodeProfile(dict(record))
+        try:
+            out[node] = NodeProfile.checked(record if record is not None else {})
+        except ValueError as err:
+            log(WARNING, "Node %s sent a profile the server cannot use (%s); it is left out", node, err)
     return out
 
 
@@ -111,6 +221,57 @@ def discover_nodes(grid: Grid, min_nodes: int, wait: float, timeout: float,
     return {n: known[n] for n in nodes if n in known}
 
 
+#: bytes an npy header may add to an array's data (numpy writes 128, or a multiple of 64 for long shapes)
+NPY_HEADER_BYTES = 4096
+
+
+def _metric(metrics: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    value = metrics.get(key, default)
+    if value is None:
+        raise UpdateRejected(f"its metrics have no {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UpdateRejected(f"its metric {key!r} is a {type(value).__name__}, not a number")
+    return float(value)
+
+
+def read_reply(content: RecordDict, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> tuple[dict[str, Any], float, float]:
+    """A training reply's ``(update, num-examples, train-loss)``, checked before anything is decoded.
+
+    ``spec`` maps each key the node's branch holds to its shape and dtype. A reply is refused
+    (UpdateRejected) when it holds other keys, more arrays than the branch, an array declared
+    with another shape, dtype or serialisation than numpy's (pickles are never decoded), or more
+    bytes than that shape needs; so decoding a reply never takes more memory than the branch.
+    Arrays are decoded by Flower with ``allow_pickle=False`` and checked again after decoding.
+    """
+    import torch
+
+    arrays, metrics = content.array_records.get("arrays"), content.metric_records.get("metrics")
+    if arrays is None or metrics is None:
+        raise UpdateRejected("the reply has no 'arrays' ArrayRecord or no 'metrics' MetricRecord")
+    weight, loss = _metric(metrics, "num-examples"), _metric(metrics, "train-loss", 0.0)
+    if len(arrays) > len(spec):
+        raise UpdateRejected(f"it holds {len(arrays)} arrays, its branch only {len(spec)}")
+    for key, array in arrays.items():
+        if key not in spec:
+            raise UpdateRejected(f"it holds {key!r}, which is not an entry of its branch")
+        shape, dtype = spec[key]
+        if array.stype != "numpy.ndarray":
+            raise UpdateRejected(f"{key!r} is serialised as {array.stype!r}, not 'numpy.ndarray'")
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise UpdateRejected(f"{key!r} is declared {array.dtype} {tuple(array.shape)}, the global model has {dtype} {shape}")
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if len(array.data) > need + NPY_HEADER_BYTES:
+            raise UpdateRejected(f"{key!r} carries {len(array.data)} bytes, more than its shape needs ({need})")
+    update = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        shape, dtype = spec[key]
+        if value.shape != shape or str(value.dtype) != dtype:
+            raise UpdateRejected(f"{key!r} decodes to {value.dtype} {value.shape}, not the {dtype} {shape} it declared")
+        update[key] = torch.from_numpy(value)
+    return update, weight, loss
+
+
 class BranchStrategy(Strategy):
     """Depth-aware federated averaging of branch models; one message per node, its own arrays.
 
@@ -120,7 +281,8 @@ class BranchStrategy(Strategy):
     """
 
     def __init__(self, engine: RoundEngine, profiles: Mapping[int, NodeProfile], node_wait: float = 60.0,
-                 query_timeout: float = 120.0, data_shape: Mapping[str, Any] | None = None):
+                 query_timeout: float = 120.0, data_shape: Mapping[str, Any] | None = None,
+                 partition_sizes: Sequence[int] | None = None):
         self.engine = engine
         self.model = engine.model
         self.settings = engine.settings
@@ -129,8 +291,17 @@ class BranchStrategy(Strategy):
         self.profiles: dict[int, NodeProfile] = dict(profiles)
         self.node_wait = node_wait
         self.query_timeout = query_timeout
+        #: each partition's number of training images (the server splits the data set as the nodes do)
+        self.partition_sizes = list(partition_sizes or [])
+        #: nodes left out of the run, with the reason (logged once); which node holds each partition
+        self.refused: dict[int, str] = {}
+        self.holders: dict[int, int] = {}
         self._keys = {d: branch_keys(self.model, d, self.settings.branch_all_exits)
                       for d in range(1, self.model.num_exits + 1)}
+        state = self.model.state_dict()
+        #: what a reply for each branch must hold: its keys, with the global model's shapes and dtypes
+        self._specs = {d: {k: (tuple(state[k].shape), str(state[k].dtype).removeprefix("torch.")) for k in keys}
+                       for d, keys in self._keys.items()}
         #: the current round's replies (the engine's collector) and its tasks by node id
         self.results: RoundResults | None = None
         self.tasks: dict[int, ClientTask] = {}
@@ -152,9 +323,10 @@ class BranchStrategy(Strategy):
         global_state = to_state_dict(arrays)
         self.tasks, self.sent = {}, []
         self.profiles = discover_nodes(grid, s.min_clients, self.node_wait, self.query_timeout, self.profiles)
+        admitted = admit_nodes(self.profiles, s.num_clients, self.refused, self.holders)
         # partitions first, in order; nodes with only their own data-dir after them, by node id
-        nodes = sorted(self.profiles, key=lambda n: (self.profiles[n].partition is None, self.profiles[n].partition or 0, n))
-        participants = [Participant(self.profiles[n].partition, n, _budget(self.profiles[n])) for n in nodes]
+        nodes = sorted(admitted, key=lambda n: (admitted[n].partition is None, admitted[n].partition or 0, n))
+        participants = [self.participant(n, admitted[n]) for n in nodes]
         plan = self.engine.plan(t, 0, participants) if participants else RoundPlan(t, s.round_lr(t), [])
         self.results = self.engine.open(plan, global_state)
         if not participants:
@@ -192,15 +364,12 @@ class BranchStrategy(Strategy):
             try:
                 if task is None:
                     raise UpdateRejected("the node was given no task this round")
-                content = reply.content
-                if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-                    raise UpdateRejected("the reply has no 'arrays' ArrayRecord or no 'metrics' MetricRecord")
-                metrics = content.metric_records["metrics"]
-                weight = float(metrics.get("num-examples", 0))
-                loss = float(metrics.get("train-loss", 0.0))
-                update = to_state_dict(content.array_records["arrays"])
+                update, weight, loss = read_reply(reply.content, self._specs[task.depth])
             except UpdateRejected as err:
                 results.reject(task, str(err), ref={"node": node})
+                continue
+            except Exception as err:  # whatever a node sends, it costs that node its update, never the round
+                results.reject(task, f"its reply cannot be read ({type(err).__name__}: {err})", ref={"node": node})
                 continue
             results.accept(task, update, weight, loss, allowed=self._keys[task.depth])
         for node in sorted(set(self.tasks) - answered):
@@ -238,14 +407,20 @@ class BranchStrategy(Strategy):
             out[f"val-exit{i + 1}"] = float(a)
         return out
 
+    def participant(self, node: int, profile: NodeProfile) -> Participant:
+        """The node as the round engine sees it: its partition, its budget, and the examples its
+        update may count for (its partition's size; a node with its own images: see ``RoundEngine``)."""
+        part = profile.partition
+        samples = (self.partition_sizes[part] if part is not None and not profile.own_data
+                   and part < len(self.partition_sizes) else None)
+        return Participant(part, node, profile.get("budget"), samples)
+
     def checkpoint_extra(self) -> dict[str, Any]:
         """What ``state.json`` adds on Flower: the nodes that reported (for the run's record)."""
         return {"backend": "flower", "num_clients": self.settings.num_clients,
                 "nodes": {str(n): dict(p) for n, p in self.profiles.items()}}
 
 
-def _budget(profile: NodeProfile) -> float | None:
-    return float(profile["budget"]) if profile.get("budget") is not None else None
 
 
 @app.main()
@@ -262,11 +437,13 @@ def main(grid: Grid, context: Context) -> None:
     profiles = discover_nodes(grid, base.min_clients, base.node_wait, base.round_timeout)
     if not profiles:
         raise RuntimeError(f"no SuperNode connected and reported its partition within node-wait={base.node_wait} s")
-    num_parts = max(int(p.get("num-partitions", 0)) for p in profiles.values())
-    num_clients = max(num_parts, len(profiles))
+    num_clients = run_num_clients(cfg, profiles)
     settings = dataclasses.replace(base, num_clients=num_clients, min_clients=min(base.min_clients, num_clients))
     log(INFO, "%d node(s) connected: %s", len(profiles),
         ", ".join(f"node {n} = {p.describe()}" for n, p in profiles.items()))
+    if settings.assignment != "capability" and any("budget" in p for p in profiles.values()):
+        log(INFO, "Nodes reported compute budgets; they are used with assignment='capability' only (this run: %r)",
+            settings.assignment)
 
     data = load_data(settings)
     model = build_model(cfg, settings, data.bundle)
@@ -274,15 +451,20 @@ def main(grid: Grid, context: Context) -> None:
     if initial:
         from safetensors.torch import load_file
 
-        if not Path(initial).is_file():
+        path = server_path(initial, "initial-weights")
+        if not path.is_file():
             raise RuntimeError(f"initial-weights: {initial} is not a file the ServerApp can read")
-        model.load_state_dict(load_file(initial))
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except Exception as err:
+            raise RuntimeError(f"initial-weights: {initial} is not a safetensors file of this model ({err})") from None
     model.to(settings.device)
     costs = exit_costs(model, data.val.images[:1].to(settings.device))
-    ckpt_dir = str(Path(settings.checkpoint_dir).expanduser().absolute()) if settings.checkpoint_dir else None
-    engine = RoundEngine(model, settings, costs, data.val, Checkpoint(ckpt_dir) if ckpt_dir else None)
+    ckpt_dir = str(server_path(settings.checkpoint_dir, "checkpoint-dir")) if settings.checkpoint_dir else None
+    sizes = [len(c) for c in data.clients]
+    engine = RoundEngine(model, settings, costs, data.val, Checkpoint(ckpt_dir) if ckpt_dir else None, client_sizes=sizes)
     strategy = BranchStrategy(engine, profiles, node_wait=settings.node_wait, query_timeout=settings.round_timeout,
-                              data_shape=DataShape.of(data.bundle).to_config())
+                              data_shape=DataShape.of(data.bundle).to_config(), partition_sizes=sizes)
     engine.checkpoint_extra = strategy.checkpoint_extra
     if engine.resume() is not None:
         log(INFO, "Resuming from %s after round %d (best round %d)", ckpt_dir, engine.done, engine.best_round)
