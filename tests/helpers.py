@@ -288,9 +288,9 @@ class Deployment(Processes):
             "--port", str(free_port()), "--node-config", node_config,
         ])
 
-    def run(self, run_config: str) -> tuple[subprocess.Popen, Path]:
+    def run(self, run_config: str, app: Path = FLOWER_APP) -> tuple[subprocess.Popen, Path]:
         return self.start("flwr_run", [
-            str(BIN / "flwr"), "run", str(FLOWER_APP), "local-deploy", "--stream", "--run-config", run_config,
+            str(BIN / "flwr"), "run", str(app), "local-deploy", "--stream", "--run-config", run_config,
         ])
 
     def online_nodes(self) -> int:
@@ -337,6 +337,39 @@ class Deployment(Processes):
     def kill(self, proc: subprocess.Popen) -> None:
         self._signal(proc, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+HOSTILE_CLIENT = '''"""Our ClientApp, except that a node started with hostile=1 claims 1e18 training examples."""
+from flwr.clientapp import ClientApp
+
+from nni_fedexit.federated.backends.flower import client_app as ours
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg, context):
+    return ours.query(msg, context)
+
+
+@app.train()
+def train(msg, context):
+    reply = ours.train(msg, context)
+    if context.node_config.get("hostile"):
+        reply.content.metric_records["metrics"]["num-examples"] = 1e18
+    return reply
+'''
+
+
+def hostile_flower_app(folder: Path) -> Path:
+    """The example Flower app with a ClientApp that inflates its weight on nodes with ``hostile=1``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (FLOWER_APP / "pyproject.toml").read_text()
+    text = text.replace('clientapp = "nni_fedexit.federated.backends.flower.client_app:app"', 'clientapp = "hostile_client:app"')
+    assert "hostile_client:app" in text
+    (folder / "pyproject.toml").write_text(text)
+    (folder / "hostile_client.py").write_text(HOSTILE_CLIENT)
+    return folder
 
 
 def flower_app_config(**overrides) -> dict:
