@@ -29,6 +29,7 @@ from nni_fedexit.space import ResNetBlockPoolSpace
 from nni_fedexit.federated.client_data import FederatedData
 from nni_fedexit.federated.rounds import stable_seed
 from nni_fedexit.federated.settings import FederatedSettings
+from nni_fedexit.files import write_text
 
 if TYPE_CHECKING:  # flwr is only needed by the apps themselves
     from flwr.app import ArrayRecord
@@ -146,8 +147,7 @@ def write_app(folder: str | Path, config: Mapping[str, Any], name: str = "nni-fe
         "[tool.flwr.app.config]",
         *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
     ]
-    path = folder / "pyproject.toml"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(folder / "pyproject.toml", "\n".join(lines) + "\n")
     return folder
 
 

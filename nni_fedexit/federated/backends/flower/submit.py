@@ -35,6 +35,7 @@ from nni_fedexit.federated.client_data import FederatedData
 from nni_fedexit.federated.errors import FederatedError
 from nni_fedexit.federated.rounds import RunOutcome
 from nni_fedexit.federated.settings import FederatedSettings
+from nni_fedexit.files import write_atomic
 from nni_fedexit.federated.backends.flower.common import run_config, write_app
 
 __all__ = ["FlowerCLI", "run_on_flower"]
@@ -159,10 +160,9 @@ def run_on_flower(
     before = ckpt.state()
     reported = int(before["round"]) if before else 0
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    initial = ckpt.folder / "initial.safetensors"
-    save_file(cpu_tensors(model.state_dict()), str(initial))
+    initial = write_atomic(ckpt.folder / "initial.safetensors", lambda p: save_file(cpu_tensors(model.state_dict()), str(p)))
     config = run_config(s, model.arch, model.spec, **{"checkpoint-dir": str(ckpt.folder), "initial-weights": str(initial)})
     app = write_app(ckpt.folder / "flower_app", config)
 
@@ -219,4 +219,4 @@ def run_on_flower(
             f"{ckpt.folder} (rerun with resume to go on). The ServerApp's log ({log_path}) ends with:\n{_tail(log_path)}"
         )
     clients = [{"node": int(n), **p} for n, p in state.get("nodes", {}).items()]
-    return RunOutcome(state["history"], int(state["best_round"]), load_file(str(ckpt.folder / "best.safetensors")), clients)
+    return RunOutcome(state["history"], int(state["best_round"]), ckpt.best_weights(), clients)
