@@ -5,6 +5,7 @@ way a user would: through the command line, NNI's REST API and a real headless b
 """
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -96,9 +97,12 @@ def test_view_and_resume_explain_what_cannot_be_opened(tmp_path, searched):
     assert result.exit_code == 2 and "not a run directory" in result.output
 
 
-def test_resume_goes_on_with_the_interrupted_federated_experiment(searched):
+# NNI's command listener of the resumed experiment must not die (it did on AddCustomizedTrialJob)
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_resume_goes_on_with_the_interrupted_federated_experiment(searched, caplog):
     """Ctrl-C in the middle of the federated stage; `nni-fedexit resume RUN` continues the same
     NNI experiment (same id, a second trial) from the last federated round."""
+    caplog.set_level(logging.INFO, logger="nni_fedexit.nni_tools.compat")
     run_dir, config = searched
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([str(BIN / "nni-fedexit"), "federate", str(config), "--run-dir", str(run_dir)], env=env,
@@ -121,6 +125,10 @@ def test_resume_goes_on_with_the_interrupted_federated_experiment(searched):
 
     result = CliRunner().invoke(main, ["resume", str(run_dir), "--port", str(free_port())])
     assert result.exit_code == 0, result.output
+    # the manager sent the earlier and the unfinished trials; the listener skipped both and went on
+    skipped = [r.getMessage() for r in caplog.records if r.name == "nni_fedexit.nni_tools.compat"]
+    assert any("ImportData command skipped" in m for m in skipped), skipped
+    assert any("AddCustomizedTrialJob command skipped" in m for m in skipped), skipped
     record = json.loads((run_dir / "federated" / "experiment.json").read_text())
     assert record["experiment_id"] == first["experiment_id"] and record["attempts"] == 2
     metrics = json.loads((run_dir / "federated" / "metrics.json").read_text())

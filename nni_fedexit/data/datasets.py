@@ -13,7 +13,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,6 +67,12 @@ _FMNIST_HELP = (
 
 class DataError(RuntimeError):
     """A data set is missing, corrupt, or cannot be split as asked."""
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, for a message: the exception's text, else its type's name (an ``assert``
+    in a reader, for one, raises an AssertionError with no text)."""
+    return str(err) or type(err).__name__
 
 
 @dataclass
@@ -158,10 +166,9 @@ def _stage_fmnist(files: dict[str, Path]) -> dict[str, Path]:
                 shutil.copyfileobj(fin, fout)
 
         try:
-            write_atomic(dst, unzip)
+            write_atomic(dst, unzip)  # its own temporary file: concurrent trials filling the cache do not collide
         except (OSError, EOFError, gzip.BadGzipFile) as err:
-            dst.with_name(dst.name + ".tmp").unlink(missing_ok=True)
-            raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({err}). {_FMNIST_HELP}") from err
+            raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({_reason(err)}). {_FMNIST_HELP}") from err
     return staged
 
 
@@ -172,7 +179,7 @@ def _read_idx(path: Path, source: Path, expected: int) -> torch.Tensor:
     try:
         tensor = read_sn3_pascalvincent_tensor(str(path), strict=True)
     except Exception as err:  # torchvision asserts / raises RuntimeError on malformed files
-        raise DataError(f"Fashion-MNIST file {source} is corrupt ({err or type(err).__name__}). {_FMNIST_HELP}") from err
+        raise DataError(f"Fashion-MNIST file {source} is corrupt ({_reason(err)}). {_FMNIST_HELP}") from err
     if tensor.shape[0] != expected:
         raise DataError(
             f"Fashion-MNIST file {source} holds {tensor.shape[0]} items, expected {expected}: it is "
@@ -216,7 +223,7 @@ def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBund
             FashionMNIST(str(root), train=True, download=True)
             FashionMNIST(str(root), train=False, download=True)
         except Exception as err:  # network errors come in many types
-            raise DataError(f"Downloading Fashion-MNIST into {root} failed ({err}). {_FMNIST_HELP}") from err
+            raise DataError(f"Downloading Fashion-MNIST into {root} failed ({_reason(err)}). {_FMNIST_HELP}") from err
         files = _find_fmnist_files(root)
         assert files is not None, f"torchvision downloaded Fashion-MNIST but not into {root}"
         source = f"torchvision download in {root}"
@@ -253,7 +260,7 @@ def _load_cifar(name: str, data_dir: str | Path | None, download: bool) -> DataB
             ds = cls(str(root), train=train, download=download)
         except RuntimeError as err:
             raise DataError(
-                f"{name} not found or corrupt under {root} ({err}). Put torchvision's "
+                f"{name} not found or corrupt under {root} ({_reason(err)}). Put torchvision's "
                 f"'{cls.base_folder}' folder (from {cls.filename}) there and pass data_dir={root}, "
                 "or allow download=True where there is internet."
             ) from err
@@ -325,7 +332,6 @@ def load_image_folder(
     taken in file-name order (across classes), converted to ``in_chans`` channels and ``image_size`` pixels and standardised with the data
     set's ``mean``/``std``, so they match what the server trains and validates on.
     """
-    from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = Path(folder).expanduser()
@@ -342,20 +348,38 @@ def load_image_folder(
     images: list[np.ndarray] = []
     labels: list[int] = []
     for _, label, path in sorted(files):  # file-name order across classes: stable, and the writer's order
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                if img.size != (image_size, image_size):
-                    img = img.resize((image_size, image_size), Image.BILINEAR)
-                images.append(np.asarray(img, dtype=np.uint8))
-        except OSError as err:
-            raise DataError(f"data-dir {root}: cannot read image {path} ({err})") from err
+        images.append(_read_image(root, path, mode, image_size))
         labels.append(label)
     if not images:
         raise DataError(f"data-dir {root} holds no images (extensions {', '.join(IMG_EXTENSIONS)}) in class sub-folders")
     batch = torch.from_numpy(np.stack(images))
     batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
     return ImageData(standardise(batch.contiguous(), mean, std), torch.tensor(labels, dtype=torch.long))
+
+
+def _read_image(root: Path, path: Path, mode: str, image_size: int) -> np.ndarray:
+    """One image of a device's folder as ``mode`` pixels of ``image_size`` squared; one that cannot be
+    read, or that is larger than Pillow's decompression-bomb limit, is a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that: refuse from the first
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            img = img.convert(mode)
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)):,} pixels" if found else _reason(err)
+        limit = f"at most {Image.MAX_IMAGE_PIXELS:,} pixels" if Image.MAX_IMAGE_PIXELS else "smaller"
+        raise DataError(f"data-dir {root}: image {path} is too large to read ({size}): resize it, e.g. to "
+                        f"{image_size}x{image_size} as the network sees it; images must be {limit}") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow raises on damaged or unknown files
+        raise DataError(f"data-dir {root}: cannot read image {path} ({_reason(err)}): replace or remove the file") from err
 
 
 def save_image_folder(data: ImageData, folder: str | Path, mean: Sequence[float], std: Sequence[float]) -> Path:

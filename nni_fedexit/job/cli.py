@@ -12,11 +12,24 @@ import click
 
 from nni_fedexit.job.config import ConfigError
 from nni_fedexit.data import DataError
+from nni_fedexit.federated.errors import FederatedError
+from nni_fedexit.job.pipeline import PipelineError
 from nni_fedexit.presets import PresetError
 from nni_fedexit.nni_tools.reopen import ReopenError
 from nni_fedexit.space import SpecError
 
-_USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, ReopenError, FileExistsError, FileNotFoundError)
+#: what bad input, a damaged run directory or a run that cannot go on raise: the message says what to do
+_USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, ReopenError, FederatedError, PipelineError,
+                FileExistsError, FileNotFoundError)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: its lines joined (a YAML parser's error spans several, with a caret line)."""
+    out = ""
+    for line in (line.strip() for line in message.splitlines()):
+        if line.strip("^ "):
+            out += (" " if out.endswith(":") else "; " if out else "") + line
+    return out or message.strip()
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,10 +40,24 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {_one_line(str(err)) or type(err).__name__}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+def _load_config(path: str | Path, overrides: dict[str, Any], what: str) -> Any:
+    """load_config, with a config file that is no readable text (binary, unreadable) as a ConfigError."""
+    from nni_fedexit.job.config import load_config
+
+    p = Path(path)
+    try:
+        if p.is_file():
+            p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 text: {err.reason} at byte {err.start}"
+        raise ConfigError(f"{what} {p} cannot be read ({reason or type(err).__name__}): give a YAML file") from err
+    return load_config(p, overrides)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,7 +153,6 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
 
 
 def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
-    from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
 
     overrides: dict[str, Any] = {}
@@ -134,7 +160,7 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
         overrides["run_dir"] = run_dir
     if port is not None:
         overrides["nni.port"] = port
-    run = Run(load_config(config_path, overrides), echo=click.echo)  # checked once, here
+    run = Run(_load_config(config_path, overrides, "config file"), echo=click.echo)  # checked once, here
     try:
         run.run(resume=resume, stages=stages)
     except KeyboardInterrupt:
@@ -186,7 +212,6 @@ def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -
 
 
 def _existing_run(run_dir: str, port: int | None = None) -> Any:
-    from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
 
     cfg = Path(run_dir) / "config.yaml"
@@ -195,7 +220,7 @@ def _existing_run(run_dir: str, port: int | None = None) -> Any:
     overrides: dict[str, Any] = {"run_dir": run_dir}
     if port is not None:
         overrides["nni.port"] = port
-    return Run(load_config(cfg, overrides), echo=click.echo)
+    return Run(_load_config(cfg, overrides, "the run's config file"), echo=click.echo)
 
 
 @main.command()

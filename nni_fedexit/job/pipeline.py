@@ -34,16 +34,51 @@ from nni_fedexit.exits import (
 )
 from nni_fedexit.federated import FederatedData
 from nni_fedexit.federated.checkpoint import Checkpoint
-from nni_fedexit.files import write_atomic, write_json
+from nni_fedexit.files import write_atomic, write_json, write_text
 from nni_fedexit.space import ResNetBlockPoolSpace, load_space_spec
 from nni_fedexit.search.strategy import FixedArchitecture
 from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
-__all__ = ["Run", "STAGES", "shared_search_evaluator"]
+__all__ = ["PipelineError", "Run", "STAGES", "shared_search_evaluator"]
 
 _logger = logging.getLogger(__name__)
 
 STAGES = ("search", "federate", "evaluate", "export", "report")
+
+
+class PipelineError(RuntimeError):
+    """A run directory, or a file in it, that the run cannot go on with; the message names it and says what to do."""
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, for a message: the exception's text, else its type's name (some have no text)."""
+    return str(err) or type(err).__name__
+
+
+def _read_json(path: Path, fix: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object the pipeline wrote, with ``keys`` in it; unreadable, corrupt (a truncated write,
+    an edit) or of another shape: :class:`PipelineError` naming the file, with ``fix``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON (JSONDecodeError) or not text (UnicodeDecodeError)
+        raise PipelineError(f"{path} is unreadable or corrupt ({_reason(err)}): {fix}") from err
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is corrupt (a JSON {type(data).__name__}, not an object): {fix}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise PipelineError(f"{path} is corrupt (no {missing[0]!r}): {fix}")
+    return data
+
+
+def _load_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of the run; missing or damaged: :class:`PipelineError` naming it, with ``fix``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise PipelineError(f"{path} is missing, unreadable or corrupt ({_reason(err)}): {fix}") from err
 
 
 def shared_search_evaluator(
@@ -120,8 +155,17 @@ class Run:
         return self._federated_data
 
     def done(self) -> list[str]:
+        """The stages that finished, from ``stages.json``. A damaged file is an error, never "none
+        finished": that would start the run over on top of its trained results."""
         path = self.dir / "stages.json"
-        return json.loads(path.read_text())["done"] if path.is_file() else []
+        if not path.exists():
+            return []
+        fix = (f"it lists the stages of this run that finished; delete it to rerun every stage, or write it again "
+               f"as {{\"done\": [...]}} with the finished ones, in the order {', '.join(STAGES)}")
+        done = _read_json(path, fix, keys=("done",))["done"]
+        if not isinstance(done, list) or not all(isinstance(s, str) and s in STAGES for s in done):
+            raise PipelineError(f"{path} is corrupt ('done' must list stage names, got {json.dumps(done)[:100]}): {fix}")
+        return done
 
     def _mark(self, stage: str) -> None:
         done = [s for s in self.done() if s != stage] + [stage]
@@ -134,11 +178,11 @@ class Run:
 
     def run(self, resume: bool = False, stages: tuple[str, ...] = STAGES) -> None:
         self._resuming = resume
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._make_dir()
         if not resume and self.done():
             raise FileExistsError(f"run directory {self.dir} holds a run already: pass --resume to continue it, "
                                   "or choose another run_dir")
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        write_text(self.dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self.federated_data()  # fail early: a client would be empty, ...
         for stage in stages:
             if resume and stage in self.done():
@@ -149,6 +193,15 @@ class Run:
             getattr(self, f"stage_{stage}")()
             self._mark(stage)
             self.echo(f"[{stage}] finished in {time.time() - t0:.0f} s")
+
+    def _make_dir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file in the way (FileExistsError, NotADirectoryError), no permission, ...
+            blocker = next((p for p in (self.dir, *self.dir.parents) if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a folder" if blocker is not None else (err.strerror or _reason(err))
+            raise PipelineError(f"run directory {self.dir} cannot be made: {why}; choose another run_dir "
+                                "(--run-dir) that is a folder or a new path") from err
 
     def stage_search(self) -> dict[str, Any]:
         from nni.nas.experiment import NasExperiment
@@ -218,7 +271,8 @@ class Run:
         from nni_fedexit.nni_tools.reopen import STAGE_RECORDS, ExperimentRef, experiment_manifest
 
         record = self.dir / STAGE_RECORDS[stage]
-        before = json.loads(record.read_text()) if record.is_file() else {}
+        before = _read_json(record, f"it holds the id of the {stage} stage's NNI experiment; delete it to run the "
+                                    "stage in a new experiment") if record.exists() else {}
         old = before.get("experiment_id")
         resumed = bool(resumable and self._resuming and old and ExperimentRef(old, self.experiments_dir()).config() is not None
                        and old in experiment_manifest())
@@ -240,9 +294,10 @@ class Run:
 
     def architecture(self) -> dict[str, Any]:
         path = self.dir / "search" / "architecture.json"
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the search stage first")
-        return json.loads(path.read_text())
+        return _read_json(path, 'it holds the searched architecture; to search again, delete it and take "search" '
+                                f"out of {self.dir / 'stages.json'}, then resume", keys=("sample",))
 
     def stage_federate(self) -> None:
         from nni.nas.experiment import NasExperiment
@@ -251,6 +306,8 @@ class Run:
 
         arch = self.architecture()
         s = self.config.federated_settings()
+        # a checkpoint this trial cannot go on from (other settings, damaged): say so here, not in the trial's log
+        Checkpoint(s.checkpoint_dir).resume_point(s)
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
         def configure(exp: NasExperiment) -> None:
             exp.config.max_trial_number = 1
@@ -277,10 +334,11 @@ class Run:
             exp.stop()
         state = Checkpoint(s.checkpoint_dir).state()
         if state is None:
-            raise RuntimeError(f"the federated trial wrote no checkpoint: see its log under {self.experiments_dir() / exp.id}")
+            raise PipelineError(f"the federated trial wrote no readable checkpoint in {s.checkpoint_dir}: see its log "
+                                f"under {self.experiments_dir() / exp.id}")
         if state["round"] < s.rounds:
-            raise RuntimeError(f"the federated trial stopped after round {state['round']} of {s.rounds}: see its log "
-                               f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
+            raise PipelineError(f"the federated trial stopped after round {state['round']} of {s.rounds}: see its log "
+                                f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
         write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
         })
@@ -290,9 +348,9 @@ class Run:
             # flower backend: the SuperNodes that took part (partition-id, or their own data-dir)
             **({"backend": "flower", "nodes": state.get("nodes", {})} if s.backend == "flower" else {}),
         })
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
-        best = load_file(str(Path(s.checkpoint_dir) / "best.safetensors"))
+        best = Checkpoint(s.checkpoint_dir).best_weights()  # checked against state.json: FederatedError if damaged
         write_atomic(self.dir / "model.safetensors", lambda p: save_file(best, str(p)))
         write_json(self.dir / "model.json", {"architecture": arch["sample"], "head": s.head,
                                              "loss_weights": s.loss_weights, "best_round": state["best_round"]})
@@ -315,18 +373,34 @@ class Run:
 
     def model(self) -> MultiExitNetwork:
         """The trained exit-point model, rebuilt from model.json and model.safetensors."""
-        from safetensors.torch import load_file
-
         meta_path = self.dir / "model.json"
-        if not meta_path.is_file():
+        if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} is missing: run the federate stage first")
-        meta = json.loads(meta_path.read_text())
-        model = MultiExitNetwork.from_architecture(self.space, meta["architecture"], head=meta["head"],
-                                                   loss_weights=meta["loss_weights"])
-        model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
+        # both files are written from the federated checkpoint at the end of the federate stage
+        refederate = (f'the federate stage writes it at its end: take "federate" out of {self.dir / "stages.json"} '
+                      f"and resume to write it again (the rounds are kept in {self.dir / 'federated'})")
+        meta = _read_json(meta_path, refederate, keys=("architecture", "head", "loss_weights"))
+        from nni.mutable.exception import SampleValidationError
+
+        try:
+            model = MultiExitNetwork.from_architecture(self.space, meta["architecture"], head=meta["head"],
+                                                       loss_weights=meta["loss_weights"])
+        except SampleValidationError as err:  # an edited model.json, or a config.yaml whose space changed since
+            raise PipelineError(f"the architecture in {meta_path} is not one of the space of {self.dir / 'config.yaml'} "
+                                f"({_reason(err)}): {refederate}") from err
+        weights_path = self.dir / "model.safetensors"
+        weights = _load_weights(weights_path, refederate)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:  # torch: missing / unexpected keys, other shapes, a line each under a heading
+            lines = [line.strip() for line in _reason(err).splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise PipelineError(f"{weights_path} does not fit the network of {meta_path} "
+                                f"({detail[:200] + ('...' if len(detail) > 200 else '')}): {refederate}") from err
         thresholds = self.dir / "evaluation.json"
-        if thresholds.is_file():
-            ev = json.loads(thresholds.read_text())
+        if thresholds.exists():
+            ev = _read_json(thresholds, 'it holds the calibrated exit thresholds; delete it and take "evaluate" out '
+                                        f"of {self.dir / 'stages.json'}, then resume", keys=("thresholds", "criterion"))
             model.thresholds, model.criterion = ev["thresholds"], ev["criterion"]
         return model.eval()
 

@@ -3,8 +3,13 @@
 On torch >= 2.1 NNI warns at import for every torch object it cannot trace ("... is found to be
 not a nn.Module ... your PyTorch version might not be supported"). The warning is harmless for
 what we use; this module filters exactly that message and nothing else. Import it before nni.
+
+Two opt-in patches for reopening experiments: :func:`accept_import_data` (a resumed NAS
+experiment keeps its command listener) and :func:`plain_json_checkpoint_config` (NNI reads a NAS
+experiment's checkpoint/config.json without decoding objects).
 """
 
+import logging
 import warnings
 
 warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*")
@@ -15,30 +20,96 @@ import nni  # noqa: E402,F401
 def accept_import_data() -> None:
     """Let NNI 3.0's NAS engine resume an experiment on the training service.
 
-    On ``resume`` the NNI manager sends the earlier trials as an ImportData command; the NAS
-    command channel (``TunerCommandChannel.receive``) knows no such command and raises
-    "Unknown command type: CommandType.ImportData" in its listener thread, which dies: no new
-    trial ever starts. The NAS engine restores those trials from its own checkpoint, so this skips
-    exactly that command and nothing else. Idempotent.
-    """
-    import logging
+    On ``resume`` the NNI manager answers the engine's Initialized with the earlier trials
+    (ImportData) and the unfinished ones (AddCustomizedTrialJob). The NAS command channel
+    (``TunerCommandChannel.receive``) handles only the commands NAS needs (NNI's
+    ``TunerIncomingCommand`` classes: Initialize, RequestTrialJobs, UpdateSearchSpace,
+    ReportMetricData, TrialEnd, Terminate) and raises "Unknown command type: ..." for any other in
+    its listener thread, which dies: the engine hears no metric or trial end again. The NAS
+    engine restores its trials from its own checkpoint, so the patched ``receive`` skips exactly
+    those commands (one info line each) and hands every other one to NNI's ``receive`` unchanged.
 
+    A skipped command's content is never decoded: NNI's ``receive`` decodes before it looks at the
+    type, and ImportData's content holds every earlier trial's parameters (cloudpickled models,
+    from the experiment's database). Only ``receive`` is patched, not ``_receive``: NNI's HPO
+    dispatcher reads ``_receive`` itself and needs those commands. Idempotent.
+    """
     from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
-    from nni.runtime.tuner_command_channel.command_type import CommandType
 
     original = TunerCommandChannel.receive
-    if getattr(original, "skips_import_data", False):
+    if getattr(original, "skips_unknown_commands", False):
         return
+    known = nas_channel_commands()
 
     def receive(self: TunerCommandChannel):  # type: ignore[no-untyped-def]
         while True:
-            try:
-                return original(self)
-            except ValueError as err:
-                if str(CommandType.ImportData) not in str(err):
-                    raise
-                logging.getLogger(__name__).info("Resumed experiment: NNI's ImportData command skipped "
-                                                 "(the NAS engine restores its trials from its checkpoint)")
+            command_type, data = self._receive()
+            if command_type is None or command_type in known:
+                break
+            logging.getLogger(__name__).info(
+                "Resumed experiment: NNI's %s command skipped (NNI 3.0's NAS command channel does not handle it; "
+                "the NAS engine restores its trials from its own checkpoint)", command_type.name)
+        # hand exactly this command to NNI's own receive, which reads it through self._receive()
+        self._receive = lambda: (command_type, data)
+        try:
+            return original(self)
+        finally:
+            del self._receive
 
-    receive.skips_import_data = True  # type: ignore[attr-defined]
+    receive.__wrapped__ = original  # type: ignore[attr-defined]
+    receive.skips_unknown_commands = True  # type: ignore[attr-defined]
+    receive.skips_import_data = True  # type: ignore[attr-defined]  (the name this patch had before)
     TunerCommandChannel.receive = receive  # type: ignore[method-assign]
+
+
+def nas_channel_commands() -> frozenset:
+    """The command types NNI 3.0's ``TunerCommandChannel.receive`` turns into NAS commands; it
+    raises "Unknown command type" for every other one."""
+    from nni.runtime.tuner_command_channel.command_type import TunerIncomingCommand
+
+    return frozenset(cls.command_type for cls in TunerIncomingCommand.__subclasses__())
+
+
+def plain_json_checkpoint_config() -> None:
+    """Make ``NasExperiment.load_checkpoint`` read ``checkpoint/config.json`` as plain JSON.
+
+    NNI reads it with ``nni.load``, whose decoder unpickles (cloudpickle) any ``__nni_obj__``
+    entry and imports what ``__nni_type__`` names: a config.json someone else wrote runs their
+    code in ``view`` and ``resume``. A config NNI writes holds plain values only; this reads it
+    with :func:`nni_fedexit.nni_tools.reopen.read_nas_config` (refuses encoded objects with a
+    ReopenError) and otherwise does what NNI's method does: compare it with the current config
+    (log only) and, once the engine exists, load the strategy's state (NNI's torch serializer;
+    torch's ``weights_only`` default applies). Idempotent.
+    """
+    from nni.nas.experiment import NasExperiment
+
+    original = NasExperiment.load_checkpoint
+    if getattr(original, "plain_json_config", False):
+        return
+
+    def load_checkpoint(self: NasExperiment) -> None:
+        from nni.experiment.config.utils import diff
+        from nni.nas.utils.serializer import get_default_serializer
+
+        from nni_fedexit.nni_tools.reopen import ReopenError, read_nas_config
+
+        path = self._checkpoint_directory / "config.json"
+        config = read_nas_config(path)
+        if config is None:
+            raise ReopenError(f"{path} is missing: NNI saved no checkpoint for experiment {self.id}")
+        log = logging.getLogger("nni.nas.experiment.experiment")
+        config_diff = diff(self.config, config, "Current", "Loaded")
+        if config_diff:
+            log.error("Config is found but does not match the current config:\n%s", config_diff)
+            log.error("NAS experiment loading will probably fail for inconsistent config. "
+                      "The experiment now continues with the new config.")
+        if self._engine is not None:
+            ckpt_path = self._checkpoint_directory / "state.ckpt"
+            try:
+                self.load_state_dict(get_default_serializer().load(ckpt_path))
+            except FileNotFoundError:
+                log.warning("Checkpoint file %s does not exist. Skip loading.", ckpt_path)
+
+    load_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
+    load_checkpoint.plain_json_config = True  # type: ignore[attr-defined]
+    NasExperiment.load_checkpoint = load_checkpoint  # type: ignore[method-assign]

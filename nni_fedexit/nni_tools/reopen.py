@@ -8,6 +8,15 @@ experiment from the HPO config in NNI's database. A NAS experiment keeps its own
 again (status VIEWED; trials, metrics and logs from its database). That is the whole workaround:
 NNI's files are not touched.
 
+A run directory may come from someone else (a shared disk, a download), so config.json is read
+as plain JSON (:func:`read_nas_config`), never with ``nni.load``: NNI's decoder unpickles an
+``__nni_obj__`` entry and imports what ``__nni_type__`` names, i.e. runs the file author's code.
+A config NNI writes for a NAS experiment holds plain values only; a file with an encoded object is
+refused (ReopenError naming the file and the key), and the values that would say what to run or
+where are derived here (trial command and code directory: NNI's defaults for this Python and
+directory; working directory: where the file lies). Viewing goes through the same reader
+(:func:`nni_fedexit.nni_tools.compat.plain_json_checkpoint_config`).
+
 A run's experiments are found from its run directory (each stage writes its experiment id to
 ``<stage>/experiment.json``) or by id through NNI's experiment manifest (what ``nnictl
 experiment list`` reads), whose ``logDir`` is the experiment's working directory.
@@ -16,14 +25,14 @@ experiment list`` reads), whose ``logDir`` is the experiment's working directory
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
+from nni_fedexit.nni_tools import compat
 
-__all__ = ["ExperimentRef", "ReopenError", "experiment_manifest", "find_experiment", "run_experiments", "view_experiment"]
+__all__ = ["ExperimentRef", "ReopenError", "experiment_manifest", "find_experiment", "read_nas_config",
+           "run_experiments", "view_experiment"]
 
 #: the stages of a run that are NNI experiments, and the file that names each one's id
 STAGE_RECORDS = {"search": "search/experiment.json", "federate": "federated/experiment.json"}
@@ -49,17 +58,9 @@ class ExperimentRef:
         return self.working_dir / self.id
 
     def config(self) -> Any:
-        """The experiment's own config: a NasExperimentConfig, or None for a classic experiment."""
-        import nni
-        from nni.nas.experiment.config import NasExperimentConfig
-
-        path = self.folder / "checkpoint" / "config.json"
-        if not path.is_file():
-            return None
-        with path.open() as f:
-            config = NasExperimentConfig(**nni.load(fp=f))
-        config.experiment_working_directory = str(self.working_dir)  # the run directory may have moved
-        return config
+        """The experiment's own config: a NasExperimentConfig, or None for a classic experiment
+        (no checkpoint/config.json). Read as plain JSON: see :func:`read_nas_config`."""
+        return read_nas_config(self.folder / "checkpoint" / "config.json")
 
     def has_web_ui(self) -> bool:
         """False for experiments on NNI's sequential engine (a one-shot search: no trials, no server)."""
@@ -71,6 +72,79 @@ class ExperimentRef:
         """The nni-fedexit run directory the experiment belongs to (``<run>/nni-experiments/<id>``)."""
         run = self.working_dir.parent
         return run if (run / "config.yaml").is_file() and self.working_dir.name == "nni-experiments" else None
+
+
+#: config fields whose value is derived here, not taken from the file (keys compared as NNI's
+#: config classes do: case and underscores ignored): what a trial runs, in which directory, and
+#: where the experiment lives
+_DERIVED_FIELDS = {"trialcommand", "trialcommandparams", "trialcodedirectory", "experimentworkingdirectory"}
+
+
+def read_nas_config(path: Path) -> Any:
+    """A NAS experiment's ``<working dir>/<id>/checkpoint/config.json`` as a NasExperimentConfig
+    built from plain JSON values, or None when there is no such file.
+
+    Never decodes objects: an entry NNI's or json-tricks' decoder would turn into an object (any
+    key ``__...``: ``__nni_obj__`` is a cloudpickle, ``__nni_type__`` an import) makes it a
+    ReopenError that names the file and the key; so does a damaged or non-JSON file, or one that
+    is not a NAS experiment's config. The trial command and code directory are NNI's defaults here
+    (this Python, the current directory), the working directory the one that holds the file.
+    """
+    from nni.nas.experiment.config import NasExperimentConfig
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    what = ("restore it from a copy of the run directory; NNI cannot view or resume experiment "
+            f"{path.parent.parent.name} without it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        encoded = _encoded_key(data)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ReopenError(f"{path} is not a readable JSON file ({type(err).__name__}: {err}): NNI's checkpoint config "
+                          f"of the experiment is damaged; {what}") from None
+    if not isinstance(data, dict) or data.get("experimentType") != "nas":
+        raise ReopenError(f"{path} is not the config of an NNI NAS experiment (a JSON object with \"experimentType\": "
+                          f"\"nas\"); {what}")
+    if encoded is not None:
+        raise ReopenError(
+            f"{path} holds an encoded object at {encoded!r}: decoding it (what nni.load does) would run code from the "
+            "file. A config.json that NNI writes holds plain values only, so nni-fedexit does not open this one: open "
+            "only run directories you trust"
+        )
+    plain = {k: v for k, v in data.items() if _field(k) not in _DERIVED_FIELDS}
+    service = plain.get("trainingService")
+    if isinstance(service, dict):
+        plain["trainingService"] = {k: v for k, v in service.items() if _field(k) not in _DERIVED_FIELDS}
+    try:
+        config = NasExperimentConfig(**plain)
+    except (TypeError, ValueError, AttributeError, AssertionError, KeyError) as err:
+        raise ReopenError(f"{path} is not a config NNI 3.0 can load ({type(err).__name__}: {err}); {what}") from None
+    config.experiment_working_directory = str(path.absolute().parent.parent.parent)  # the run directory may have moved
+    return config
+
+
+def _field(key: str) -> str:
+    return key.replace("_", "").lower()
+
+
+def _encoded_key(value: Any, where: str = "") -> str | None:
+    """The first key (as a dotted path) that marks an encoded object for NNI's decoder or
+    json-tricks' hooks (all start with ``__``), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if str(key).startswith("__"):
+                return here
+            found = _encoded_key(item, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _encoded_key(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def run_experiments(run_dir: str | Path) -> dict[str, ExperimentRef]:
@@ -125,14 +199,14 @@ def view_experiment(ref: ExperimentRef, port: int) -> Any:
     the experiment (``.stop()`` ends it). NAS experiments go through their own config."""
     if not ref.folder.is_dir():
         raise ReopenError(f"experiment {ref.id}: its folder {ref.folder} is gone")
-    if not ref.has_web_ui():
+    config = ref.config()  # plain JSON; its trial code directory is the current one, as NNI requires
+    if config is not None and getattr(config.execution_engine, "name", "") == "sequential":
         raise ReopenError(
             f"experiment {ref.id} ran on NNI's sequential engine (a one-shot search in shared mode): it has no "
             "trials and no web UI to open. Its results are in the run's search/history.json and report.md; "
             "search in trials mode (search.strategy: size_aware_pg_trials) for one web UI trial per network"
         )
     _check_port(port)
-    config = ref.config()
     if config is None:  # a classic (HPO) experiment: NNI's own view works
         from nni.experiment import Experiment
 
@@ -140,20 +214,11 @@ def view_experiment(ref: ExperimentRef, port: int) -> Any:
     else:
         from nni.nas.experiment import NasExperiment
 
+        compat.plain_json_checkpoint_config()  # NNI's view reads config.json again: not with nni.load
         exp = NasExperiment(None, None, None, config=config, id=ref.id)
     if ref.id not in experiment_manifest():
         raise ReopenError(f"experiment {ref.id} is not in NNI's experiment manifest (`nnictl experiment list --all`)")
-    # NNI checks that a NAS experiment's trial code directory is the current directory
-    code_dir = Path(getattr(config, "trial_code_directory", None) or ".")
-    here = Path.cwd()
-    if config is not None and not code_dir.is_dir():
-        config.trial_code_directory = str(here)
-        config.training_service.trial_code_directory = str(here)
-    os.chdir(code_dir if code_dir.is_dir() else here)
-    try:
-        exp.view(port=port, non_blocking=True)
-    finally:
-        os.chdir(here)
+    exp.view(port=port, non_blocking=True)
     return exp
 
 
