@@ -1,26 +1,328 @@
-"""Hostile inputs and crashes, as an attacker and an unlucky operator would try them: no code from
-them runs, no client weighs more than its share, a bad reply costs only its sender, a checkpoint
-resumes exactly or is refused by name."""
+"""Hostile inputs and crashes, tried as an attacker and an unlucky operator would (issue 14): no
+code from them runs, no client weighs more than its share, a bad reply costs only its sender, a
+checkpoint resumes exactly or is refused by name, the CLI prints one ``error:`` line.
+
+1. run directories someone else wrote: NNI's config.json is read as plain JSON, never decoded;
+2. client weights: a sample count above what the server knows the client holds is rejected;
+3. malformed Flower replies (and 9, the memory bound): checked before decoding, only the sender pays;
+4. a kill at any point of a checkpoint save resumes to the uninterrupted model;
+5. damaged checkpoints are refused naming the file (a damaged best file costs only its weights);
+6. CLI errors: one ``error:`` line, exit 2; damaged run files named;
+7. device images: decompression bombs and damaged files are DataErrors naming the file;
+8. a resumed experiment's command channel skips what NNI's NAS channel does not handle and lives on
+   (the real resume is in tests/test_view.py);
+9. node profiles, budgets and ServerApp paths.
+
+Run directories are made by hand, as the pipeline lays them out: a damaged one fails before any
+NNI experiment starts. The real deployment with a hostile ClientApp is in tests/test_flower.py.
+"""
+
+from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
 import os
 import pickle
+import re
+import shutil
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from nni_fedexit.data import DataError, load_dataset, load_image_folder
 from nni_fedexit.federated import FederatedData, FederatedError, FederatedSettings, SimulationBackend, federate
 from nni_fedexit.federated.aggregators import Aggregator, WeightedMean, register_aggregator
 from nni_fedexit.federated.checkpoint import Checkpoint
-from helpers import TINY_SAMPLE as SAMPLE, tiny_space
+from nni_fedexit.job.cli import main
+from nni_fedexit.nni_tools import compat
+from nni_fedexit.nni_tools.reopen import ExperimentRef, ReopenError, find_experiment, read_nas_config
+from helpers import EXAMPLES, TINY_SAMPLE, TINY_SAMPLE as SAMPLE, tiny_space
 
 
+# ==== 1 and 8. run directories and NNI commands we did not write ==================================
+EXP_ID = "hostile1"
+
+
+class _Touch:
+    """Unpickling it creates ``path``: the stand-in for someone else's code."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def _payload(path: Path) -> dict:
+    """An ``__nni_obj__`` entry exactly as NNI's encoder writes it for an object it cannot trace."""
+    import nni
+
+    entry = json.loads(nni.dump(_Touch(path)))
+    assert set(entry) == {"__nni_obj__"}
+    return entry
+
+
+def _nni_config(tmp: Path) -> dict:
+    """The config.json NNI itself writes for a NAS experiment on the training service (through
+    NasExperiment.save_checkpoint, as the federate stage's experiment has it)."""
+    from nni.nas.experiment import NasExperiment
+    from nni.nas.experiment.config import NasExperimentConfig
+
+    config = NasExperimentConfig("ts", "simplified", "local")
+    config.max_trial_number = 1
+    config.trial_concurrency = 1
+    config.training_service.use_active_gpu = False
+    config.experiment_working_directory = str(tmp / "written")
+    NasExperiment(None, None, None, config=config, id="written").save_checkpoint()
+    return json.loads((tmp / "written" / "written" / "checkpoint" / "config.json").read_text())
+
+
+def _run_dir(tmp: Path, config_json: str) -> Path:
+    """The smallest run directory `nni-fedexit view` takes: config.yaml, the search stage's
+    experiment record, and the experiment's checkpoint/config.json."""
+    run = tmp / "run"
+    (run / "search").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "search" / "experiment.json").write_text(json.dumps({"experiment_id": EXP_ID, "stage": "search"}))
+    ckpt = run / "nni-experiments" / EXP_ID / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(config_json)
+    return run
+
+
+@pytest.fixture(scope="module")
+def nni_written(tmp_path_factory) -> dict:
+    return _nni_config(tmp_path_factory.mktemp("nni_written"))
+
+
+@pytest.fixture
+def hostile(tmp_path, nni_written):
+    """A run directory whose config.json carries a live cloudpickle payload (it would create
+    ``tmp_path/"pwned"``), next to NNI's real fields."""
+    pwned = tmp_path / "pwned"
+    data = dict(nni_written, experimentName=_payload(pwned))
+    return _run_dir(tmp_path, json.dumps(data, indent=2)), pwned
+
+
+def test_the_payload_is_live_through_nni_load(tmp_path):
+    """The check the other tests rely on: NNI's own loader runs such an entry."""
+    import nni
+
+    control = tmp_path / "control"
+    nni.load(json.dumps({"experimentName": _payload(control)}))
+    assert control.exists()
+
+
+def test_config_with_an_encoded_object_is_refused_not_decoded(hostile):
+    run, pwned = hostile
+    ref = find_experiment(str(run))
+    with pytest.raises(ReopenError) as err:
+        ref.config()
+    message = str(err.value)
+    assert str(ref.folder / "checkpoint" / "config.json") in message and "'experimentName.__nni_obj__'" in message
+    assert not pwned.exists()
+
+
+def test_nni_load_checkpoint_reads_config_json_as_plain_json(hostile):
+    """NNI's view (and resume) read config.json again in NasExperiment.load_checkpoint: patched,
+    that read refuses the payload too."""
+    from nni.nas.experiment import NasExperiment
+    from nni.nas.experiment.config import NasExperimentConfig
+
+    run, pwned = hostile
+    compat.plain_json_checkpoint_config()
+    config = NasExperimentConfig("ts", "simplified", "local", trial_concurrency=1)
+    config.experiment_working_directory = str(run / "nni-experiments")
+    with pytest.raises(ReopenError, match="__nni_obj__"):
+        NasExperiment(None, None, None, config=config, id=EXP_ID).load_checkpoint()
+    assert not pwned.exists()
+
+
+def test_view_of_a_hostile_run_exits_2_with_one_error_line(hostile):
+    run, pwned = hostile
+    result = CliRunner().invoke(main, ["view", str(run), "--port", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0], result.output
+    assert "__nni_obj__" in lines[0] and "trust" in lines[0]
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("where, entry, key", [
+    ("executionEngine", {"__nni_type__": "path:os.system"}, "executionEngine.__nni_type__"),  # an import
+    ("trainingService", [{"platform": "local"}, {"__instance_type__": ["os", "system"]}],  # json-tricks' own
+     "trainingService[1].__instance_type__"),
+])
+def test_every_decoder_marker_is_refused_with_its_key(tmp_path, nni_written, where, entry, key):
+    run = _run_dir(tmp_path, json.dumps(dict(nni_written, **{where: entry})))
+    with pytest.raises(ReopenError, match=re.escape(f"holds an encoded object at {key!r}")):
+        ExperimentRef(EXP_ID, run / "nni-experiments").config()
+
+
+@pytest.mark.parametrize("text", ['{"experimentType": "nas", "trainingService": {"platform": "lo', "",
+                                  "\x00\x01 not json", '["nas"]', '{"searchSpace": {}}', "[" * 100_000 + "]" * 100_000],
+                         ids=["truncated", "empty", "binary", "not-an-object", "not-nas", "too-deep"])
+def test_damaged_config_json_is_a_reopen_error_naming_the_file(tmp_path, text):
+    run = _run_dir(tmp_path, text)
+    path = run / "nni-experiments" / EXP_ID / "checkpoint" / "config.json"
+    with pytest.raises(ReopenError) as err:
+        ExperimentRef(EXP_ID, run / "nni-experiments").config()
+    assert str(path) in str(err.value) and "restore it from a copy of the run directory" in str(err.value)
+    result = CliRunner().invoke(main, ["view", str(run), "--port", "1"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {path} ") and result.output.count("\n") == 1
+
+
+def test_an_nni_written_config_loads_as_nni_loads_it(tmp_path, nni_written):
+    import nni
+    from nni.experiment.config.utils import diff
+    from nni.nas.experiment.config import NasExperimentConfig
+
+    run = _run_dir(tmp_path, json.dumps(nni_written))
+    path = run / "nni-experiments" / EXP_ID / "checkpoint" / "config.json"
+    ours = read_nas_config(path)
+    with path.open() as f:
+        theirs = NasExperimentConfig(**nni.load(fp=f))  # our own file: NNI's loader is fine here
+    theirs.experiment_working_directory = str(run / "nni-experiments")
+    assert diff(theirs, ours) == ""
+    assert ours.execution_engine.name == "ts" and ours.max_trial_number == 1
+    assert ours.training_service.use_active_gpu is False
+    assert ExperimentRef(EXP_ID, run / "nni-experiments").config().json() == ours.json()
+    assert ExperimentRef("other", run / "nni-experiments").config() is None  # no checkpoint: a classic experiment
+
+
+def test_trial_command_and_directories_come_from_us_not_the_file(tmp_path, nni_written):
+    evil = "touch /tmp/x; python -m nni.nas.execution.training_service trial"
+    data = dict(nni_written, trialCommand=evil, trial_code_directory=str(tmp_path),
+                _TRIAL_COMMAND_PARAMS_={"envs": "touch /tmp/x;"}, experimentWorkingDirectory="/elsewhere",
+                trainingService=dict(nni_written["trainingService"], trialCommand=evil, trialCodeDirectory="/"))
+    run = _run_dir(tmp_path, json.dumps(data))
+    canonical = ExperimentRef(EXP_ID, run / "nni-experiments").config().canonical_copy()
+    ours = f"{sys.executable} -m nni.nas.execution.training_service trial"
+    assert canonical.trial_command == ours and canonical.training_service.trial_command == ours
+    assert Path(canonical.trial_code_directory) == Path.cwd() == Path(canonical.training_service.trial_code_directory)
+    assert Path(canonical.experiment_working_directory) == run / "nni-experiments"
+
+
+# ---- the command channel of a resumed experiment ------------------------------------------------
+
+class _Manager:
+    """The NNI manager's end of the tuner command channel, as nni_node/core/tuner_command_channel.js
+    speaks it: one JSON text frame ``{"type": ..., "content": <string>}`` per command."""
+
+    def __init__(self, frames: list[dict]):
+        from websockets.sync.server import serve
+
+        self.frames = frames
+        self.received: list[str] = []
+        self.server = serve(self._handle, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}/tuner"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _handle(self, conn) -> None:
+        for frame in self.frames:
+            conn.send(json.dumps(frame))
+        try:
+            for message in conn:
+                self.received.append(message)
+        except Exception:  # the client closes the connection
+            pass
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join(10)
+
+
+def _frame(command_type, content: str = "") -> dict:
+    return {"type": command_type.value, "content": content}
+
+
+def test_nas_channel_commands_are_exactly_what_nni_receive_handles():
+    """The commands the patch lets through are the ones NNI's own receive does not call unknown."""
+    from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
+    from nni.runtime.tuner_command_channel.command_type import CommandType
+
+    original = getattr(TunerCommandChannel.receive, "__wrapped__", TunerCommandChannel.receive)
+    manager = _Manager([_frame(t, "0") for t in CommandType])
+    channel = TunerCommandChannel(manager.url)
+    try:
+        channel.connect()
+        unknown = set()
+        for command_type in CommandType:
+            try:
+                original(channel)
+            except ValueError as err:
+                if str(err) == f"Unknown command type: {command_type}":
+                    unknown.add(command_type)
+            except TypeError:  # a handled command with other content
+                pass
+    finally:
+        channel.disconnect()
+        manager.close()
+    assert CommandType.ImportData in unknown and CommandType.AddCustomizedTrialJob in unknown
+    assert compat.nas_channel_commands() == set(CommandType) - unknown
+
+
+def test_resumed_channel_skips_unknown_commands_undecoded_and_keeps_listening(tmp_path, caplog):
+    """What the manager sends a resumed NAS experiment after Initialized: ImportData (the earlier
+    trials) and AddCustomizedTrialJob (the unfinished ones), whose content holds the trials'
+    pickled parameters; then the commands the engine lives on. The listener thread, as NNI's
+    training service engine runs it, skips the first two without decoding them and goes on."""
+    from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
+    from nni.runtime.tuner_command_channel.command_type import CommandType
+
+    caplog.set_level(logging.INFO, logger="nni_fedexit.nni_tools.compat")
+    compat.accept_import_data()
+    compat.accept_import_data()  # idempotent
+    assert not hasattr(TunerCommandChannel.receive.__wrapped__, "__wrapped__")
+    pwned = tmp_path / "pwned"
+    trials = json.dumps([{"parameter": {"parameters": _payload(pwned)}, "value": "0.5"}])
+    manager = _Manager([_frame(CommandType.ImportData, trials), _frame(CommandType.AddCustomizedTrialJob, trials),
+                        _frame(CommandType.Ping), _frame(CommandType.RequestTrialJobs, "2"),
+                        _frame(CommandType.UpdateSearchSpace, "{}"), _frame(CommandType.Terminate)])
+    channel = TunerCommandChannel(manager.url)
+    heard: list = []
+    channel.on_request_trial_jobs(heard.append)
+    channel.on_update_search_space(heard.append)
+    channel.on_terminate(heard.append)
+    failures: list = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        try:
+            channel.listen(stop_event=stop)
+        except BaseException as err:  # what would kill NNI's listener thread
+            failures.append(err)
+
+    try:
+        channel.connect()
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        listener.join(20)
+        assert not listener.is_alive() and not failures, failures
+    finally:
+        channel.disconnect()
+        manager.close()
+    assert [type(c).__name__ for c in heard] == ["RequestTrialJobs", "UpdateSearchSpace", "Terminate"]
+    assert heard[0].count == 2 and stop.is_set()
+    skipped = [r.getMessage() for r in caplog.records if r.name == "nni_fedexit.nni_tools.compat"]
+    assert [m.split(" command skipped")[0].rsplit(" ", 1)[1] for m in skipped] == [
+        "ImportData", "AddCustomizedTrialJob", "Ping"]
+    assert not pwned.exists()  # a skipped command's content is never decoded
+    assert "_receive" not in vars(channel)  # the patch leaves nothing on the channel
+
+# ==== 2 to 5 and 9. clients, replies, checkpoints =================================================
 def digits_settings(**overrides):
     base = dict(dataset="digits", rounds=1, num_clients=4, min_clients=2, batch_size=32, lr=0.05, seed=0, head="linear")
     base.update(overrides)
@@ -438,3 +740,184 @@ def test_a_truncated_best_file_costs_only_the_best_weights(two_rounds, caplog):
     if state["best_round"] != 2:
         assert "best.safetensors" in caplog.text and "lost its weights" in caplog.text
     assert Checkpoint(folder).best_weights().keys() == result.model.state_dict().keys()  # rewritten, readable
+
+# ==== 6 and 7. the command line and device images =================================================
+CONFIG = EXAMPLES / "tiny_digits.yaml"
+STAGES_HELP = "delete it to rerun every stage"
+
+
+def _runner() -> CliRunner:
+    """A runner that keeps stderr apart (click < 8.2 mixes it in unless told; 8.2 dropped the option)."""
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        return CliRunner(mix_stderr=False)
+    return CliRunner()
+
+
+def user_error(*args: str) -> str:
+    """The one line the CLI prints for ``args`` (asserting exit code 2, no traceback, one line)."""
+    result = _runner().invoke(main, list(args))
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def run_dir(tmp_path: Path, stages: str | None = None, files: dict[str, str] | None = None) -> Path:
+    """A run directory as `nni-fedexit run` leaves it: config.yaml, stages.json, and ``files`` (path: text)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(CONFIG, d / "config.yaml")
+    if stages is not None:
+        (d / "stages.json").write_text(stages)
+    for name, text in (files or {}).items():
+        path = d / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return d
+
+
+# ---- the run directory ---------------------------------------------------------------------------
+
+
+def test_run_dir_below_a_file(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    line = user_error("run", str(CONFIG), "--run-dir", str(blocker / "sub"))
+    assert f"{blocker} is a file, not a folder" in line and "--run-dir" in line
+    assert blocker.read_text() == "not a folder"
+
+
+CORRUPT_STAGES = {
+    "truncated": '{"done": ["search", "fed',
+    "not an object": '["search"]',
+    "no done": '{"finished": ["search"]}',
+    "not stage names": '{"done": ["search", 3]}',
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("content", CORRUPT_STAGES.values(), ids=CORRUPT_STAGES.keys())
+@pytest.mark.parametrize("resume", [False, True], ids=["run", "run --resume"])
+def test_corrupt_stages_json_on_run(tmp_path, content, resume):
+    """Never read as "nothing finished": that would train again over the run's results."""
+    arch = json.dumps({"sample": TINY_SAMPLE})
+    d = run_dir(tmp_path, content, files={"search/architecture.json": arch})
+    line = user_error("run", str(CONFIG), "--run-dir", str(d), *(["--resume"] if resume else []))
+    assert str(d / "stages.json") in line and STAGES_HELP in line
+    assert (d / "stages.json").read_text() == content and (d / "search/architecture.json").read_text() == arch
+    assert not (d / "nni-experiments").exists()
+
+
+def test_corrupt_stages_json_on_resume(tmp_path):
+    d = run_dir(tmp_path, '{"done": ["search", "federate"')
+    line = user_error("resume", str(d))
+    assert str(d / "stages.json") in line and STAGES_HELP in line and "corrupt" in line
+
+
+def test_config_of_a_run_dir_that_is_not_text(tmp_path):
+    d = run_dir(tmp_path, '{"done": ["search"]}')
+    (d / "config.yaml").write_bytes(b"\xff\xfe\x00\x01 binary")
+    for command in ("resume", "evaluate", "report"):
+        line = user_error(command, str(d))
+        assert str(d / "config.yaml") in line and "cannot be read" in line
+
+
+def test_config_yaml_syntax_error_is_one_line(tmp_path):
+    d = run_dir(tmp_path)
+    (d / "config.yaml").write_text("seed: 0\ndata: [digits\n")
+    line = user_error("resume", str(d))
+    assert str(d / "config.yaml") in line and "not valid YAML" in line
+
+
+def test_corrupt_model_json_on_evaluate(tmp_path):
+    d = run_dir(tmp_path, '{"done": ["search", "federate"]}', files={"model.json": '{"architecture": '})
+    line = user_error("evaluate", str(d))
+    assert str(d / "model.json") in line and "corrupt" in line and "federate" in line
+
+
+# ---- errors of the stages: PipelineError, FederatedError -------------------------------------------
+
+
+def test_pipeline_error_for_a_damaged_search_result(tmp_path):
+    """The search finished, but its architecture.json is truncated: the federate stage says which file
+    and how to search again, before it starts an experiment."""
+    d = run_dir(tmp_path, '{"done": ["search"]}', files={"search/architecture.json": '{"sample": {"stage1": "res'})
+    line = user_error("resume", str(d))
+    assert str(d / "search/architecture.json") in line and "stages.json" in line
+    assert not (d / "federated").exists() and not (d / "nni-experiments").exists()
+
+
+def test_federated_error_for_a_checkpoint_of_other_settings(tmp_path):
+    """The run's federated checkpoint was written with other settings: the trial could not go on
+    from it, so the CLI says so (FederatedError) instead of starting an NNI experiment that fails."""
+    from safetensors.torch import save_file
+
+    state = {"round": 1, "best_round": 1, "fingerprint": "written-with-other-settings",
+             "history": [{"round": 1, "exit_accuracy": [0.5, 0.6], "total_loss": 1.0}]}
+    d = run_dir(tmp_path, '{"done": ["search"]}', files={"search/architecture.json": json.dumps({"sample": TINY_SAMPLE}),
+                                                      "federated/state.json": json.dumps(state)})
+    save_file({"w": torch.zeros(2)}, str(d / "federated" / "last.safetensors"))
+    line = user_error("resume", str(d))
+    assert str(d / "federated") in line and "other settings" in line
+    assert json.loads((d / "federated/state.json").read_text()) == state  # the checkpoint is kept as it was
+    assert not (d / "federated/experiment.json").exists() and not (d / "nni-experiments").exists()
+
+
+# ---- data: an edge device's image folder, Fashion-MNIST files ------------------------------------
+
+
+def test_decompression_bomb_png_is_a_data_error(tmp_path):
+    """A 400-megapixel PNG (48 KB as a 1-bit image) is refused by name before it is decoded."""
+    folder = tmp_path / "device" / "3"
+    folder.mkdir(parents=True)
+    bomb = folder / "big.png"
+    t0 = time.time()
+    Image.new("1", (20000, 20000)).save(bomb)
+    assert bomb.stat().st_size < 200_000
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path / "device", [str(i) for i in range(10)], 1, 8, [0.5], [0.5])
+    message = str(err.value)
+    assert str(bomb) in message and "400,000,000 pixels" in message and "resize" in message
+    assert f"at most {limit:,} pixels" in message
+    assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's global limit is left alone
+    assert time.time() - t0 < 20
+
+
+def test_image_above_pillows_warning_limit_is_refused_too(tmp_path):
+    """Between MAX_IMAGE_PIXELS and twice that Pillow only warns, and would decode it: refused as well."""
+    folder = tmp_path / "device" / "0"
+    folder.mkdir(parents=True)
+    big = folder / "mid.png"
+    Image.new("1", (10000, 10000)).save(big)
+    with pytest.raises(DataError, match=r"mid\.png is too large to read \(100,000,000 pixels\)"):
+        load_image_folder(tmp_path / "device", [str(i) for i in range(10)], 1, 8, [0.5], [0.5])
+
+
+def test_truncated_png_names_the_file(tmp_path):
+    folder = tmp_path / "device" / "1"
+    folder.mkdir(parents=True)
+    image = folder / "cut.png"
+    Image.effect_noise((32, 32), 64).save(image)
+    image.write_bytes(image.read_bytes()[:300])
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path / "device", [str(i) for i in range(10)], 1, 8, [0.5], [0.5])
+    message = str(err.value)
+    assert str(image) in message and "()" not in message and "truncated" in message
+
+
+def test_idx_file_with_a_bad_header_says_why(tmp_path, monkeypatch):
+    """torchvision's IDX reader asserts on a bad header (an AssertionError without text): the message
+    gives the error's type instead of an empty "()"."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (folder / stem).write_bytes(b"\x00" * 32)
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist", data_dir=folder)
+    message = str(err.value)
+    assert str(folder / "train-images-idx3-ubyte") in message and "()" not in message
+    assert "corrupt (AssertionError)" in message
