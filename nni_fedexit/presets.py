@@ -49,9 +49,13 @@ def load_preset(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], st
 def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
     """A YAML file that must hold a mapping; bad YAML raises ``error`` naming the file."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): give a YAML file") from None
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err.strerror or err}): give a readable YAML file") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data

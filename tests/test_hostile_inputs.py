@@ -824,6 +824,38 @@ def test_config_of_a_run_dir_that_is_not_text(tmp_path):
         assert str(d / "config.yaml") in line and "cannot be read" in line
 
 
+def test_damaged_stage_records_and_space_files_are_named(tmp_path):
+    d = run_dir(tmp_path, '{"done": ["search"]}', {"search/experiment.json": '{"experiment_id": "abc', "report.md": ""})
+    assert str(d / "search/experiment.json") in user_error("view", str(d))
+    (d / "search/experiment.json").write_text('{"experiment_id": "../../etc"}')
+    assert "'experiment_id' must be an NNI experiment id" in user_error("view", str(d))
+    space = tmp_path / "space.yaml"
+    space.write_bytes(b"\xff\xfe binary")
+    assert f"{space}: not UTF-8 text" in user_error("space", "--space", str(space))
+
+
+def test_a_corrupt_result_file_on_report_is_one_error_line(tmp_path):
+    d = run_dir(tmp_path, '{"done": ["search", "federate", "evaluate"]}', {"search/architecture.json": '{"sample": {'})
+    line = user_error("report", str(d))
+    assert "architecture.json" in line or "history.json" in line or "metrics.json" in line
+
+
+def test_resume_refuses_a_run_directory_others_can_write(tmp_path):
+    from nni_fedexit.nni_tools.reopen import check_own_run
+
+    d = run_dir(tmp_path)
+    (d / "nni-experiments" / "abcd1234" / "db").mkdir(parents=True)
+    check_own_run(d)  # yours, and only you write it: trusted
+    os.chmod(d / "nni-experiments" / "abcd1234" / "db", 0o777)
+    with pytest.raises(ReopenError, match="writable by others.*view` opens any run safely"):
+        check_own_run(d)
+    if os.geteuid() == 0:  # root can hand the folder to another user: someone else's run
+        os.chmod(d / "nni-experiments" / "abcd1234" / "db", 0o755)
+        os.chown(d / "nni-experiments", 65534, 65534)
+        with pytest.raises(ReopenError, match="another user"):
+            check_own_run(d)
+
+
 def test_config_yaml_syntax_error_is_one_line(tmp_path):
     d = run_dir(tmp_path)
     (d / "config.yaml").write_text("seed: 0\ndata: [digits\n")

@@ -18,7 +18,10 @@ def _load(run: Path, name: str) -> Any:
     path = run / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FileNotFoundError(f"{path} is unreadable or corrupt ({err}): run the stage that writes it again") from None
 
 
 def _save(fig: Any, path: Path) -> str:

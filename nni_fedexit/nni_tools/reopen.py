@@ -25,13 +25,14 @@ experiment list`` reads), whose ``logDir`` is the experiment's working directory
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nni_fedexit.nni_tools import compat
 
-__all__ = ["ExperimentRef", "ReopenError", "experiment_manifest", "find_experiment", "read_nas_config",
+__all__ = ["ExperimentRef", "ReopenError", "check_own_run", "experiment_manifest", "find_experiment", "read_nas_config",
            "run_experiments", "view_experiment"]
 
 #: the stages of a run that are NNI experiments, and the file that names each one's id
@@ -153,11 +154,53 @@ def run_experiments(run_dir: str | Path) -> dict[str, ExperimentRef]:
     out: dict[str, ExperimentRef] = {}
     for stage, record in STAGE_RECORDS.items():
         for path in (run / record, run / _FINISHED_RECORDS[stage]):
-            exp_id = json.loads(path.read_text()).get("experiment_id") if path.is_file() else None
+            exp_id = _experiment_id(path)
             if exp_id:
                 out[stage] = ExperimentRef(exp_id, run / "nni-experiments", stage)
                 break
     return out
+
+
+def _experiment_id(path: Path) -> str | None:
+    """The ``experiment_id`` a stage record names (None without the file or the key); a damaged
+    record is a ReopenError naming it."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ReopenError(f"{path} is unreadable or corrupt ({err}): it names the stage's NNI experiment; restore it "
+                          "from a copy of the run directory, or give the experiment id instead") from None
+    exp_id = data.get("experiment_id") if isinstance(data, dict) else None
+    if exp_id is not None and (not isinstance(exp_id, str) or not exp_id.isalnum()):
+        raise ReopenError(f"{path}: 'experiment_id' must be an NNI experiment id (letters and digits), got {exp_id!r}")
+    return exp_id
+
+
+def check_own_run(run_dir: str | Path) -> None:
+    """Refuse to resume a run directory another user owns, or others may write to.
+
+    Resuming re-runs the unfinished trials with the parameters in the experiment's NNI database,
+    which NNI's trials unpickle: whoever could write the run directory could run code as you. A
+    run directory you own and others cannot write is trusted (see docs/security.md; a copy you
+    downloaded is yours: resume only what you trust); viewing any run is safe.
+    """
+    import stat
+
+    run = Path(run_dir).resolve()
+    me = os.getuid()
+    for path in (run, run / "nni-experiments", *run.glob("nni-experiments/*"), *run.glob("nni-experiments/*/db")):
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        if info.st_uid != me or info.st_mode & stat.S_IWOTH:
+            owner = "another user" if info.st_uid != me else "writable by others"
+            raise ReopenError(
+                f"{path} is {owner}: resuming re-runs trials from its NNI database, which would run code of whoever "
+                "wrote it. Resume only run directories you own and others cannot write (chmod o-w); `nni-fedexit "
+                "view` opens any run safely"
+            )
 
 
 def experiment_manifest() -> dict[str, dict[str, Any]]:
