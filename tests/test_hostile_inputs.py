@@ -46,7 +46,9 @@ from nni_fedexit.federated.aggregators import Aggregator, WeightedMean, register
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.job.cli import main
 from nni_fedexit.nni_tools import compat
-from nni_fedexit.nni_tools.reopen import ExperimentRef, ReopenError, find_experiment, read_nas_config
+from nni_fedexit.nni_tools.reopen import (
+    ExperimentRef, ReopenError, find_experiment, plain_json_checkpoint_config, read_nas_config,
+)
 from helpers import EXAMPLES, TINY_SAMPLE, TINY_SAMPLE as SAMPLE, tiny_space
 
 
@@ -141,7 +143,7 @@ def test_nni_load_checkpoint_reads_config_json_as_plain_json(hostile):
     from nni.nas.experiment.config import NasExperimentConfig
 
     run, pwned = hostile
-    compat.plain_json_checkpoint_config()
+    plain_json_checkpoint_config()
     config = NasExperimentConfig("ts", "simplified", "local", trial_concurrency=1)
     config.experiment_working_directory = str(run / "nni-experiments")
     with pytest.raises(ReopenError, match="__nni_obj__"):
@@ -357,9 +359,16 @@ def _run(digits, claim, settings=None, **kw):
 # ---- 2. weight inflation: no client sets the global model --------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def honest_run(digits):
+    """Round 1 with client 0 offline: the mean of the three others."""
+    return _run(digits, None)
+
+
 @pytest.mark.parametrize("claim", [1e18, math.inf, 1.7e308, math.nan, -5, [100], "100", True, 10**6])
-def test_an_inflated_or_malformed_sample_count_is_rejected_and_the_model_is_the_honest_mean(digits, claim, caplog):
-    honest = _run(digits, None)  # client 0 offline: the mean of the three others
+def test_an_inflated_or_malformed_sample_count_is_rejected_and_the_model_is_the_honest_mean(digits, honest_run, claim,
+                                                                                             caplog):
+    honest = honest_run
     with caplog.at_level(logging.WARNING, logger="nni_fedexit"):
         attacked = _run(digits, claim)
     record = attacked.history[0]
@@ -666,13 +675,21 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_model(digits
 # ---- 5. a damaged checkpoint is refused by name, or resumed without its best file ---------------------
 
 
-@pytest.fixture
-def two_rounds(digits, tmp_path):
-    net = NET
-    s = digits_settings(rounds=2, checkpoint_dir=str(tmp_path / "ckpt"))
+@pytest.fixture(scope="module")
+def two_round_checkpoint(digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two_rounds") / "ckpt"
+    s = digits_settings(rounds=2, checkpoint_dir=str(folder))
     data = FederatedData(s, bundle=digits)
-    federate(copy.deepcopy(net), s, data=data, report=False)
-    return net, data, tmp_path / "ckpt"
+    federate(copy.deepcopy(NET), s, data=data, report=False)
+    return data, folder
+
+
+@pytest.fixture
+def two_rounds(two_round_checkpoint, tmp_path):
+    """A copy of a 2-round checkpoint, to damage."""
+    data, folder = two_round_checkpoint
+    shutil.copytree(folder, tmp_path / "ckpt")
+    return NET, data, tmp_path / "ckpt"
 
 
 def _resume(net, data, folder, rounds=3):

@@ -268,7 +268,9 @@ class Run:
         ``nni-fedexit view`` and ``resume`` find it whatever happens next."""
         from nni.nas.experiment import NasExperiment
 
-        from nni_fedexit.nni_tools.reopen import STAGE_RECORDS, ExperimentRef, check_own_run, experiment_manifest
+        from nni_fedexit.nni_tools.reopen import (
+            STAGE_RECORDS, ExperimentRef, check_own_run, experiment_manifest, plain_json_checkpoint_config,
+        )
 
         record = self.dir / STAGE_RECORDS[stage]
         before = _read_json(record, f"it holds the id of the {stage} stage's NNI experiment; delete it to run the "
@@ -280,7 +282,7 @@ class Run:
         if resumed:
             check_own_run(self.dir)
             compat.accept_import_data()
-            compat.plain_json_checkpoint_config()  # NNI's resume reads config.json again: not with nni.load
+            plain_json_checkpoint_config()  # NNI's resume reads config.json again: not with nni.load
         exp = NasExperiment(space, evaluator, strategy, id=old if resumed else None)
         exp.config.experiment_working_directory = str(self.experiments_dir())
         configure(exp)  # as when it was created: NNI resumes an experiment with its own config

@@ -4,9 +4,9 @@ On torch >= 2.1 NNI warns at import for every torch object it cannot trace ("...
 not a nn.Module ... your PyTorch version might not be supported"). The warning is harmless for
 what we use; this module filters exactly that message and nothing else. Import it before nni.
 
-Two opt-in patches for reopening experiments: :func:`accept_import_data` (a resumed NAS
-experiment keeps its command listener) and :func:`plain_json_checkpoint_config` (NNI reads a NAS
-experiment's checkpoint/config.json without decoding objects).
+An opt-in patch for resuming experiments: :func:`accept_import_data` (a resumed NAS experiment
+keeps its command listener). The one for reading their config is
+:func:`nni_fedexit.nni_tools.reopen.plain_json_checkpoint_config`.
 """
 
 import logging
@@ -68,48 +68,3 @@ def nas_channel_commands() -> frozenset:
     from nni.runtime.tuner_command_channel.command_type import TunerIncomingCommand
 
     return frozenset(cls.command_type for cls in TunerIncomingCommand.__subclasses__())
-
-
-def plain_json_checkpoint_config() -> None:
-    """Make ``NasExperiment.load_checkpoint`` read ``checkpoint/config.json`` as plain JSON.
-
-    NNI reads it with ``nni.load``, whose decoder unpickles (cloudpickle) any ``__nni_obj__``
-    entry and imports what ``__nni_type__`` names: a config.json someone else wrote runs their
-    code in ``view`` and ``resume``. A config NNI writes holds plain values only; this reads it
-    with :func:`nni_fedexit.nni_tools.reopen.read_nas_config` (refuses encoded objects with a
-    ReopenError) and otherwise does what NNI's method does: compare it with the current config
-    (log only) and, once the engine exists, load the strategy's state (NNI's torch serializer;
-    torch's ``weights_only`` default applies). Idempotent.
-    """
-    from nni.nas.experiment import NasExperiment
-
-    original = NasExperiment.load_checkpoint
-    if getattr(original, "plain_json_config", False):
-        return
-
-    def load_checkpoint(self: NasExperiment) -> None:
-        from nni.experiment.config.utils import diff
-        from nni.nas.utils.serializer import get_default_serializer
-
-        from nni_fedexit.nni_tools.reopen import ReopenError, read_nas_config
-
-        path = self._checkpoint_directory / "config.json"
-        config = read_nas_config(path)
-        if config is None:
-            raise ReopenError(f"{path} is missing: NNI saved no checkpoint for experiment {self.id}")
-        log = logging.getLogger("nni.nas.experiment.experiment")
-        config_diff = diff(self.config, config, "Current", "Loaded")
-        if config_diff:
-            log.error("Config is found but does not match the current config:\n%s", config_diff)
-            log.error("NAS experiment loading will probably fail for inconsistent config. "
-                      "The experiment now continues with the new config.")
-        if self._engine is not None:
-            ckpt_path = self._checkpoint_directory / "state.ckpt"
-            try:
-                self.load_state_dict(get_default_serializer().load(ckpt_path))
-            except FileNotFoundError:
-                log.warning("Checkpoint file %s does not exist. Skip loading.", ckpt_path)
-
-    load_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
-    load_checkpoint.plain_json_config = True  # type: ignore[attr-defined]
-    NasExperiment.load_checkpoint = load_checkpoint  # type: ignore[method-assign]

@@ -15,7 +15,7 @@ A config NNI writes for a NAS experiment holds plain values only; a file with an
 refused (ReopenError naming the file and the key), and the values that would say what to run or
 where are derived here (trial command and code directory: NNI's defaults for this Python and
 directory; working directory: where the file lies). Viewing goes through the same reader
-(:func:`nni_fedexit.nni_tools.compat.plain_json_checkpoint_config`).
+(:func:`plain_json_checkpoint_config`).
 
 A run's experiments are found from its run directory (each stage writes its experiment id to
 ``<stage>/experiment.json``) or by id through NNI's experiment manifest (what ``nnictl
@@ -25,14 +25,15 @@ experiment list`` reads), whose ``logDir`` is the experiment's working directory
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nni_fedexit.nni_tools import compat
+from nni_fedexit.nni_tools import compat  # noqa: F401  (before nni)
 
-__all__ = ["ExperimentRef", "ReopenError", "check_own_run", "experiment_manifest", "find_experiment", "read_nas_config",
+__all__ = ["ExperimentRef", "ReopenError", "check_own_run", "experiment_manifest", "find_experiment", "plain_json_checkpoint_config", "read_nas_config",
            "run_experiments", "view_experiment"]
 
 #: the stages of a run that are NNI experiments, and the file that names each one's id
@@ -148,6 +149,49 @@ def _encoded_key(value: Any, where: str = "") -> str | None:
     return None
 
 
+def plain_json_checkpoint_config() -> None:
+    """Make ``NasExperiment.load_checkpoint`` read ``checkpoint/config.json`` as plain JSON.
+
+    NNI reads it with ``nni.load``, whose decoder unpickles (cloudpickle) any ``__nni_obj__``
+    entry and imports what ``__nni_type__`` names: a config.json someone else wrote runs their
+    code in ``view`` and ``resume``. A config NNI writes holds plain values only; this reads it
+    with :func:`read_nas_config` (refuses encoded objects with a
+    ReopenError) and otherwise does what NNI's method does: compare it with the current config
+    (log only) and, once the engine exists, load the strategy's state (NNI's torch serializer;
+    torch's ``weights_only`` default applies). Idempotent.
+    """
+    from nni.nas.experiment import NasExperiment
+
+    original = NasExperiment.load_checkpoint
+    if getattr(original, "plain_json_config", False):
+        return
+
+    def load_checkpoint(self: NasExperiment) -> None:
+        from nni.experiment.config.utils import diff
+        from nni.nas.utils.serializer import get_default_serializer
+
+        path = self._checkpoint_directory / "config.json"
+        config = read_nas_config(path)
+        if config is None:
+            raise ReopenError(f"{path} is missing: NNI saved no checkpoint for experiment {self.id}")
+        log = logging.getLogger("nni.nas.experiment.experiment")
+        config_diff = diff(self.config, config, "Current", "Loaded")
+        if config_diff:
+            log.error("Config is found but does not match the current config:\n%s", config_diff)
+            log.error("NAS experiment loading will probably fail for inconsistent config. "
+                      "The experiment now continues with the new config.")
+        if self._engine is not None:
+            ckpt_path = self._checkpoint_directory / "state.ckpt"
+            try:
+                self.load_state_dict(get_default_serializer().load(ckpt_path))
+            except FileNotFoundError:
+                log.warning("Checkpoint file %s does not exist. Skip loading.", ckpt_path)
+
+    load_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
+    load_checkpoint.plain_json_config = True  # type: ignore[attr-defined]
+    NasExperiment.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
 def run_experiments(run_dir: str | Path) -> dict[str, ExperimentRef]:
     """The NNI experiments of a run directory, by stage (only stages that started one)."""
     run = Path(run_dir).resolve()
@@ -257,7 +301,7 @@ def view_experiment(ref: ExperimentRef, port: int) -> Any:
     else:
         from nni.nas.experiment import NasExperiment
 
-        compat.plain_json_checkpoint_config()  # NNI's view reads config.json again: not with nni.load
+        plain_json_checkpoint_config()  # NNI's view reads config.json again: not with nni.load
         exp = NasExperiment(None, None, None, config=config, id=ref.id)
     if ref.id not in experiment_manifest():
         raise ReopenError(f"experiment {ref.id} is not in NNI's experiment manifest (`nnictl experiment list --all`)")
