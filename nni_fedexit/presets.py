@@ -53,9 +53,9 @@ def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML: {err}") from err
     except UnicodeDecodeError as err:
-        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): give a YAML file") from None
+        raise error(f"{path} cannot be read (not UTF-8 text: {err.reason} at byte {err.start}): give a YAML file") from None
     except OSError as err:
-        raise error(f"{path}: cannot be read ({err.strerror or err}): give a readable YAML file") from None
+        raise error(f"{path} cannot be read ({err.strerror or err}): give a readable YAML file") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -848,7 +848,7 @@ def test_damaged_stage_records_and_space_files_are_named(tmp_path):
     assert "'experiment_id' must be an NNI experiment id" in user_error("view", str(d))
     space = tmp_path / "space.yaml"
     space.write_bytes(b"\xff\xfe binary")
-    assert f"{space}: not UTF-8 text" in user_error("space", "--space", str(space))
+    assert f"{space} cannot be read (not UTF-8 text" in user_error("space", "--space", str(space))
 
 
 def test_a_corrupt_result_file_on_report_is_one_error_line(tmp_path):

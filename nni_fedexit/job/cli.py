@@ -46,20 +46,6 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load_config(path: str | Path, overrides: dict[str, Any], what: str) -> Any:
-    """load_config, with a config file that is no readable text (binary, unreadable) as a ConfigError."""
-    from nni_fedexit.job.config import load_config
-
-    p = Path(path)
-    try:
-        if p.is_file():
-            p.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 text: {err.reason} at byte {err.start}"
-        raise ConfigError(f"{what} {p} cannot be read ({reason or type(err).__name__}): give a YAML file") from err
-    return load_config(p, overrides)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nni-fedexit")
 def main() -> None:
@@ -153,6 +139,7 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
 
 
 def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
+    from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
 
     overrides: dict[str, Any] = {}
@@ -160,7 +147,7 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
         overrides["run_dir"] = run_dir
     if port is not None:
         overrides["nni.port"] = port
-    run = Run(_load_config(config_path, overrides, "config file"), echo=click.echo)  # checked once, here
+    run = Run(load_config(config_path, overrides), echo=click.echo)  # checked once, here
     try:
         run.run(resume=resume, stages=stages)
     except KeyboardInterrupt:
@@ -212,6 +199,7 @@ def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -
 
 
 def _existing_run(run_dir: str, port: int | None = None) -> Any:
+    from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
 
     cfg = Path(run_dir) / "config.yaml"
@@ -220,7 +208,7 @@ def _existing_run(run_dir: str, port: int | None = None) -> Any:
     overrides: dict[str, Any] = {"run_dir": run_dir}
     if port is not None:
         overrides["nni.port"] = port
-    return Run(_load_config(cfg, overrides, "the run's config file"), echo=click.echo)
+    return Run(load_config(cfg, overrides), echo=click.echo)
 
 
 @main.command()
