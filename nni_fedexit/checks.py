@@ -10,7 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-__all__ = ["check_fields", "check_type", "positive_int"]
+__all__ = ["check_fields", "check_type", "positive_int", "reason"]
+
+
+def reason(err: BaseException) -> str:
+    """What went wrong, for a message: the exception's text, else its type's name (an ``assert`` in
+    a reader, for one, raises an AssertionError with no text)."""
+    return str(err) or type(err).__name__
 
 
 def check_type(key: str, value: Any, annotation: str) -> None:

@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["fsync_dir", "write_atomic", "write_json", "write_text"]
+from nni_fedexit.checks import reason
+
+__all__ = ["fsync_dir", "read_json", "write_atomic", "write_json", "write_text"]
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -47,6 +49,15 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any], durable: bool =
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+def read_json(path: str | Path, error: type[Exception], fix: str) -> Any:
+    """The JSON in ``path``; a file that cannot be read, is not UTF-8 or not JSON raises ``error``
+    naming it, why, and ``fix`` (what the user can do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path} is unreadable or corrupt ({reason(err)}): {fix}") from None
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -24,6 +24,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Iterator, Mapping
+from unittest import mock
 
 from nni_fedexit.data import FASHION_MNIST_SYSTEM_DIR
 
@@ -92,21 +93,6 @@ def trial_threads(concurrent: int) -> str:
     return str(min(share, int(os.environ.get("OMP_NUM_THREADS") or share)))
 
 
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the block (what processes started in it inherit), then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_trials_experiment(space, evaluator, strategy, work_dir, trials: int, concurrency: int = 2):
     """Run a NasExperiment on the local training service; returns (trial jobs, metric data, top model).
 
@@ -121,7 +107,7 @@ def run_trials_experiment(space, evaluator, strategy, work_dir, trials: int, con
     exp.config.experiment_working_directory = str(work_dir)
     port = free_port()
     try:
-        with environment(OMP_NUM_THREADS=trial_threads(min(trials, concurrency))):
+        with mock.patch.dict(os.environ, OMP_NUM_THREADS=trial_threads(min(trials, concurrency))):
             exp.run(port=port)
         jobs = nni_api(port, "trial-jobs")
         metrics = nni_api(port, "metric-data")

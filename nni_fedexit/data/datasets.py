@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from nni_fedexit.checks import reason
 from nni_fedexit.files import write_atomic
 
 __all__ = [
@@ -68,11 +69,6 @@ _FMNIST_HELP = (
 class DataError(RuntimeError):
     """A data set is missing, corrupt, or cannot be split as asked."""
 
-
-def _reason(err: BaseException) -> str:
-    """What went wrong, for a message: the exception's text, else its type's name (an ``assert``
-    in a reader, for one, raises an AssertionError with no text)."""
-    return str(err) or type(err).__name__
 
 
 @dataclass
@@ -168,7 +164,7 @@ def _stage_fmnist(files: dict[str, Path]) -> dict[str, Path]:
         try:
             write_atomic(dst, unzip)  # its own temporary file: concurrent trials filling the cache do not collide
         except (OSError, EOFError, gzip.BadGzipFile) as err:
-            raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({_reason(err)}). {_FMNIST_HELP}") from err
+            raise DataError(f"Fashion-MNIST file {src} is corrupt or unreadable ({reason(err)}). {_FMNIST_HELP}") from err
     return staged
 
 
@@ -179,7 +175,7 @@ def _read_idx(path: Path, source: Path, expected: int) -> torch.Tensor:
     try:
         tensor = read_sn3_pascalvincent_tensor(str(path), strict=True)
     except Exception as err:  # torchvision asserts / raises RuntimeError on malformed files
-        raise DataError(f"Fashion-MNIST file {source} is corrupt ({_reason(err)}). {_FMNIST_HELP}") from err
+        raise DataError(f"Fashion-MNIST file {source} is corrupt ({reason(err)}). {_FMNIST_HELP}") from err
     if tensor.shape[0] != expected:
         raise DataError(
             f"Fashion-MNIST file {source} holds {tensor.shape[0]} items, expected {expected}: it is "
@@ -223,7 +219,7 @@ def _load_fashion_mnist(data_dir: str | Path | None, download: bool) -> DataBund
             FashionMNIST(str(root), train=True, download=True)
             FashionMNIST(str(root), train=False, download=True)
         except Exception as err:  # network errors come in many types
-            raise DataError(f"Downloading Fashion-MNIST into {root} failed ({_reason(err)}). {_FMNIST_HELP}") from err
+            raise DataError(f"Downloading Fashion-MNIST into {root} failed ({reason(err)}). {_FMNIST_HELP}") from err
         files = _find_fmnist_files(root)
         assert files is not None, f"torchvision downloaded Fashion-MNIST but not into {root}"
         source = f"torchvision download in {root}"
@@ -260,7 +256,7 @@ def _load_cifar(name: str, data_dir: str | Path | None, download: bool) -> DataB
             ds = cls(str(root), train=train, download=download)
         except RuntimeError as err:
             raise DataError(
-                f"{name} not found or corrupt under {root} ({_reason(err)}). Put torchvision's "
+                f"{name} not found or corrupt under {root} ({reason(err)}). Put torchvision's "
                 f"'{cls.base_folder}' folder (from {cls.filename}) there and pass data_dir={root}, "
                 "or allow download=True where there is internet."
             ) from err
@@ -374,12 +370,12 @@ def _read_image(root: Path, path: Path, mode: str, image_size: int) -> np.ndarra
             return np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         found = re.search(r"\((\d+) pixels\)", str(err))
-        size = f"{int(found.group(1)):,} pixels" if found else _reason(err)
+        size = f"{int(found.group(1)):,} pixels" if found else reason(err)
         limit = f"at most {Image.MAX_IMAGE_PIXELS:,} pixels" if Image.MAX_IMAGE_PIXELS else "smaller"
         raise DataError(f"data-dir {root}: image {path} is too large to read ({size}): resize it, e.g. to "
                         f"{image_size}x{image_size} as the network sees it; images must be {limit}") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow raises on damaged or unknown files
-        raise DataError(f"data-dir {root}: cannot read image {path} ({_reason(err)}): replace or remove the file") from err
+        raise DataError(f"data-dir {root}: cannot read image {path} ({reason(err)}): replace or remove the file") from err
 
 
 def save_image_folder(data: ImageData, folder: str | Path, mean: Sequence[float], std: Sequence[float]) -> Path:

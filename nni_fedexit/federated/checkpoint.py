@@ -24,12 +24,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from nni_fedexit.federated.errors import FederatedError
-from nni_fedexit.files import fsync_dir, write_atomic, write_json
+from nni_fedexit.files import fsync_dir, read_json, write_atomic, write_json
 
 if TYPE_CHECKING:
     from nni_fedexit.federated.settings import FederatedSettings
@@ -129,6 +129,8 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        #: the weights files the last committed state.json names (known after a save or a load)
+        self._files: dict[str, dict[str, str]] | None = None
 
     @property
     def state_path(self) -> Path:
@@ -149,6 +151,7 @@ class Checkpoint:
         for name in ("state.json", *WEIGHT_FILES.values()):
             (self.folder / name).unlink(missing_ok=True)
             (self.folder / (name + NEXT)).unlink(missing_ok=True)
+        self._files = {}
 
     def resume_point(self, settings: "FederatedSettings") -> Resumed | None:
         """What to go on from, or None to start at round 1 (no checkpoint, or ``resume`` off); a
@@ -179,7 +182,7 @@ class Checkpoint:
         from safetensors.torch import save
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        previous = self._committed_files()
+        previous = self._files if self._files is not None else self._committed_files()
         files: dict[str, dict[str, str]] = {}
         new = {"last": last, "best": best, "server": server or None}
         for role, tensors in new.items():
@@ -193,7 +196,7 @@ class Checkpoint:
             write_atomic(self._path(role, NEXT), lambda p, data=data: p.write_bytes(data))
             files[role] = {"sha256": hashlib.sha256(data).hexdigest()}
         write_json(self.state_path, {**dict(state), "files": files})  # the commit point
-        self._apply(files)
+        self._apply(files, written=[role for role, tensors in new.items() if tensors is not None])
 
     def _path(self, role: str, suffix: str = "") -> Path:
         return self.folder / (WEIGHT_FILES[role] + suffix)
@@ -202,15 +205,16 @@ class Checkpoint:
         state = self.state()
         return dict(state.get("files", {})) if state else {}
 
-    def _apply(self, files: Mapping[str, Mapping[str, str]]) -> None:
+    def _apply(self, files: Mapping[str, Mapping[str, str]], written: Sequence[str] = ()) -> None:
         """Journal step 3 (and the clean-up of a save that never committed): afterwards every file
-        ``files`` names is in place, and no ``.next`` file is left."""
+        ``files`` names is in place, and no ``.next`` file is left. ``written``: the roles whose
+        ``.next`` file this process has just written with the hash ``files`` names (not read again)."""
         moved = False
         for role in WEIGHT_FILES:
             pending = self._path(role, NEXT)
             if not pending.is_file():
                 continue
-            if role in files and _sha256(pending) == files[role]["sha256"]:
+            if role in files and (role in written or _sha256(pending) == files[role]["sha256"]):
                 os.replace(pending, self._path(role))
                 moved = True
             else:
@@ -219,19 +223,13 @@ class Checkpoint:
             fsync_dir(self.folder)
         if "server" not in files:  # a server file of an earlier save that this one does not name
             self._path("server").unlink(missing_ok=True)
+        self._files = {role: dict(entry) for role, entry in files.items()}
 
     # ---- reading --------------------------------------------------------------------------------
 
     def load(self) -> Resumed:
         """The checkpoint, checked file by file (see the module doc); damage raises FederatedError."""
-        try:
-            raw = json.loads(self.state_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FederatedError(f"checkpoint file {self.state_path} is unreadable or not JSON ({err}); {_START_OVER}") from None
-        state = check_state(raw, self.state_path)
-        files = state.get("files")
-        if files is not None:
-            self._apply(files)
+        state, files = self._open()
         last = self._read("last", files)
         best, best_problem = None, None
         if (self._path("best").is_file() or (files and "best" in files)) and state["round"] > 0:
@@ -245,14 +243,16 @@ class Checkpoint:
 
     def best_weights(self) -> dict[str, torch.Tensor]:
         """The best round's weights, checked against ``state.json`` (what a finished run hands on)."""
-        try:
-            raw = json.loads(self.state_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FederatedError(f"checkpoint file {self.state_path} is unreadable or not JSON ({err}); {_START_OVER}") from None
-        state = check_state(raw, self.state_path)
-        if state.get("files") is not None:
-            self._apply(state["files"])
-        return self._read("best", state.get("files"))
+        return self._read("best", self._open()[1])
+
+    def _open(self) -> tuple[dict[str, Any], dict[str, dict[str, str]] | None]:
+        """``state.json``, checked, and the files it names (None: written before it named them),
+        with an interrupted save finished or dropped."""
+        state = check_state(read_json(self.state_path, FederatedError, _START_OVER), self.state_path)
+        files = state.get("files")
+        if files is not None:
+            self._apply(files)
+        return state, files
 
     def _read(self, role: str, files: Mapping[str, Mapping[str, str]] | None) -> dict[str, torch.Tensor]:
         from safetensors.torch import load

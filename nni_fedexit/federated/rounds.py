@@ -322,8 +322,8 @@ class RoundEngine:
 
     def plan(self, t: int, attempt: int = 0, participants: Sequence[Participant] | None = None) -> RoundPlan:
         """Round ``t``'s clients, branch depths, learning rate and seeds (``participants``: default
-        every client of the simulation). Capability assignment is used when the settings ask for
-        it or a participant reported a budget."""
+        every client of the simulation). With ``assignment: capability``, a participant's reported
+        budget replaces its profile's; in ``random`` mode budgets are not used."""
         s = self.settings
         sizes = self.client_sizes
         parts = (list(participants) if participants is not None else

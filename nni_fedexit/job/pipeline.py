@@ -34,7 +34,8 @@ from nni_fedexit.exits import (
 )
 from nni_fedexit.federated import FederatedData
 from nni_fedexit.federated.checkpoint import Checkpoint
-from nni_fedexit.files import write_atomic, write_json, write_text
+from nni_fedexit.checks import reason
+from nni_fedexit.files import read_json, write_atomic, write_json, write_text
 from nni_fedexit.space import ResNetBlockPoolSpace, load_space_spec
 from nni_fedexit.search.strategy import FixedArchitecture
 from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
@@ -50,18 +51,11 @@ class PipelineError(RuntimeError):
     """A run directory, or a file in it, that the run cannot go on with; the message names it and says what to do."""
 
 
-def _reason(err: BaseException) -> str:
-    """What went wrong, for a message: the exception's text, else its type's name (some have no text)."""
-    return str(err) or type(err).__name__
-
 
 def _read_json(path: Path, fix: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """A JSON object the pipeline wrote, with ``keys`` in it; unreadable, corrupt (a truncated write,
     an edit) or of another shape: :class:`PipelineError` naming the file, with ``fix``."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # ValueError: not JSON (JSONDecodeError) or not text (UnicodeDecodeError)
-        raise PipelineError(f"{path} is unreadable or corrupt ({_reason(err)}): {fix}") from err
+    data = read_json(path, PipelineError, fix)
     if not isinstance(data, dict):
         raise PipelineError(f"{path} is corrupt (a JSON {type(data).__name__}, not an object): {fix}")
     missing = [k for k in keys if k not in data]
@@ -78,7 +72,7 @@ def _load_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as err:
-        raise PipelineError(f"{path} is missing, unreadable or corrupt ({_reason(err)}): {fix}") from err
+        raise PipelineError(f"{path} is missing, unreadable or corrupt ({reason(err)}): {fix}") from err
 
 
 def shared_search_evaluator(
@@ -199,7 +193,7 @@ class Run:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # a file in the way (FileExistsError, NotADirectoryError), no permission, ...
             blocker = next((p for p in (self.dir, *self.dir.parents) if p.exists() and not p.is_dir()), None)
-            why = f"{blocker} is a file, not a folder" if blocker is not None else (err.strerror or _reason(err))
+            why = f"{blocker} is a file, not a folder" if blocker is not None else (err.strerror or reason(err))
             raise PipelineError(f"run directory {self.dir} cannot be made: {why}; choose another run_dir "
                                 "(--run-dir) that is a folder or a new path") from err
 
@@ -391,13 +385,13 @@ class Run:
                                                        loss_weights=meta["loss_weights"])
         except SampleValidationError as err:  # an edited model.json, or a config.yaml whose space changed since
             raise PipelineError(f"the architecture in {meta_path} is not one of the space of {self.dir / 'config.yaml'} "
-                                f"({_reason(err)}): {refederate}") from err
+                                f"({reason(err)}): {refederate}") from err
         weights_path = self.dir / "model.safetensors"
         weights = _load_weights(weights_path, refederate)
         try:
             model.load_state_dict(weights)
         except RuntimeError as err:  # torch: missing / unexpected keys, other shapes, a line each under a heading
-            lines = [line.strip() for line in _reason(err).splitlines() if line.strip()]
+            lines = [line.strip() for line in reason(err).splitlines() if line.strip()]
             detail = lines[1] if len(lines) > 1 else lines[0]
             raise PipelineError(f"{weights_path} does not fit the network of {meta_path} "
                                 f"({detail[:200] + ('...' if len(detail) > 200 else '')}): {refederate}") from err

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nni_fedexit.files import read_json  # noqa: E402
+
 __all__ = ["write_report"]
 
 
@@ -18,10 +20,7 @@ def _load(run: Path, name: str) -> Any:
     path = run / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FileNotFoundError(f"{path} is unreadable or corrupt ({err}): run the stage that writes it again") from None
+    return read_json(path, FileNotFoundError, "run the stage that writes it again")
 
 
 def _save(fig: Any, path: Path) -> str:

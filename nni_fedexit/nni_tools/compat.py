@@ -58,7 +58,6 @@ def accept_import_data() -> None:
 
     receive.__wrapped__ = original  # type: ignore[attr-defined]
     receive.skips_unknown_commands = True  # type: ignore[attr-defined]
-    receive.skips_import_data = True  # type: ignore[attr-defined]  (the name this patch had before)
     TunerCommandChannel.receive = receive  # type: ignore[method-assign]
 
 

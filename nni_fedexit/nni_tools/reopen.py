@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nni_fedexit.files import read_json
 from nni_fedexit.nni_tools import compat  # noqa: F401  (before nni)
 
 __all__ = ["ExperimentRef", "ReopenError", "check_own_run", "experiment_manifest", "find_experiment", "plain_json_checkpoint_config", "read_nas_config",
@@ -210,11 +211,8 @@ def _experiment_id(path: Path) -> str | None:
     record is a ReopenError naming it."""
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ReopenError(f"{path} is unreadable or corrupt ({err}): it names the stage's NNI experiment; restore it "
-                          "from a copy of the run directory, or give the experiment id instead") from None
+    data = read_json(path, ReopenError, "it names the stage's NNI experiment; restore it from a copy of the run "
+                                        "directory, or give the experiment id instead")
     exp_id = data.get("experiment_id") if isinstance(data, dict) else None
     if exp_id is not None and (not isinstance(exp_id, str) or not exp_id.isalnum()):
         raise ReopenError(f"{path}: 'experiment_id' must be an NNI experiment id (letters and digits), got {exp_id!r}")

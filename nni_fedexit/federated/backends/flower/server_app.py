@@ -35,7 +35,7 @@ import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -281,8 +281,7 @@ class BranchStrategy(Strategy):
     """
 
     def __init__(self, engine: RoundEngine, profiles: Mapping[int, NodeProfile], node_wait: float = 60.0,
-                 query_timeout: float = 120.0, data_shape: Mapping[str, Any] | None = None,
-                 partition_sizes: Sequence[int] | None = None):
+                 query_timeout: float = 120.0, data_shape: Mapping[str, Any] | None = None):
         self.engine = engine
         self.model = engine.model
         self.settings = engine.settings
@@ -291,8 +290,6 @@ class BranchStrategy(Strategy):
         self.profiles: dict[int, NodeProfile] = dict(profiles)
         self.node_wait = node_wait
         self.query_timeout = query_timeout
-        #: each partition's number of training images (the server splits the data set as the nodes do)
-        self.partition_sizes = list(partition_sizes or [])
         #: nodes left out of the run, with the reason (logged once); which node holds each partition
         self.refused: dict[int, str] = {}
         self.holders: dict[int, int] = {}
@@ -410,9 +407,8 @@ class BranchStrategy(Strategy):
     def participant(self, node: int, profile: NodeProfile) -> Participant:
         """The node as the round engine sees it: its partition, its budget, and the examples its
         update may count for (its partition's size; a node with its own images: see ``RoundEngine``)."""
-        part = profile.partition
-        samples = (self.partition_sizes[part] if part is not None and not profile.own_data
-                   and part < len(self.partition_sizes) else None)
+        part, sizes = profile.partition, self.engine.client_sizes or []
+        samples = sizes[part] if part is not None and not profile.own_data and part < len(sizes) else None
         return Participant(part, node, profile.get("budget"), samples)
 
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -461,10 +457,10 @@ def main(grid: Grid, context: Context) -> None:
     model.to(settings.device)
     costs = exit_costs(model, data.val.images[:1].to(settings.device))
     ckpt_dir = str(server_path(settings.checkpoint_dir, "checkpoint-dir")) if settings.checkpoint_dir else None
-    sizes = [len(c) for c in data.clients]
-    engine = RoundEngine(model, settings, costs, data.val, Checkpoint(ckpt_dir) if ckpt_dir else None, client_sizes=sizes)
+    engine = RoundEngine(model, settings, costs, data.val, Checkpoint(ckpt_dir) if ckpt_dir else None,
+                         client_sizes=[len(c) for c in data.clients])
     strategy = BranchStrategy(engine, profiles, node_wait=settings.node_wait, query_timeout=settings.round_timeout,
-                              data_shape=DataShape.of(data.bundle).to_config(), partition_sizes=sizes)
+                              data_shape=DataShape.of(data.bundle).to_config())
     engine.checkpoint_extra = strategy.checkpoint_extra
     if engine.resume() is not None:
         log(INFO, "Resuming from %s after round %d (best round %d)", ckpt_dir, engine.done, engine.best_round)
