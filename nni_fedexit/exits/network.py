@@ -39,6 +39,9 @@ __all__ = [
     "exit_costs",
     "exit_outputs",
     "exit_accuracies",
+    "ensemble_accuracy",
+    "ensemble_logits",
+    "PREDICTIONS",
     "early_exit_metrics",
     "threshold_curve",
     "early_exit_predict",
@@ -51,6 +54,9 @@ _logger = logging.getLogger(__name__)
 #: exit head designs: "linear" = global average pool + linear (the ResNet head);
 #: "conv" = 3x3 conv + BN + ReLU, then pool + linear (as in Shallow-Deep Networks)
 EXIT_HEADS = ("linear", "conv")
+#: how an exit predicts: "exit" (its own softmax) or "ensemble" (the mean of the probabilities of
+#: every exit up to it: free at inference, since early exit has computed them already)
+PREDICTIONS = ("exit", "ensemble")
 
 
 def _make_exit(in_width: int, num_classes: int, head: str, head_width: int | None) -> nn.Sequential:
@@ -104,6 +110,8 @@ class MultiExitNetwork(nn.Module):
         #: early-exit thresholds (one per exit; the last exit takes every remaining sample)
         self.thresholds: list[float] | None = None
         self.criterion = "max_prob"
+        #: "exit" or "ensemble" (see PREDICTIONS): how early-exit inference predicts at each exit
+        self.prediction = "exit"
         #: the architecture and space spec of the network it was made from (None for other stems/stages)
         self.arch: dict[str, Any] | None = None
         self.spec: Any = None
@@ -276,25 +284,35 @@ def _check_thresholds(model: MultiExitNetwork, thresholds: Sequence[float]) -> l
 
 @torch.no_grad()
 def early_exit_predict(
-    model: MultiExitNetwork, x: torch.Tensor, thresholds: Sequence[float] | None = None, criterion: str | None = None
+    model: MultiExitNetwork, x: torch.Tensor, thresholds: Sequence[float] | None = None, criterion: str | None = None,
+    prediction: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, 1-based exit taken) per sample, computing each stage only for the
-    samples still inside the network."""
+    samples still inside the network. ``prediction="ensemble"`` predicts at exit i with the mean
+    of the probabilities of exits 1..i (default: the model's ``prediction``)."""
     t = _check_thresholds(model, thresholds if thresholds is not None else (model.thresholds or [2.0] * model.num_exits))
     criterion = criterion or model.criterion
+    prediction = _check_prediction(prediction or model.prediction)
     model.eval()
     n = x.shape[0]
     preds = torch.empty(n, dtype=torch.long, device=x.device)
     taken = torch.empty(n, dtype=torch.long, device=x.device)
     alive = torch.arange(n, device=x.device)
     h = model.stem(x)
+    prob_sum: torch.Tensor | None = None
     for i, (stage, exit_) in enumerate(zip(model.stages, model.exits), start=1):
         h = stage(h)
         logits = exit_(h)
+        if prediction == "ensemble":
+            probs = F.softmax(logits.float(), dim=-1)
+            prob_sum = probs if prob_sum is None else prob_sum + probs
+            logits = (prob_sum / i).clamp_min(1e-12).log()
         leave = confidence(logits, criterion) >= t[i - 1] if i < model.num_exits else torch.ones_like(alive, dtype=torch.bool)
         preds[alive[leave]] = logits[leave].argmax(dim=-1)
         taken[alive[leave]] = i
         alive, h = alive[~leave], h[~leave]
+        if prob_sum is not None:
+            prob_sum = prob_sum[~leave]
         if alive.numel() == 0:
             break
     return preds, taken
@@ -303,6 +321,28 @@ def early_exit_predict(
 def exit_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     """Top-1 accuracy of every exit, from :func:`exit_outputs`."""
     return (logits.argmax(dim=-1) == labels.unsqueeze(0)).double().mean(dim=1).tolist()
+
+
+def _check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {prediction!r}")
+    return prediction
+
+
+def ensemble_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(L, N, C) log-probabilities: entry i is the log of the mean softmax of exits 1..i.
+
+    Their softmax is that mean, so every function taking exit logits (confidence, early-exit
+    metrics, calibration) works on the ensemble unchanged.
+    """
+    probs = F.softmax(logits.double(), dim=-1)
+    counts = torch.arange(1, logits.shape[0] + 1, dtype=probs.dtype).view(-1, 1, 1)
+    return (probs.cumsum(dim=0) / counts).clamp_min(1e-12).log().to(logits.dtype)
+
+
+def ensemble_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of the ensemble of every exit (the mean of their probabilities)."""
+    return float((F.softmax(logits.double(), dim=-1).mean(dim=0).argmax(dim=-1) == labels).double().mean())
 
 
 @torch.no_grad()
@@ -382,14 +422,19 @@ def calibrate(
     criterion: str = "max_prob",
     num_thresholds: int = 101,
     costs: Sequence[ExitCost] | None = None,
+    prediction: str = "exit",
 ) -> CalibrationResult:
     """Choose early-exit thresholds on validation ``data`` and store them on ``model``.
 
     Explores one shared threshold for all exits (``num_thresholds`` values from 0 to 1, plus one
     above 1 that sends everything to the last exit). Targets: ``max_accuracy_drop`` (absolute,
     against the last exit's accuracy): the cheapest setting within the drop; or ``macs_budget``
-    (expected MACs per image): the most accurate setting within the budget.
+    (expected MACs per image): the most accurate setting within the budget. With
+    ``prediction="ensemble"`` each exit predicts, and is confident, with the mean of the
+    probabilities of the exits up to it (:func:`ensemble_logits`); the drop is then measured
+    against the ensemble of all exits.
     """
+    _check_prediction(prediction)
     if (max_accuracy_drop is None) == (macs_budget is None):
         raise ValueError("give exactly one target: max_accuracy_drop or macs_budget")
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
@@ -397,6 +442,8 @@ def calibrate(
     if costs is None:
         costs = exit_costs(model, data.images[:1].to(next(model.parameters()).device))
     logits, labels = exit_outputs(model, data)
+    if prediction == "ensemble":
+        logits = ensemble_logits(logits)
     curve = threshold_curve(logits, labels, costs, criterion, num_thresholds)
     last = curve[-1]
     if max_accuracy_drop is not None:
@@ -415,6 +462,7 @@ def calibrate(
         target = {"macs_budget": float(macs_budget)}
     model.thresholds = list(best["thresholds"])
     model.criterion = criterion
+    model.prediction = prediction
     return CalibrationResult(
         thresholds=list(best["thresholds"]), accuracy=best["accuracy"], expected_macs=best["expected_macs"],
         exit_share=best["exit_share"], target=target, last_exit_accuracy=last["accuracy"],

@@ -14,6 +14,7 @@ import torch
 
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import BranchModel
+from nni_fedexit.federated.batchnorm import keep_local_bn, restore_local_bn
 from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext
 from nni_fedexit.training import TrainSettings, train_classifier
 
@@ -26,6 +27,8 @@ class LocalSettings:
     batch_size: int = 32
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    #: FedBN: the client keeps its BatchNorm layers across rounds and does not send them
+    local_bn: bool = False
 
 
 @dataclass
@@ -52,12 +55,17 @@ def train_local(
     """Train ``branch`` in place on ``data``; return a copy of its state dict on the CPU.
 
     ``global_state`` is the round's global model as the server sent it (default: the branch's
-    weights before training); ``objective`` defaults to the multi-exit loss.
+    weights before training); ``objective`` defaults to the multi-exit loss. With
+    ``settings.local_bn`` the client's own BatchNorm layers (kept in ``client_state``) replace the
+    global ones before training, and stay out of the update.
     """
     objective = objective or MultiExitObjective()
+    client_state = dict(client_state or {})
+    if settings.local_bn:
+        restore_local_bn(branch, client_state)
     if global_state is None:
         global_state = {k: v.detach().clone() for k, v in branch.state_dict().items()}
-    ctx = ObjectiveContext(branch, global_state, dict(client_state or {}), round, client)
+    ctx = ObjectiveContext(branch, global_state, client_state, round, client)
     objective.begin(ctx)
     losses = train_classifier(
         branch, data,
@@ -67,4 +75,6 @@ def train_local(
     )
     objective.end(ctx)
     state = {k: v.detach().to("cpu", copy=True) for k, v in branch.state_dict().items()}
+    if settings.local_bn:
+        keep_local_bn(branch, state, ctx.client_state)
     return ClientUpdate(client, branch.depth, state, len(data), losses[-1], ctx.client_state)

@@ -12,7 +12,7 @@ __all__ = ["FederatedData"]
 
 
 class FederatedData:
-    """The server's validation split, the test set, and every client's partition, loaded once."""
+    """The server's validation and training splits, the test set, and every client's partition, loaded once."""
 
     def __init__(self, settings: FederatedSettings, bundle: DataBundle | None = None):
         s = settings
@@ -27,6 +27,8 @@ class FederatedData:
                           classes_per_client=s.classes_per_client)
         self.clients = [train.subset(pool[p]) for p in parts]
         self.val = train.subset(roles.search_val[: s.val_samples])
+        #: the server's own training images (S2), for BatchNorm re-estimation (``bn_stats``)
+        self.server_train = train.subset(roles.search_train[: s.bn_samples])
         test = self.bundle.test
         self.test = test if s.test_samples is None else test.subset(np.arange(min(s.test_samples, len(test))))
         self.label_skew = label_skew(labels, parts)

@@ -22,7 +22,7 @@ from nni_fedexit.nni_tools import compat  # noqa: F401
 import nni
 from nni.nas.evaluator import MutableEvaluator
 
-from nni_fedexit.exits import ExitCost, MultiExitNetwork, exit_accuracies, exit_costs, exit_outputs
+from nni_fedexit.exits import ExitCost, MultiExitNetwork, ensemble_accuracy, exit_accuracies, exit_costs, exit_outputs
 from nni_fedexit.federated.backends import get_backend
 from nni_fedexit.federated.client_data import FederatedData
 from nni_fedexit.federated.rounds import metric_dict, stable_seed
@@ -46,6 +46,8 @@ class FederatedResult:
     #: p_h: parameters of the network as searched (before exits replaced its head)
     params: int
     clients: list[dict[str, Any]] = field(default_factory=list)
+    #: test accuracy of the ensemble of exits (the mean of their probabilities)
+    ensemble_accuracy: float | None = None
 
     @property
     def best(self) -> dict[str, Any]:
@@ -85,13 +87,15 @@ def federate(
     model.load_state_dict(run.best_state)
     logits, labels = exit_outputs(model, data.test)
     test_accuracy = exit_accuracies(logits, labels)
-    result = FederatedResult(model, run.best_round, run.history, test_accuracy, costs, params, run.clients)
+    result = FederatedResult(model, run.best_round, run.history, test_accuracy, costs, params, run.clients,
+                             ensemble_accuracy(logits, labels))
     if report:
         final: dict[str, Any] = metric_dict(run.history[run.best_round - 1])
         final.update({"params": float(params), "best_round": run.best_round})
         if model.arch:
             final["architecture"] = architecture_label(model.arch)
         final.update({f"test_exit{i + 1}": a for i, a in enumerate(test_accuracy)})
+        final["test_ensemble"] = result.ensemble_accuracy
         nni.report_final_result(final)
     return result
 

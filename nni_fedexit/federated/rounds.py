@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from nni_fedexit.data import ImageData
-from nni_fedexit.exits import ExitCost, MultiExitNetwork, exit_accuracies, exit_outputs
+from nni_fedexit.exits import ExitCost, MultiExitNetwork, ensemble_accuracy, exit_accuracies, exit_outputs
 from nni_fedexit.federated.aggregators import Aggregator, RoundAggregate, check_update, make_aggregator
+from nni_fedexit.federated.batchnorm import reestimate_bn_statistics
 from nni_fedexit.federated.assign import assign_branches, client_profiles, select_clients
 from nni_fedexit.federated.checkpoint import Checkpoint, Resumed
 from nni_fedexit.federated.errors import FederatedError, UpdateRejected
@@ -57,11 +58,13 @@ def stable_seed(*parts: int) -> int:
 
 @torch.no_grad()
 def validate(model: MultiExitNetwork, data: ImageData) -> dict[str, Any]:
-    """Per-exit accuracy and loss, and the total loss sum_i lambda_i * CE_i, on ``data``."""
+    """Per-exit accuracy and loss, the total loss sum_i lambda_i * CE_i, and the accuracy of the
+    ensemble of exits (mean of their probabilities), on ``data``."""
     logits, labels = exit_outputs(model, data)
     losses = [float(F.cross_entropy(z, labels)) for z in logits]
     return {
         "exit_accuracy": exit_accuracies(logits, labels),
+        "ensemble_accuracy": ensemble_accuracy(logits, labels),
         "exit_loss": losses,
         "total_loss": float(sum(w * l for w, l in zip(model.loss_weights, losses))),
     }
@@ -79,6 +82,8 @@ def metric_dict(metrics: Mapping[str, Any]) -> dict[str, float]:
     """What NNI shows: the last exit's validation accuracy as "default", every exit, the total loss."""
     out = {"default": float(metrics["exit_accuracy"][-1]), "total_loss": float(metrics["total_loss"])}
     out.update({f"exit{i + 1}": float(a) for i, a in enumerate(metrics["exit_accuracy"])})
+    if "ensemble_accuracy" in metrics:
+        out["ensemble"] = float(metrics["ensemble_accuracy"])
     return out
 
 
@@ -222,11 +227,15 @@ class RoundEngine:
     size of partition ``c``), for a client the server knows no size of (a device with its own
     images) the largest partition, and never more than ``settings.max_client_samples`` when that
     is set. A reply claiming more is rejected, so no client weighs more than its share.
+
+    ``server_train`` is the server's own training split: with ``bn_stats`` ``server`` or
+    ``local`` the BatchNorm statistics of every new global model are re-estimated on it.
     """
 
     def __init__(self, model: MultiExitNetwork, settings: FederatedSettings, costs: Sequence[ExitCost], val: ImageData,
                  checkpoint: Checkpoint | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
-                 checkpoint_extra: Callable[[], dict[str, Any]] | None = None, client_sizes: Sequence[int] | None = None):
+                 checkpoint_extra: Callable[[], dict[str, Any]] | None = None, client_sizes: Sequence[int] | None = None,
+                 server_train: ImageData | None = None):
         self.model = model
         self.settings = settings
         self.costs = list(costs)
@@ -236,6 +245,10 @@ class RoundEngine:
         self.checkpoint_extra = checkpoint_extra
         #: training examples of each partition (the weight bound's base)
         self.client_sizes = list(client_sizes) if client_sizes is not None else None
+        if settings.bn_stats != "average" and (server_train is None or len(server_train) == 0):
+            raise FederatedError(f"bn_stats={settings.bn_stats!r} re-estimates BatchNorm statistics on the server's "
+                                 "training split, but none was given; pass server_train, or use bn_stats='average'")
+        self.server_train = server_train
         self.aggregator: Aggregator = make_aggregator(settings)
         #: each client's objective state, kept across rounds and in the checkpoint (in-process clients)
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}
@@ -383,6 +396,8 @@ class RoundEngine:
         t = results.plan.round
         if new_state is not None:
             self.model.load_state_dict(new_state)
+            if s.bn_stats != "average":
+                reestimate_bn_statistics(self.model, self.server_train)
         metrics = validate(self.model, self.val)
         record = {"round": t, "lr": results.plan.lr, "seconds": time.time() - results.plan.started,
                   **results.summary(), **metrics}

@@ -28,7 +28,11 @@ OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "back
                "flower_home", "node_wait", "round_timeout", "client_threads")
 
 #: settings added after checkpoints were first written, with their defaults (left out of the fingerprint at those)
-_ADDED_LATER = {"max_client_samples": None}
+_ADDED_LATER = {
+    "max_client_samples": None, "distill_weight": 0.0, "distill_temperature": 1.0, "prox_mu": 0.01, "dyn_alpha": 0.01,
+    "server_lr": None, "server_momentum": 0.9, "server_beta2": 0.99, "server_tau": 0.001, "bn_stats": "average",
+    "bn_samples": 2000,
+}
 
 
 @dataclass
@@ -72,8 +76,31 @@ class FederatedSettings:
     branch_all_exits: bool = True
     #: the server's aggregation rule, by name (``federated.aggregators``): "fedavg" is the depth-aware mean
     aggregator: str = "fedavg"
-    #: the clients' training objective, by name (``federated.objectives``): "multi_exit" is claim 6's loss
+    #: the clients' training objective, by name (``federated.objectives``): "multi_exit" is claim 6's
+    #: loss; "fedprox" adds a proximal term (``prox_mu``); "feddyn" FedDyn's dynamic regulariser (``dyn_alpha``)
     objective: str = "multi_exit"
+    #: self-distillation between the exits a branch holds (DepthFL): weight of the mutual KL term (0: off)
+    distill_weight: float = 0.0
+    #: softmax temperature of that KL term
+    distill_temperature: float = 1.0
+    #: objective "fedprox": mu of the proximal term mu/2 * ||w - w_global||^2
+    prox_mu: float = 0.01
+    #: objective "feddyn": alpha of FedDyn's regulariser (each client's gradient state is kept across rounds)
+    dyn_alpha: float = 0.01
+    #: server optimisers ("fedavgm", "fedadam", "fedyogi"): step size on the depth-aware mean's
+    #: pseudo-gradient (None: 1.0 for fedavgm, 0.01 for fedadam and fedyogi)
+    server_lr: float | None = None
+    #: server momentum (fedavgm's beta, fedadam/fedyogi's beta_1)
+    server_momentum: float = 0.9
+    #: fedadam / fedyogi: beta_2 and the adaptivity tau (Reddi et al. 2021)
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
+    #: BatchNorm running statistics: "average" (averaged with the weights), "server" (re-estimated
+    #: on the server's own training split after every aggregation) or "local" (FedBN: each client
+    #: keeps its BatchNorm layers; the server re-estimates the global model's statistics)
+    bn_stats: str = "average"
+    #: examples of the server's training split the re-estimation passes through the model
+    bn_samples: int = 2000
     #: the most examples one client's update may count for in the weighted mean (None: the size of
     #: its partition; a device with its own images, the largest partition). Replies claiming more are rejected
     max_client_samples: int | None = None
@@ -105,7 +132,9 @@ class FederatedSettings:
             value = getattr(self, f.name)
             if type(f.default) is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
-        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client"):
+        if isinstance(self.server_lr, int) and not isinstance(self.server_lr, bool):
+            self.server_lr = float(self.server_lr)
+        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client", "bn_samples"):
             positive_int(key, getattr(self, key))
         for key in ("client_samples", "val_samples", "test_samples", "head_width", "max_client_samples"):
             if getattr(self, key) is not None:
@@ -116,18 +145,25 @@ class FederatedSettings:
             raise ValueError(f"client_fraction: must be in (0, 1], got {self.client_fraction}")
         for key, allowed in (("assignment", ("random", "capability")), ("partition", ("iid", "dirichlet", "shards")),
                              ("head", EXIT_HEADS), ("aggregator", aggregator_names()),
-                             ("objective", objective_names()), ("backend", backend_names())):
+                             ("objective", objective_names()), ("backend", backend_names()),
+                             ("bn_stats", ("average", "server", "local"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.backend == "flower" and not self.flower_superlink:
             raise ValueError("flower_superlink: the flower backend needs the name of a SuperLink connection "
                              "([superlink.NAME] in $FLWR_HOME/config.toml), e.g. flower_superlink='local-deploy'")
-        for key in ("node_wait", "round_timeout", "lr", "lr_decay", "alpha"):
+        for key in ("node_wait", "round_timeout", "lr", "lr_decay", "alpha", "distill_temperature", "server_tau"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
-        for key in ("momentum", "weight_decay"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("momentum", "weight_decay", "distill_weight", "prox_mu", "dyn_alpha"):
+            if not getattr(self, key) >= 0 or not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key}: must be a finite number >= 0, got {getattr(self, key)}")
+        if self.server_lr is not None and not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError(f"server_lr: must be a finite number > 0 (or None for the aggregator's default), "
+                             f"got {self.server_lr}")
+        for key in ("server_momentum", "server_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.client_threads < 0:
             raise ValueError(f"client_threads: must be >= 0 (0: torch's default), got {self.client_threads}")
         if self.round_retries < 0:
@@ -161,7 +197,7 @@ class FederatedSettings:
     def local_settings(self) -> LocalSettings:
         """What every client's local training takes from these settings (all backends)."""
         return LocalSettings(epochs=self.local_epochs, batch_size=self.batch_size, momentum=self.momentum,
-                             weight_decay=self.weight_decay)
+                             weight_decay=self.weight_decay, local_bn=self.bn_stats == "local")
 
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (everything but rounds, paths and backend)."""

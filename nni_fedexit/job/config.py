@@ -21,7 +21,8 @@ Sections and their keys (defaults in brackets):
              SuperNodes of the SuperLink connection flower_superlink ([superlink.NAME] in
              $FLWR_HOME/config.toml; flower_home sets FLWR_HOME), with node_wait, round_timeout,
              client_threads
-``exits``    max_accuracy_drop [0.01] or macs_budget [null], criterion [max_prob]
+``exits``    max_accuracy_drop [0.01] or macs_budget [null], criterion [max_prob], prediction [exit]
+             (``ensemble``: each exit predicts with the mean probability of the exits up to it)
 ``nni``      port [8080]: the web UI of the federated stage (and of a trials search);
              host [127.0.0.1]: 127.0.0.1 or localhost (this machine only) or all (NNI's default:
              every interface, no authentication)
@@ -83,6 +84,8 @@ class ExitConfig:
     max_accuracy_drop: float | None = 0.01
     macs_budget: float | None = None
     criterion: str = "max_prob"
+    #: "exit" (each exit's own softmax) or "ensemble" (mean of the probabilities of exits 1..i)
+    prediction: str = "exit"
 
 
 @dataclass
@@ -393,6 +396,8 @@ def _check_exits(config: RunConfig) -> None:
         raise ConfigError(f"exits.macs_budget: must be > 0 (expected MACs per image), got {e.macs_budget}")
     if e.criterion not in ("max_prob", "entropy"):
         raise ConfigError(f"exits.criterion: must be max_prob or entropy, got {e.criterion!r}")
+    if e.prediction not in ("exit", "ensemble"):
+        raise ConfigError(f"exits.prediction: must be exit or ensemble, got {e.prediction!r}")
 
 
 def _federated_settings(config: RunConfig) -> "FederatedSettings":

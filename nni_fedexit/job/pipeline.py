@@ -29,8 +29,8 @@ from nni_fedexit.nni_tools import compat  # noqa: F401
 from nni_fedexit.job.config import RunConfig
 from nni_fedexit.data import DataBundle, DataRoles, ImageData, load_dataset, split_roles
 from nni_fedexit.exits import (
-    MultiExitNetwork, calibrate, early_exit_metrics, exit_accuracies, exit_costs, exit_outputs, export_branches,
-    threshold_curve,
+    PREDICTIONS, MultiExitNetwork, calibrate, early_exit_metrics, ensemble_accuracy, ensemble_logits, exit_accuracies,
+    exit_costs, exit_outputs, export_branches, threshold_curve,
 )
 from nni_fedexit.federated import FederatedData
 from nni_fedexit.federated.checkpoint import Checkpoint
@@ -400,6 +400,11 @@ class Run:
             ev = _read_json(thresholds, 'it holds the calibrated exit thresholds; delete it and take "evaluate" out '
                                         f"of {self.dir / 'stages.json'}, then resume", keys=("thresholds", "criterion"))
             model.thresholds, model.criterion = ev["thresholds"], ev["criterion"]
+            prediction = ev.get("prediction", "exit")
+            if prediction not in PREDICTIONS:
+                raise PipelineError(f"{thresholds} has prediction {prediction!r}, not one of {list(PREDICTIONS)}: delete "
+                                    f"it and take \"evaluate\" out of {self.dir / 'stages.json'}, then resume")
+            model.prediction = prediction
         return model.eval()
 
     def stage_evaluate(self) -> dict[str, Any]:
@@ -409,13 +414,17 @@ class Run:
         test = self.federated_data().test  # the federated stage's test set (data.test_samples)
         costs = exit_costs(model, test.images[:1])
         cal = calibrate(model, val, max_accuracy_drop=c.exits.max_accuracy_drop, macs_budget=c.exits.macs_budget,
-                        criterion=c.exits.criterion, costs=costs)
+                        criterion=c.exits.criterion, costs=costs, prediction=c.exits.prediction)
         logits, labels = exit_outputs(model, test)
         test_acc = exit_accuracies(logits, labels)
+        ensemble = ensemble_accuracy(logits, labels)
+        if c.exits.prediction == "ensemble":
+            logits = ensemble_logits(logits)
         on_test = early_exit_metrics(logits, labels, cal.thresholds, costs, c.exits.criterion)
         curve = threshold_curve(logits, labels, costs, c.exits.criterion)
         result = {
-            "thresholds": cal.thresholds, "criterion": c.exits.criterion, "target": cal.target,
+            "thresholds": cal.thresholds, "criterion": c.exits.criterion, "prediction": c.exits.prediction,
+            "target": cal.target, "ensemble_accuracy": ensemble,
             "exits": [{"exit": x.exit, "params": x.params, "macs": x.macs, "early_exit_macs": x.early_exit_macs,
                        "test_accuracy": a} for x, a in zip(costs, test_acc)],
             "validation": {"accuracy": cal.accuracy, "last_exit_accuracy": cal.last_exit_accuracy,
@@ -424,7 +433,8 @@ class Run:
             "test_curve": curve, "test_images": len(test), "val_images": len(val),
         }
         write_json(self.dir / "evaluation.json", result)
-        self.echo(f"[evaluate] test accuracy per exit {' '.join(f'{a:.4f}' for a in test_acc)}; early exits: "
+        self.echo(f"[evaluate] test accuracy per exit {' '.join(f'{a:.4f}' for a in test_acc)}, ensemble of exits "
+                  f"{ensemble:.4f}; early exits ({c.exits.prediction}): "
                   f"{on_test['accuracy']:.4f} at {result['test']['macs_saved']:.1%} less compute")
         return result
 

@@ -153,8 +153,11 @@ def write_report(run_dir: str | Path) -> Path:
         "| exit | parameters | MACs | test accuracy |",
         "|---|---|---|---|",
         *[f"| {e['exit']} | {e['params']:,} | {e['macs'] / 1e6:.1f} M | {e['test_accuracy']:.4f} |" for e in ev["exits"]],
+        *([f"| ensemble of exits 1..{len(ev['exits'])} (mean probability) | | {ev['exits'][-1]['early_exit_macs'] / 1e6:.1f} M "
+           f"| {ev['ensemble_accuracy']:.4f} |"] if ev.get("ensemble_accuracy") is not None else []),
         "",
-        f"Early exits with thresholds {', '.join(f'{t:.2f}' for t in ev['thresholds'][:-1])} ({ev['criterion']}), "
+        f"Early exits with thresholds {', '.join(f'{t:.2f}' for t in ev['thresholds'][:-1])} ({ev['criterion']}, "
+        f"{'each exit predicting with the mean probability of the exits up to it' if ev.get('prediction') == 'ensemble' else 'each exit on its own'}), "
         f"calibrated on {ev['val_images']:,} validation images for {ev['target']}: test accuracy "
         f"{ev['test']['accuracy']:.4f} (last exit alone {ev['test']['last_exit_accuracy']:.4f}) at "
         f"{ev['test']['expected_macs'] / 1e6:.1f} M MACs per image, {ev['test']['macs_saved']:.1%} less than the last "

@@ -65,6 +65,11 @@ class WeightedMean:
                 self._weights[key] = float(weight)
         self.count += 1
 
+    @property
+    def updated(self) -> set[str]:
+        """The entries at least one accepted update held this round."""
+        return set(self._sums)
+
     def result(self) -> dict[str, torch.Tensor]:
         """The new global state: weighted means where clients contributed, old values elsewhere."""
         out: dict[str, torch.Tensor] = {}

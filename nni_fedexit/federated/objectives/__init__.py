@@ -1,13 +1,16 @@
 """S5 client objectives, by name (``federated.objective``).
 
 base.py        the ClientObjective interface, its context and registry
-multi_exit.py  ``multi_exit``: the weighted sum of the exits' cross-entropies (claim 6)
+multi_exit.py  ``multi_exit``: the weighted sum of the exits' cross-entropies (claim 6), with
+               optional self-distillation between the exits (DepthFL)
+regularised.py ``fedprox`` and ``feddyn``: the same loss plus a drift-limiting term
 """
 
 from nni_fedexit.federated.objectives.base import (
     ClientObjective, ObjectiveContext, make_objective, objective_names, register_objective,
 )
-from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
+from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective, self_distillation
+from nni_fedexit.federated.objectives.regularised import FedDynObjective, FedProxObjective
 
-__all__ = ["ClientObjective", "MultiExitObjective", "ObjectiveContext", "make_objective", "objective_names",
-           "register_objective"]
+__all__ = ["ClientObjective", "FedDynObjective", "FedProxObjective", "MultiExitObjective", "ObjectiveContext",
+           "make_objective", "objective_names", "register_objective", "self_distillation"]

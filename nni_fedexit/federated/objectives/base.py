@@ -30,6 +30,8 @@ class ObjectiveContext:
     client_state: dict[str, torch.Tensor] = field(default_factory=dict)
     round: int = 0
     client: int | None = None
+    #: the objective's working values for this one local training (e.g. the global weights on the device)
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 class ClientObjective:

@@ -1,0 +1,131 @@
+"""S5 aggregators ``fedavgm``, ``fedadam``, ``fedyogi``: a server optimiser on the depth-aware mean.
+
+Each round the depth-aware :class:`~nni_fedexit.federated.aggregators.fedavg.WeightedMean` gives,
+for every parameter some client held, its mean ``m``; the pseudo-gradient is ``d = m - w``
+(``w``: the global value). The server then steps, per parameter and only for the parameters that
+received updates this round (a deep stage no client trained keeps its value and its moments):
+
+- ``fedavgm`` (Hsu et al. 2019): ``v <- beta * v + d``; ``w <- w + lr * v``
+- ``fedadam`` (Reddi et al., ICLR 2021): ``m1 <- b1*m1 + (1-b1)*d``; ``v <- b2*v + (1-b2)*d^2``;
+  ``w <- w + lr * m1 / (sqrt(v) + tau)``
+- ``fedyogi``: as fedadam, with ``v <- v - (1-b2) * d^2 * sign(v - d^2)``
+
+BatchNorm running statistics and integer entries are not optimised: they take the plain mean.
+The moments are the aggregator's state and go into the checkpoint (``server.safetensors``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from nni_fedexit.federated.aggregators.base import Aggregator, register_aggregator
+from nni_fedexit.federated.aggregators.fedavg import WeightedMean
+from nni_fedexit.federated.batchnorm import is_bn_statistic
+
+__all__ = ["ServerOptimizer", "FedAvgM", "FedAdam", "FedYogi"]
+
+State = Mapping[str, torch.Tensor]
+
+
+class ServerStep(WeightedMean):
+    """One round: the weighted mean of the updates, then the aggregator's step from the global state."""
+
+    def __init__(self, global_state: State, optimizer: "ServerOptimizer"):
+        super().__init__(global_state)
+        self.optimizer = optimizer
+
+    def result(self) -> dict[str, torch.Tensor]:
+        mean = super().result()
+        out: dict[str, torch.Tensor] = {}
+        updated = self.updated
+        for key, old in self.global_state.items():
+            if key not in updated or not old.is_floating_point() or is_bn_statistic(key):
+                out[key] = mean[key]
+                continue
+            w = old.detach().to("cpu", torch.float64)
+            delta = mean[key].to("cpu", torch.float64) - w
+            out[key] = (w + self.optimizer.step(key, delta)).to(dtype=old.dtype, device=old.device)
+        return out
+
+
+class ServerOptimizer(Aggregator):
+    """The depth-aware mean followed by a per-parameter server step (subclasses: :meth:`step`)."""
+
+    #: the server learning rate when ``server_lr`` is None
+    default_lr = 1.0
+    #: the moments this rule keeps per parameter
+    moments: tuple[str, ...] = ()
+
+    def __init__(self, settings: Any = None):
+        super().__init__(settings)
+        lr = getattr(settings, "server_lr", None)
+        self.lr = float(lr) if lr is not None else self.default_lr
+        self.beta1 = float(getattr(settings, "server_momentum", 0.9))
+        self.beta2 = float(getattr(settings, "server_beta2", 0.99))
+        self.tau = float(getattr(settings, "server_tau", 1e-3))
+        self.state: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.moments}
+
+    def begin(self, global_state: State) -> ServerStep:
+        return ServerStep(global_state, self)
+
+    def step(self, key: str, delta: torch.Tensor) -> torch.Tensor:
+        """The change of parameter ``key`` given its pseudo-gradient ``delta`` (float64, CPU)."""
+        raise NotImplementedError
+
+    def moment(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
+        return self.state[name].get(key, torch.zeros_like(like))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{m}/{k}": v.clone() for m, values in self.state.items() for k, v in values.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        loaded: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.moments}
+        for name, value in state.items():
+            moment, _, key = name.partition("/")
+            if moment not in loaded or not key:
+                raise ValueError(f"{type(self).__name__} keeps the moments {list(self.moments)}, "
+                                 f"but the checkpoint holds {name!r}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"its moment {name!r} holds NaN or Inf values")
+            loaded[moment][key] = value.to("cpu", torch.float64)
+        self.state = loaded
+
+
+@register_aggregator("fedavgm")
+class FedAvgM(ServerOptimizer):
+    """``fedavgm``: server momentum on the depth-aware mean (beta = ``server_momentum``)."""
+
+    moments = ("momentum",)
+
+    def step(self, key: str, delta: torch.Tensor) -> torch.Tensor:
+        v = self.beta1 * self.moment("momentum", key, delta) + delta
+        self.state["momentum"][key] = v
+        return self.lr * v
+
+
+@register_aggregator("fedadam")
+class FedAdam(ServerOptimizer):
+    """``fedadam``: Adam on the server's pseudo-gradient (Reddi et al.; lr 0.01 unless ``server_lr``)."""
+
+    default_lr = 0.01
+    moments = ("m", "v")
+
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self.beta2 * v + (1 - self.beta2) * delta ** 2
+
+    def step(self, key: str, delta: torch.Tensor) -> torch.Tensor:
+        m = self.beta1 * self.moment("m", key, delta) + (1 - self.beta1) * delta
+        v = self.second_moment(self.moment("v", key, delta), delta)
+        self.state["m"][key], self.state["v"][key] = m, v
+        return self.lr * m / (v.sqrt() + self.tau)
+
+
+@register_aggregator("fedyogi")
+class FedYogi(FedAdam):
+    """``fedyogi``: FedAdam with Yogi's additive second moment (slower to grow under noisy deltas)."""
+
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        d2 = delta ** 2
+        return v - (1 - self.beta2) * d2 * torch.sign(v - d2)

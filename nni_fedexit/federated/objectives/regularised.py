@@ -1,0 +1,94 @@
+"""S5 objectives ``fedprox`` and ``feddyn``: the multi-exit loss (with its self-distillation) plus a
+term that keeps a skewed client from drifting away from the global model.
+
+- ``fedprox`` (Li et al., MLSys 2020): ``+ mu/2 * ||w - w_global||^2`` over the branch's parameters.
+- ``feddyn`` (Acar et al., ICLR 2021): ``- <g_k, w> + alpha/2 * ||w - w_global||^2``, where ``g_k``
+  is client k's own state, kept from round to round (in the checkpoint on the simulation backend,
+  in the SuperNode's ``context.state`` on Flower) and updated after each local training by
+  ``g_k <- g_k - alpha * (w_k - w_global)``. Only the client side of FedDyn: the server
+  aggregates with the run's aggregator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from nni_fedexit.federated.objectives.base import ObjectiveContext, register_objective
+from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
+
+__all__ = ["FedProxObjective", "FedDynObjective"]
+
+#: the client-state names of FedDyn's gradient state: ``dyn/<parameter of the model>``
+DYN_STATE_PREFIX = "dyn/"
+
+
+def _anchor(ctx: ObjectiveContext) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """(name, parameter, its global value on the parameter's device) for every trained parameter."""
+    out = []
+    for name, p in ctx.branch.named_parameters():
+        if p.requires_grad and name in ctx.global_state:
+            out.append((name, p, ctx.global_state[name].detach().to(p.device, p.dtype)))
+    return out
+
+
+def _squared_distance(anchor: Sequence[tuple[str, torch.nn.Parameter, torch.Tensor]]) -> torch.Tensor:
+    return sum(((p - g) ** 2).sum() for _, p, g in anchor)  # type: ignore[return-value]
+
+
+@register_objective("fedprox")
+class FedProxObjective(MultiExitObjective):
+    """The multi-exit loss plus FedProx's proximal term ``prox_mu / 2 * ||w - w_global||^2``."""
+
+    def __init__(self, settings: Any = None):
+        super().__init__(settings)
+        self.mu = float(getattr(settings, "prox_mu", 0.01))
+
+    def begin(self, ctx: ObjectiveContext) -> None:
+        ctx.scratch["anchor"] = _anchor(ctx)
+
+    def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        total = super().loss(ctx, outputs, labels)
+        if self.mu > 0:
+            total = total + self.mu / 2 * _squared_distance(ctx.scratch["anchor"])
+        return total
+
+
+@register_objective("feddyn")
+class FedDynObjective(MultiExitObjective):
+    """The multi-exit loss plus FedDyn's dynamic regulariser, with per-client gradient state."""
+
+    def __init__(self, settings: Any = None):
+        super().__init__(settings)
+        self.alpha = float(getattr(settings, "dyn_alpha", 0.01))
+
+    def begin(self, ctx: ObjectiveContext) -> None:
+        anchor = _anchor(ctx)
+        ctx.scratch["anchor"] = anchor
+        grads = {}
+        for name, p, _ in anchor:
+            g = ctx.client_state.get(DYN_STATE_PREFIX + name)
+            if g is not None and tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"FedDyn state {DYN_STATE_PREFIX + name!r} has shape {tuple(g.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")
+            grads[name] = g.to(p.device, p.dtype) if g is not None else None
+        ctx.scratch["dyn"] = grads
+
+    def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        total = super().loss(ctx, outputs, labels)
+        if self.alpha > 0:
+            anchor = ctx.scratch["anchor"]
+            linear = sum((ctx.scratch["dyn"][n] * p).sum() for n, p, _ in anchor if ctx.scratch["dyn"][n] is not None)
+            total = total - linear + self.alpha / 2 * _squared_distance(anchor)
+        return total
+
+    def end(self, ctx: ObjectiveContext) -> None:
+        if self.alpha <= 0:
+            return
+        with torch.no_grad():
+            for name, p, g_global in ctx.scratch["anchor"]:
+                old = ctx.scratch["dyn"][name]
+                step = self.alpha * (p.detach() - g_global)
+                new = -step if old is None else old - step
+                ctx.client_state[DYN_STATE_PREFIX + name] = new.to("cpu", torch.float32)
