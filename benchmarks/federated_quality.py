@@ -55,7 +55,7 @@ ARCHITECTURE = {"stage1": "resnet34", "stage2": "resnet18", "stage3": "resnet50"
 
 #: the method before this benchmark's options: every option at its neutral value
 TODAY = {"objective": "multi_exit", "aggregator": "fedavg", "distill_weight": 0.0, "bn_stats": "average",
-         "lr": 0.05, "momentum": 0.9}
+         "depth_sampling": "uniform", "lr": 0.05, "momentum": 0.9}
 OPTIONS: dict[str, dict[str, Any]] = {
     "distill": {"distill_weight": 1.0},
     "fedprox": {"objective": "fedprox", "prox_mu": 0.01},
@@ -65,6 +65,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "fedyogi": {"aggregator": "fedyogi", "server_lr": 0.01},
     "bn_server": {"bn_stats": "server"},
     "bn_local": {"bn_stats": "local"},
+    "depth_proportional": {"depth_sampling": "proportional"},
 }
 #: ablation of the label-skew collapse (Dirichlet 0.5): one suspect removed at a time
 ABLATION: dict[str, dict[str, Any]] = {
@@ -180,6 +181,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write(out: Path, args: argparse.Namespace, rows: dict[tuple, dict[str, Any]]) -> None:
+    doc = {"dataset": "fashion-mnist", "clients": 10, "client_samples": args.client_samples or None,
+           "widths": args.widths, "stem_width": args.stem_width, "architecture": ARCHITECTURE,
+           "today": TODAY, "options": OPTIONS, "ablation": ABLATION,
+           "defaults": {k: v for k, v in asdict(FederatedSettings()).items()
+                        if k in ("objective", "aggregator", "distill_weight", "bn_stats", "depth_sampling", "lr",
+                                 "momentum", "server_lr", "server_momentum", "prox_mu", "dyn_alpha")},
+           "rows": sorted(rows.values(), key=lambda r: (r["partition"], str(r["alpha"]), r["seed"],
+                                                         ALL_METHODS.index(r["method"])))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
@@ -196,30 +210,51 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--merge", nargs="+", default=[], help="add the rows of these JSON files (runs split "
+                        "over processes) to --out, replot, and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = {row_key(r): r for r in previous.get("rows", [])}
+    if args.merge:
+        for path in args.merge:
+            rows.update({row_key(r): r for r in json.loads(Path(path).read_text())["rows"]})
+        write(out, args, rows)
+        plot(list(rows.values()), out.with_suffix(".png"))
+        return
     space = ResNetBlockPoolSpace.from_preset("resnet_pool", widths=args.widths, stem_width=args.stem_width)
     methods = args.methods or ALL_METHODS
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    for name in args.settings:
-        spec = DATA_SETTINGS[name]
-        seeds = args.dirichlet_seeds if name == "dirichlet0.5" else [0]
-        for seed in seeds:
+    datasets: dict[tuple[str, int], tuple[dict[str, Any], FederatedData]] = {}
+    central: dict[int, dict[str, Any]] = {}
+
+    def data_for(name: str, seed: int) -> tuple[dict[str, Any], FederatedData]:
+        if (name, seed) not in datasets:
             base = dict(rounds=args.rounds, num_clients=10, local_epochs=args.local_epochs, seed=seed,
                         client_samples=args.client_samples or None, data_dir=args.data_dir, device=args.device,
-                        val_samples=1000, **spec)
-            data = FederatedData(FederatedSettings(**base))
-            for method in methods:
+                        val_samples=1000, **DATA_SETTINGS[name])
+            datasets[(name, seed)] = base, FederatedData(FederatedSettings(**base))
+        return datasets[(name, seed)]
+
+    for method in methods:  # method by method, so the rows that matter most come first
+        for name in args.settings:
+            spec = DATA_SETTINGS[name]
+            seeds = args.dirichlet_seeds if name == "dirichlet0.5" else [0]
+            for seed in seeds:
                 if (method in OPTIONS or method in ABLATION) and (name not in args.option_partitions or seed != seeds[0]):
                     continue
+                base, data = data_for(name, seed)
                 t0 = time.time()
                 if method == "peer_cnn_fedavg":
                     result = peer_fedavg(data, args.rounds, args.local_epochs, seed)
                 elif method == "central":
-                    result = central_row(space, FederatedSettings(**{**base, **TODAY}), data)
+                    # the union of the clients' images does not depend on the partition: one training per seed
+                    if seed not in central:
+                        central[seed] = {**central_row(space, FederatedSettings(**{**base, **TODAY}), data),
+                                         "trained_seconds": None}
+                        central[seed]["trained_seconds"] = time.time() - t0
+                    result = central[seed]
                 elif method == "defaults":
                     result = federated_row(space, FederatedSettings(**base), data)
                 else:
@@ -230,21 +265,14 @@ def main() -> None:
                        "alpha": spec.get("alpha") if spec["partition"] == "dirichlet" else None,
                        "classes_per_client": spec.get("classes_per_client"), "rounds": args.rounds,
                        "local_epochs": args.local_epochs, "seed": seed, **result,
-                       "seconds": time.time() - t0, "label_skew": data.label_skew, "device": device}
+                       "seconds": result.get("trained_seconds") or time.time() - t0,
+                       "label_skew": data.label_skew, "device": device}
+                row.pop("trained_seconds", None)
                 rows[row_key(row)] = row
                 print(f"{name} seed {seed} {method}: test accuracy {' '.join(f'{a:.4f}' for a in row['test_accuracy'])}"
                       + (f", ensemble {row['ensemble_accuracy']:.4f}" if row["ensemble_accuracy"] is not None else "")
                       + f" ({row['seconds']:.0f} s)", flush=True)
-                doc = {"dataset": "fashion-mnist", "clients": 10, "client_samples": args.client_samples or None,
-                       "widths": args.widths, "stem_width": args.stem_width, "architecture": ARCHITECTURE,
-                       "today": TODAY, "options": OPTIONS, "ablation": ABLATION,
-                       "defaults": {k: v for k, v in asdict(FederatedSettings()).items()
-                                    if k in ("objective", "aggregator", "distill_weight", "bn_stats", "lr", "momentum",
-                                             "server_lr", "server_momentum", "prox_mu", "dyn_alpha")},
-                       "rows": sorted(rows.values(), key=lambda r: (r["partition"], str(r["alpha"]), r["seed"],
-                                                                     ALL_METHODS.index(r["method"])))}
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(doc, indent=1))
+                write(out, args, rows)
     plot(list(rows.values()), out.with_suffix(".png"))
 
 

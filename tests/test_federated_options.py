@@ -276,3 +276,22 @@ def test_ensemble_of_exits_in_evaluation_and_early_exit_calibration(digits):
     assert share.tolist() == pytest.approx(want["exit_share"])
     with pytest.raises(ValueError, match="prediction"):
         calibrate(model, data.val, prediction="vote")
+
+
+# ---- branch depths -------------------------------------------------------------------------------
+
+
+def test_proportional_depth_sampling_draws_deep_branches_in_proportion_to_their_depth():
+    import numpy as np
+
+    from nni_fedexit.federated import assign_branches
+
+    rng = np.random.default_rng(0)
+    depths = [d for _ in range(400) for d in assign_branches(range(10), 4, "random", rng,
+                                                             depth_sampling="proportional").values()]
+    share = np.bincount(depths, minlength=5)[1:] / len(depths)
+    assert share == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.02)
+    uniform = assign_branches(range(10), 4, "random", np.random.default_rng(1))
+    assert uniform == assign_branches(range(10), 4, "random", np.random.default_rng(1), depth_sampling="uniform")
+    with pytest.raises(ValueError, match="depth_sampling"):
+        FederatedSettings(depth_sampling="deepest")

@@ -45,8 +45,10 @@ RUN_TIMEOUT = 240  # seconds for the whole run (2 rounds of the digits model tak
 def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_node(tmp_path):
     """Two SuperNodes; node 1 runs a ClientApp that claims 1e18 training examples each round. Its
     updates are rejected (by node id), the round goes on with node 0 (min-clients=1), and the
-    weights are the simulation's with client 1 dropped. (Two nodes aggregated against the
-    simulation: the evaluator test below.)"""
+    weights are the simulation's with client 1 dropped. The clients train with FedDyn and
+    self-distillation: node 0's FedDyn state from round 1 (kept in its ``context.state``) must
+    shape its round 2 exactly as the simulation's kept state does. (Two nodes aggregated against
+    the simulation: the evaluator test below.)"""
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "checkpoint"
@@ -55,8 +57,8 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
         dep.superlink()
         for i in range(2):
             dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2" + (" hostile=1" if i == 1 else ""))
-        run, _ = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 min-clients=1',
-                         app=hostile_flower_app(tmp_path / "hostile_app"))
+        run, _ = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 min-clients=1 objective="feddyn" dyn-alpha=0.05 '
+                         'distill-weight=0.5', app=hostile_flower_app(tmp_path / "hostile_app"))
         state = dep.wait_rounds(ckpt, run, 2, RUN_TIMEOUT)
         diag = dep.diag()
         assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"
@@ -86,8 +88,9 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
                 raise ConnectionError("left out")
             return super().train_client(global_state, task)
 
-    config = flower_app_config()
+    config = flower_app_config(objective="feddyn", **{"dyn-alpha": 0.05, "distill-weight": 0.5})
     settings = settings_from_config(config, num_clients=2, min_clients=1, checkpoint_dir=str(tmp_path / "sim"))
+    assert settings.objective == "feddyn" and settings.distill_weight == 0.5
     # one torch thread, as the ClientApps ran (client-threads=1, OMP_NUM_THREADS=1): float32
     # reductions depend on the thread count, the data's normalisation statistics included
     with torch_threads(1):
@@ -103,6 +106,7 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
     simulated = load_file(str(tmp_path / "sim" / "last.safetensors"))
     worst = max_abs_difference(deployed, simulated)
     assert worst == 0.0, f"deployment and simulation differ by {worst}"
+    assert any("/dyn/" in k for k in load_file(str(tmp_path / "sim" / "server.safetensors")))  # state was kept
 
 
 def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """S5: which clients take part in a round, and which branch model each one trains.
 
 ``random`` is the patent's rule (claim 5: branch models are assigned to the edge devices at
-random). ``capability`` gives each client the deepest branch its device can afford: a client
+random): ``uniform`` over the depths, or ``proportional`` (depth d with probability proportional
+to d): a deep stage is trained only by the clients that draw a branch that deep, so with uniform
+draws the last of L stages sees 1/L of the clients per round, too few labels under label skew. ``capability`` gives each client the deepest branch its device can afford: a client
 profile states a compute budget as a fraction of the full model's MACs per image (so one profile
 mix fits any architecture), and a client whose budget is below branch 1's cost sits the round out.
 """
@@ -13,7 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["ClientProfile", "DEFAULT_PROFILE_MIX", "client_profiles", "select_clients", "assign_branches"]
+__all__ = ["ClientProfile", "DEFAULT_PROFILE_MIX", "DEPTH_SAMPLING", "client_profiles", "select_clients",
+           "assign_branches"]
+
+#: how random mode draws a branch depth: "uniform" or "proportional" (P(d) proportional to d)
+DEPTH_SAMPLING = ("uniform", "proportional")
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,19 @@ def assign_branches(
     rng: np.random.Generator,
     budgets: Sequence[float] | None = None,
     exit_macs: Sequence[float] | None = None,
+    depth_sampling: str = "uniform",
 ) -> dict[int, int]:
-    """``{client: branch depth}`` (1-based). In ``capability`` mode ``budgets[client]`` is the
-    fraction of ``exit_macs[-1]`` the client can run; clients that fit no branch are left out."""
+    """``{client: branch depth}`` (1-based). In ``random`` mode depth d is drawn uniformly, or with
+    ``depth_sampling="proportional"`` with probability proportional to d. In ``capability`` mode
+    ``budgets[client]`` is the fraction of ``exit_macs[-1]`` the client can run; clients that fit
+    no branch are left out."""
     if mode == "random":
-        return {int(c): int(rng.integers(1, num_exits + 1)) for c in clients}
+        if depth_sampling == "uniform":
+            return {int(c): int(rng.integers(1, num_exits + 1)) for c in clients}
+        if depth_sampling != "proportional":
+            raise ValueError(f"depth_sampling must be one of {list(DEPTH_SAMPLING)}, got {depth_sampling!r}")
+        p = np.arange(1, num_exits + 1, dtype=float)
+        return {int(c): int(rng.choice(num_exits, p=p / p.sum())) + 1 for c in clients}
     if mode != "capability":
         raise ValueError(f"branch assignment must be 'random' or 'capability', got {mode!r}")
     if budgets is None or exit_macs is None or len(exit_macs) != num_exits:

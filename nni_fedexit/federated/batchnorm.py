@@ -48,8 +48,10 @@ def reestimate_bn_statistics(model: nn.Module, data: ImageData, batch_size: int 
     """Replace every BatchNorm layer's running statistics by their exact values on ``data``.
 
     Training-mode forward passes with ``momentum=None`` (a cumulative average), no gradients;
-    parameters are untouched, and the model's train/eval mode and momenta are restored. Returns
-    the number of BatchNorm layers re-estimated.
+    parameters are untouched, and the model's train/eval mode and momenta are restored. Runs on
+    one torch thread: float32 reductions depend on the thread count, and the statistics must be
+    the same wherever the server runs (a Flower ServerApp, a simulation). Returns the number of
+    BatchNorm layers re-estimated.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not layers or len(data) == 0:
@@ -60,11 +62,14 @@ def reestimate_bn_statistics(model: nn.Module, data: ImageData, batch_size: int 
         m.reset_running_stats()
         m.momentum = None
     device = next(model.parameters()).device
+    threads = torch.get_num_threads()
     model.train()
     try:
+        torch.set_num_threads(1)
         for start in range(0, len(data), batch_size):
             model(data.images[start : start + batch_size].to(device))
     finally:
+        torch.set_num_threads(threads)
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         model.train(was_training)

@@ -350,7 +350,7 @@ class RoundEngine:
             mix = client_profiles(n, s.profiles(), seed=s.seed)
             budgets = [float(p.budget) if p.budget is not None else mix[i].budget for i, p in enumerate(parts)]
         depths = assign_branches(selected, len(self.costs), mode, rng, budgets=budgets,
-                                 exit_macs=[c.macs for c in self.costs])
+                                 exit_macs=[c.macs for c in self.costs], depth_sampling=s.depth_sampling)
         lr = s.round_lr(t)
         tasks = []
         for i in selected:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from nni_fedexit.checks import check_fields, positive_int
 from nni_fedexit.exits import EXIT_HEADS
 from nni_fedexit.federated.aggregators import aggregator_names
-from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, ClientProfile
+from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, DEPTH_SAMPLING, ClientProfile
 from nni_fedexit.federated.backends import backend_names
 from nni_fedexit.federated.client import LocalSettings
 from nni_fedexit.federated.objectives import objective_names
@@ -27,11 +27,13 @@ __all__ = ["FederatedSettings", "OPERATIONAL"]
 OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "backend", "flower_superlink",
                "flower_home", "node_wait", "round_timeout", "client_threads")
 
-#: settings added after checkpoints were first written, with their defaults (left out of the fingerprint at those)
+#: settings added after checkpoints were first written, with the values that compute what runs did
+#: before them (left out of the fingerprint at those, so a checkpoint of an earlier version resumes
+#: exactly when they are set so)
 _ADDED_LATER = {
     "max_client_samples": None, "distill_weight": 0.0, "distill_temperature": 1.0, "prox_mu": 0.01, "dyn_alpha": 0.01,
     "server_lr": None, "server_momentum": 0.9, "server_beta2": 0.99, "server_tau": 0.001, "bn_stats": "average",
-    "bn_samples": 2000,
+    "bn_samples": 2000, "depth_sampling": "uniform",
 }
 
 
@@ -47,6 +49,9 @@ class FederatedSettings:
     min_clients: int = 2
     #: "random" (the patent) or "capability" (the deepest branch a client's profile affords)
     assignment: str = "random"
+    #: random mode: how a branch depth is drawn: "uniform", or "proportional" (depth d with
+    #: probability proportional to d, so deep stages are trained by more clients per round)
+    depth_sampling: str = "proportional"
     #: capability mode: [[name, budget (share of the full model's MACs), share of clients], ...]
     profile_mix: list | None = None
     local_epochs: int = 1
@@ -80,7 +85,7 @@ class FederatedSettings:
     #: loss; "fedprox" adds a proximal term (``prox_mu``); "feddyn" FedDyn's dynamic regulariser (``dyn_alpha``)
     objective: str = "multi_exit"
     #: self-distillation between the exits a branch holds (DepthFL): weight of the mutual KL term (0: off)
-    distill_weight: float = 0.0
+    distill_weight: float = 1.0
     #: softmax temperature of that KL term
     distill_temperature: float = 1.0
     #: objective "fedprox": mu of the proximal term mu/2 * ||w - w_global||^2
@@ -98,7 +103,7 @@ class FederatedSettings:
     #: BatchNorm running statistics: "average" (averaged with the weights), "server" (re-estimated
     #: on the server's own training split after every aggregation) or "local" (FedBN: each client
     #: keeps its BatchNorm layers; the server re-estimates the global model's statistics)
-    bn_stats: str = "average"
+    bn_stats: str = "server"
     #: examples of the server's training split the re-estimation passes through the model
     bn_samples: int = 2000
     #: the most examples one client's update may count for in the weighted mean (None: the size of
@@ -146,7 +151,7 @@ class FederatedSettings:
         for key, allowed in (("assignment", ("random", "capability")), ("partition", ("iid", "dirichlet", "shards")),
                              ("head", EXIT_HEADS), ("aggregator", aggregator_names()),
                              ("objective", objective_names()), ("backend", backend_names()),
-                             ("bn_stats", ("average", "server", "local"))):
+                             ("bn_stats", ("average", "server", "local")), ("depth_sampling", DEPTH_SAMPLING)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.backend == "flower" and not self.flower_superlink:
