@@ -183,7 +183,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write(out: Path, args: argparse.Namespace, rows: dict[tuple, dict[str, Any]]) -> None:
     doc = {"dataset": "fashion-mnist", "clients": 10, "client_samples": args.client_samples or None,
-           "widths": args.widths, "stem_width": args.stem_width, "architecture": ARCHITECTURE,
+           "widths": args.widths, "stem_width": args.stem_width, "stem_stride": 1, "architecture": ARCHITECTURE,
            "today": TODAY, "options": OPTIONS, "ablation": ABLATION,
            "defaults": {k: v for k, v in asdict(FederatedSettings()).items()
                         if k in ("objective", "aggregator", "distill_weight", "bn_stats", "depth_sampling", "lr",

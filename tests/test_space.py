@@ -107,6 +107,8 @@ def test_bad_specs_name_the_key(tmp_path):
         ResNetBlockPoolSpace(num_classes=0)
     with pytest.raises(SpecError, match="image_size"):
         ResNetBlockPoolSpace(image_size=4)
+    with pytest.raises(SpecError, match="stem_stride"):
+        ResNetBlockPoolSpace(stem_stride=3)
     with pytest.raises(SpecError, match="pretrained.*not found"):
         ResNetBlockPoolSpace(pretrained={"resnet18": str(tmp_path / "nope.pth")}, widths=[64, 128, 256, 512])
     bad = tmp_path / "space.yaml"
@@ -165,3 +167,18 @@ def test_build_gives_independent_networks_and_freeze_shares_the_space_weights():
     assert space.freeze(sample).stages.stage1 is space.stages.stage1["resnet18"]
     with pytest.raises(Exception, match="not found"):
         space.build({**sample, "stage1": "vgg16"})
+
+
+def test_a_stride_two_stem_halves_the_image_before_stage_one_and_keeps_the_parameters():
+    import torch
+
+    from nni_fedexit.exits import MultiExitNetwork, exit_costs
+
+    sample = {"stage1": "resnet18", "stage2": "resnet34", "stage3": "resnet18", "stage4": "resnet50"}
+    nets = [MultiExitNetwork.from_architecture(ResNetBlockPoolSpace(widths=[8, 16, 16, 32], stem_width=8, stem_stride=s),
+                                               sample) for s in (1, 2)]
+    x = torch.zeros(1, 1, 28, 28)
+    assert nets[0].stem(x).shape[-1] == 28 and nets[1].stem(x).shape[-1] == 14
+    assert sum(p.numel() for p in nets[0].parameters()) == sum(p.numel() for p in nets[1].parameters())
+    full, cheap = (exit_costs(n, x)[-1].macs for n in nets)
+    assert cheap < 0.4 * full

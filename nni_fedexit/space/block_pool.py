@@ -55,6 +55,9 @@ class SpaceSpec:
     pretrained: dict[str, str] = field(default_factory=dict)
     #: stem output width; None takes the first source's stage-1 input width (64 for timm ResNets)
     stem_width: int | None = None
+    #: stride of the stem's 3x3 convolution: 1 keeps the image size for stage 1; 2 halves it, for
+    #: about a third of the compute per image (a cheaper network for CPU clients)
+    stem_stride: int = 1
 
     def __post_init__(self) -> None:
         self.sources = tuple(self.sources)
@@ -85,7 +88,9 @@ class SpaceSpec:
             _positive_int("depth_crops", k)
         if self.stem_width is not None:
             _positive_int("stem_width", self.stem_width)
-        if self.image_size < 2 ** (len(self.widths) - 1):
+        if isinstance(self.stem_stride, bool) or self.stem_stride not in (1, 2):
+            raise SpecError(f"stem_stride: must be 1 or 2, got {self.stem_stride!r}")
+        if self.image_size < self.stem_stride * 2 ** (len(self.widths) - 1):
             raise SpecError(
                 f"image_size: {self.image_size} is too small for {len(self.widths)} stages "
                 f"(each after the first halves the size); use fewer widths"
@@ -222,12 +227,13 @@ class ResNetBlockPoolSpace(ModelSpace):
         depth_crops: tuple[int, ...] | list[int] = (),
         pretrained: Mapping[str, str] | None = None,
         stem_width: int | None = None,
+        stem_stride: int = 1,
     ):
         super().__init__()
         spec = SpaceSpec(
             sources=tuple(sources), in_chans=in_chans, image_size=image_size, num_classes=num_classes,
             widths=tuple(widths), depth_crops=tuple(depth_crops), pretrained=dict(pretrained or {}),
-            stem_width=stem_width,
+            stem_width=stem_width, stem_stride=stem_stride,
         )
         self.spec = spec
         nets = {name: _build_source(name, spec) for name in spec.sources}
@@ -239,7 +245,7 @@ class ResNetBlockPoolSpace(ModelSpace):
         self.interface_widths = tuple(interface)
 
         self.stem = nn.Sequential(
-            nn.Conv2d(spec.in_chans, interface[0], kernel_size=3, stride=1, padding=1, bias=False),
+            nn.Conv2d(spec.in_chans, interface[0], kernel_size=3, stride=spec.stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(interface[0]),
             nn.ReLU(inplace=True),
         )

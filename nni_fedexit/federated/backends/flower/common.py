@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "space-widths": "8,16,16",
     "space-depth-crops": "",
     "space-stem-width": 0,
+    "space-stem-stride": 1,
     #: a safetensors file of the exit-point model's initial weights, readable by the ServerApp
     #: ("": seeded initial weights, as the simulation backend makes them)
     "initial-weights": "",
@@ -108,6 +109,7 @@ def run_config(settings: FederatedSettings, arch: Mapping[str, str], spec: Any, 
         "space-widths": ",".join(str(w) for w in spec.widths),
         "space-depth-crops": ",".join(str(k) for k in spec.depth_crops),
         "space-stem-width": int(spec.stem_width or 0),
+        "space-stem-stride": int(spec.stem_stride),
         "initial-weights": "",
     })
     out.update(extra)
@@ -176,7 +178,7 @@ def space_from_config(run_config: Mapping[str, Any], bundle: DataBundle | DataSh
         sources=_csv(_get(run_config, "space-sources"), str),
         widths=_csv(_get(run_config, "space-widths"), int),
         depth_crops=_csv(_get(run_config, "space-depth-crops") or "", int),
-        stem_width=stem or None,
+        stem_width=stem or None, stem_stride=int(_get(run_config, "space-stem-stride") or 1),
         in_chans=bundle.in_chans, image_size=bundle.image_size, num_classes=bundle.num_classes,
     )
 
