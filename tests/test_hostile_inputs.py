@@ -432,7 +432,8 @@ def server(digits):
     profiles = {100 + p: NodeProfile({"partition-id": p, "num-partitions": 3}) for p in range(3)}
 
     def strategy():
-        engine = RoundEngine(copy.deepcopy(model), settings, costs, data.val, client_sizes=sizes)
+        engine = RoundEngine(copy.deepcopy(model), settings, costs, data.val, client_sizes=sizes,
+                             server_train=data.server_train)
         return BranchStrategy(engine, profiles)
 
     return strategy, sizes
