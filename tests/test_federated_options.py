@@ -70,7 +70,7 @@ def test_distillation_with_weight_zero_is_the_multi_exit_loss(digits):
 
 def test_fedprox_with_mu_zero_equals_fedavg_training_and_mu_pulls_towards_the_global_model(digits):
     data = FederatedData(digits_settings(), bundle=digits).clients[0]
-    _, plain = train_once(MultiExitObjective(), data)
+    _, plain = train_once(MultiExitObjective(FederatedSettings()), data)  # same distillation as the rows below
     _, prox0 = train_once(FedProxObjective(FederatedSettings(objective="fedprox", prox_mu=0.0)), data)
     for k, v in plain.state.items():
         assert torch.equal(v, prox0.state[k]), k
@@ -98,7 +98,7 @@ def test_feddyn_keeps_a_gradient_state_per_client_that_follows_its_update_rule(d
     assert all(torch.isfinite(v).all() for v in second.client_state.values())
     # alpha = 0: the plain multi-exit training, and no state
     _, zero = train_once(FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.0)), data)
-    _, plain = train_once(MultiExitObjective(), data)
+    _, plain = train_once(MultiExitObjective(FederatedSettings()), data)
     assert not zero.client_state and all(torch.equal(v, plain.state[k]) for k, v in zero.state.items())
 
 
