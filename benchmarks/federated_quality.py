@@ -118,12 +118,11 @@ def peer_fedavg(data: FederatedData, rounds: int, epochs: int, seed: int) -> dic
 def exit_point_model(space: ResNetBlockPoolSpace, seed: int, single_exit: bool = False) -> MultiExitNetwork:
     torch.manual_seed(seed)
     model = MultiExitNetwork.from_architecture(space, ARCHITECTURE, head="conv")
-    if single_exit:  # the full network with its one exit at the end: no intermediate exits
-        torch.manual_seed(seed)
-        full = MultiExitNetwork(model.stem, [nn.Sequential(*model.stages)], [space.spec.widths[-1]],
-                                model.num_classes, head="conv")
-        return full
-    return model
+    if not single_exit:
+        return model
+    torch.manual_seed(seed)  # the full network with its one exit at the end: no intermediate exits
+    return MultiExitNetwork(model.stem, [nn.Sequential(*model.stages)], [space.spec.widths[-1]], model.num_classes,
+                            head="conv")
 
 
 def federated_row(space: ResNetBlockPoolSpace, settings: FederatedSettings, data: FederatedData,
@@ -158,7 +157,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = [k for k in ("iid", "dirichlet0.5", "dirichlet0.1", "shards2")]
+    settings = list(DATA_SETTINGS)
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, len(methods) * 0.9), 4.5))
     width = 0.8 / len(settings)
@@ -251,9 +250,8 @@ def main() -> None:
                 elif method == "central":
                     # the union of the clients' images does not depend on the partition: one training per seed
                     if seed not in central:
-                        central[seed] = {**central_row(space, FederatedSettings(**{**base, **TODAY}), data),
-                                         "trained_seconds": None}
-                        central[seed]["trained_seconds"] = time.time() - t0
+                        trained = central_row(space, FederatedSettings(**{**base, **TODAY}), data)
+                        central[seed] = {**trained, "seconds": time.time() - t0}
                     result = central[seed]
                 elif method == "defaults":
                     result = federated_row(space, FederatedSettings(**base), data)
@@ -264,10 +262,8 @@ def main() -> None:
                 row = {"method": method, "partition": spec["partition"],
                        "alpha": spec.get("alpha") if spec["partition"] == "dirichlet" else None,
                        "classes_per_client": spec.get("classes_per_client"), "rounds": args.rounds,
-                       "local_epochs": args.local_epochs, "seed": seed, **result,
-                       "seconds": result.get("trained_seconds") or time.time() - t0,
+                       "local_epochs": args.local_epochs, "seed": seed, "seconds": time.time() - t0, **result,
                        "label_skew": data.label_skew, "device": device}
-                row.pop("trained_seconds", None)
                 rows[row_key(row)] = row
                 print(f"{name} seed {seed} {method}: test accuracy {' '.join(f'{a:.4f}' for a in row['test_accuracy'])}"
                       + (f", ensemble {row['ensemble_accuracy']:.4f}" if row["ensemble_accuracy"] is not None else "")

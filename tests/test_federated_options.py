@@ -185,7 +185,7 @@ def test_server_optimisers_step_only_the_parameters_some_client_held_and_checkpo
         assert all(torch.equal(a[k], b[k]) for k in a), cls
         with pytest.raises(ValueError, match="moments"):
             twin.load_state_dict({"velocity/stem.0.weight": torch.zeros(1)})
-    # FedAdam's first step moves every trained parameter by at most lr / (1 - beta1)... here lr * 1
+    # FedAdam's first step: lr * (1 - b1) d / (sqrt(1 - b2) |d| + tau), at most lr with b1 = 0.9, b2 = 0.99
     adam = FedAdam(FederatedSettings(aggregator="fedadam", server_lr=0.01))
     new = run_rounds(adam, start, shallow)
     moved = [float((new[k] - start[k]).abs().max()) for k in shallow[0][0][0]

@@ -21,8 +21,10 @@ import torch.nn as nn
 
 from nni_fedexit.data import ImageData
 
-__all__ = ["BN_STATE_PREFIX", "bn_keys", "is_bn_statistic", "keep_local_bn", "reestimate_bn_statistics", "restore_local_bn"]
+__all__ = ["BN_STATE_PREFIX", "BN_STATS", "bn_keys", "is_bn_statistic", "keep_local_bn", "reestimate_bn_statistics", "restore_local_bn"]
 
+#: the values of ``federated.bn_stats``
+BN_STATS = ("average", "server", "local")
 #: the client-state names of a client's own BatchNorm entries: ``bn/<entry of the model>``
 BN_STATE_PREFIX = "bn/"
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")

@@ -17,6 +17,7 @@ from nni_fedexit.checks import check_fields, positive_int
 from nni_fedexit.exits import EXIT_HEADS
 from nni_fedexit.federated.aggregators import aggregator_names
 from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, DEPTH_SAMPLING, ClientProfile
+from nni_fedexit.federated.batchnorm import BN_STATS
 from nni_fedexit.federated.backends import backend_names
 from nni_fedexit.federated.client import LocalSettings
 from nni_fedexit.federated.objectives import objective_names
@@ -135,10 +136,8 @@ class FederatedSettings:
         check_fields(self)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if type(f.default) is float and isinstance(value, int) and not isinstance(value, bool):
+            if str(f.type).startswith("float") and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
-        if isinstance(self.server_lr, int) and not isinstance(self.server_lr, bool):
-            self.server_lr = float(self.server_lr)
         for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client", "bn_samples"):
             positive_int(key, getattr(self, key))
         for key in ("client_samples", "val_samples", "test_samples", "head_width", "max_client_samples"):
@@ -151,7 +150,7 @@ class FederatedSettings:
         for key, allowed in (("assignment", ("random", "capability")), ("partition", ("iid", "dirichlet", "shards")),
                              ("head", EXIT_HEADS), ("aggregator", aggregator_names()),
                              ("objective", objective_names()), ("backend", backend_names()),
-                             ("bn_stats", ("average", "server", "local")), ("depth_sampling", DEPTH_SAMPLING)):
+                             ("bn_stats", BN_STATS), ("depth_sampling", DEPTH_SAMPLING)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.backend == "flower" and not self.flower_superlink:

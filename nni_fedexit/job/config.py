@@ -396,8 +396,10 @@ def _check_exits(config: RunConfig) -> None:
         raise ConfigError(f"exits.macs_budget: must be > 0 (expected MACs per image), got {e.macs_budget}")
     if e.criterion not in ("max_prob", "entropy"):
         raise ConfigError(f"exits.criterion: must be max_prob or entropy, got {e.criterion!r}")
-    if e.prediction not in ("exit", "ensemble"):
-        raise ConfigError(f"exits.prediction: must be exit or ensemble, got {e.prediction!r}")
+    from nni_fedexit.exits import PREDICTIONS
+
+    if e.prediction not in PREDICTIONS:
+        raise ConfigError(f"exits.prediction: must be one of {list(PREDICTIONS)}, got {e.prediction!r}")
 
 
 def _federated_settings(config: RunConfig) -> "FederatedSettings":

@@ -18,7 +18,7 @@ import torch
 from nni_fedexit.federated.objectives.base import ObjectiveContext, register_objective
 from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
 
-__all__ = ["FedProxObjective", "FedDynObjective"]
+__all__ = ["DriftRegularised", "FedProxObjective", "FedDynObjective"]
 
 #: the client-state names of FedDyn's gradient state: ``dyn/<parameter of the model>``
 DYN_STATE_PREFIX = "dyn/"
@@ -37,58 +37,68 @@ def _squared_distance(anchor: Sequence[tuple[str, torch.nn.Parameter, torch.Tens
     return sum(((p - g) ** 2).sum() for _, p, g in anchor)  # type: ignore[return-value]
 
 
-@register_objective("fedprox")
-class FedProxObjective(MultiExitObjective):
-    """The multi-exit loss plus FedProx's proximal term ``prox_mu / 2 * ||w - w_global||^2``."""
+class DriftRegularised(MultiExitObjective):
+    """The multi-exit loss plus ``penalty(ctx)``, a term on the branch's distance from the global
+    model; :meth:`begin` puts the global weights on the device once per local training."""
 
-    def __init__(self, settings: Any = None):
-        super().__init__(settings)
-        self.mu = float(getattr(settings, "prox_mu", 0.01))
+    #: the strength of the term, from the settings (0: the plain multi-exit objective)
+    strength = 0.0
 
     def begin(self, ctx: ObjectiveContext) -> None:
         ctx.scratch["anchor"] = _anchor(ctx)
 
+    def penalty(self, ctx: ObjectiveContext) -> torch.Tensor:
+        raise NotImplementedError
+
     def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         total = super().loss(ctx, outputs, labels)
-        if self.mu > 0:
-            total = total + self.mu / 2 * _squared_distance(ctx.scratch["anchor"])
-        return total
+        return total + self.penalty(ctx) if self.strength > 0 else total
+
+
+@register_objective("fedprox")
+class FedProxObjective(DriftRegularised):
+    """The multi-exit loss plus FedProx's proximal term ``prox_mu / 2 * ||w - w_global||^2``."""
+
+    def __init__(self, settings: Any = None):
+        super().__init__(settings)
+        self.strength = float(getattr(settings, "prox_mu", 0.01))
+
+    def penalty(self, ctx: ObjectiveContext) -> torch.Tensor:
+        return self.strength / 2 * _squared_distance(ctx.scratch["anchor"])
 
 
 @register_objective("feddyn")
-class FedDynObjective(MultiExitObjective):
+class FedDynObjective(DriftRegularised):
     """The multi-exit loss plus FedDyn's dynamic regulariser, with per-client gradient state."""
 
     def __init__(self, settings: Any = None):
         super().__init__(settings)
-        self.alpha = float(getattr(settings, "dyn_alpha", 0.01))
+        self.strength = float(getattr(settings, "dyn_alpha", 0.01))
 
     def begin(self, ctx: ObjectiveContext) -> None:
-        anchor = _anchor(ctx)
-        ctx.scratch["anchor"] = anchor
+        super().begin(ctx)
         grads = {}
-        for name, p, _ in anchor:
+        for name, p, _ in ctx.scratch["anchor"]:
             g = ctx.client_state.get(DYN_STATE_PREFIX + name)
-            if g is not None and tuple(g.shape) != tuple(p.shape):
+            if g is None:
+                continue
+            if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(f"FedDyn state {DYN_STATE_PREFIX + name!r} has shape {tuple(g.shape)}, "
                                  f"the parameter {tuple(p.shape)}")
-            grads[name] = g.to(p.device, p.dtype) if g is not None else None
+            grads[name] = g.to(p.device, p.dtype)
         ctx.scratch["dyn"] = grads
 
-    def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        total = super().loss(ctx, outputs, labels)
-        if self.alpha > 0:
-            anchor = ctx.scratch["anchor"]
-            linear = sum((ctx.scratch["dyn"][n] * p).sum() for n, p, _ in anchor if ctx.scratch["dyn"][n] is not None)
-            total = total - linear + self.alpha / 2 * _squared_distance(anchor)
-        return total
+    def penalty(self, ctx: ObjectiveContext) -> torch.Tensor:
+        anchor, grads = ctx.scratch["anchor"], ctx.scratch["dyn"]
+        linear = sum((grads[n] * p).sum() for n, p, _ in anchor if n in grads)
+        return self.strength / 2 * _squared_distance(anchor) - linear
 
     def end(self, ctx: ObjectiveContext) -> None:
-        if self.alpha <= 0:
+        if self.strength <= 0:
             return
         with torch.no_grad():
             for name, p, g_global in ctx.scratch["anchor"]:
-                old = ctx.scratch["dyn"][name]
-                step = self.alpha * (p.detach() - g_global)
+                old = ctx.scratch["dyn"].get(name)
+                step = self.strength * (p.detach() - g_global)
                 new = -step if old is None else old - step
                 ctx.client_state[DYN_STATE_PREFIX + name] = new.to("cpu", torch.float32)
