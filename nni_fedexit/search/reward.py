@@ -10,8 +10,16 @@ exponent -0.071, MnasNet's -0.07: halving the size is worth about 5 % more rewar
 still dominates. The same form is NNI's ``ProfilerPenalty`` with ``aggregate='mul'`` and
 ``scale = -1/beta``.
 
-A reward is any callable ``reward(accuracy, params) -> float``; :class:`SizeAwareReward` is the
-default, :class:`HardBudgetReward` and :class:`LinearPenaltyReward` are documented alternatives.
+A reward is any callable ``reward(accuracy, cost) -> float``, the cost being p_h unless the
+reward's ``cost`` attribute names another (``macs``, ``early_exit_macs``). :class:`SizeAwareReward`
+is claim 4's form; :class:`TargetReward` is MnasNet's *target* form, for a size goal a user can
+state (a parameter count, a share of P, MACs, or the expected MACs of calibrated early exits):
+
+    R(h) = Acc(h) * (cost_h / T) ** w,   w = below if cost_h <= T else above
+
+with ``below`` = -1/beta (claim 4's exponent: under the target, smaller still gains a little) and
+``above`` = -1 (MnasNet's hard-constraint value: 10 % over the target costs 9 % of the reward).
+:class:`HardBudgetReward` and :class:`LinearPenaltyReward` are documented alternatives.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ __all__ = [
     "hard_budget_reward",
     "linear_penalty_reward",
     "SizeAwareReward",
+    "TargetReward",
+    "SizeTarget",
+    "COSTS",
+    "target_reward",
     "HardBudgetReward",
     "LinearPenaltyReward",
     "ParamsProfiler",
@@ -71,6 +83,13 @@ def size_aware_reward(accuracy: float, params: float, baseline_params: float, be
     return float(accuracy) * (params / baseline_params) ** (-1.0 / beta)
 
 
+def target_reward(accuracy: float, cost: float, target: float, below: float, above: float) -> float:
+    """``accuracy * (cost / target) ** w``, ``w = below`` at or under the target and ``above`` over it."""
+    if cost <= 0 or target <= 0:
+        raise ValueError(f"cost and target must be positive, got cost={cost}, target={target}")
+    return float(accuracy) * (cost / target) ** (below if cost <= target else above)
+
+
 def hard_budget_reward(accuracy: float, params: float, max_params: float) -> float:
     """Accuracy while the network fits ``max_params``, 0 above it (MnasNet's hard constraint)."""
     return float(accuracy) if params <= max_params else 0.0
@@ -93,6 +112,85 @@ class SizeAwareReward:
 
     def __call__(self, accuracy: float, params: int) -> float:
         return size_aware_reward(accuracy, params, self.baseline_params, self.beta)
+
+
+#: what a reward's size term counts: p_h, MACs for one image, or the mean MACs of early-exit inference
+COSTS = ("params", "macs", "early_exit_macs")
+
+
+@dataclass(frozen=True)
+class TargetReward:
+    """MnasNet's target form (module docstring) with the target T bound; ``cost`` names what it weighs."""
+
+    target: float
+    cost: str = "params"
+    below: float = -1.0 / DEFAULT_BETA
+    above: float = -1.0
+
+    def __call__(self, accuracy: float, cost: float) -> float:
+        return target_reward(accuracy, cost, self.target, self.below, self.above)
+
+
+@dataclass(frozen=True)
+class SizeTarget:
+    """A size goal as the user states it (the strategy's ``target`` argument, ``classArgs.target``).
+
+    ``cost``: ``params``, ``macs`` or ``early_exit_macs``. T is ``value`` (in the cost's unit) or
+    ``share`` times the baseline network's cost (P for params); neither: ``share`` 1.0.
+    ``exit_shares``: for ``early_exit_macs``, the share of inputs leaving at each exit (what
+    calibration measured on an earlier run: ``evaluation.json``, ``validation.exit_share``);
+    None: equal shares. ``head`` and ``head_width``: the exits' heads, as the federated section's.
+    """
+
+    cost: str = "params"
+    value: float | None = None
+    share: float | None = None
+    below: float = -1.0 / DEFAULT_BETA
+    above: float = -1.0
+    exit_shares: tuple[float, ...] | None = None
+    head: str = "conv"
+    head_width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cost not in COSTS:
+            raise ValueError(f"target.cost must be one of {COSTS}, got {self.cost!r}")
+        if self.value is not None and self.share is not None:
+            raise ValueError("target: give value (T in the cost's unit) or share (T as a share of the baseline's "
+                             "cost), not both")
+        for key in ("value", "share"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+                raise ValueError(f"target.{key} must be a positive number, got {v!r}")
+        for key in ("below", "above"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 0:
+                raise ValueError(f"target.{key} must be a number <= 0 (the exponent of cost / T), got {v!r}")
+        if self.exit_shares is not None:
+            shares = self.exit_shares
+            if (not isinstance(shares, (list, tuple)) or not shares or sum(shares) <= 0
+                    or any(isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 for q in shares)):
+                raise ValueError(f"target.exit_shares must list non-negative shares, one per exit, got {shares!r}")
+            object.__setattr__(self, "exit_shares", tuple(float(q) for q in shares))
+
+    @classmethod
+    def of(cls, target: "SizeTarget | Mapping[str, Any]", key: str = "target") -> "SizeTarget":
+        """A SizeTarget from itself or a mapping of its fields; an unknown field names itself under ``key``."""
+        if isinstance(target, SizeTarget):
+            return target
+        if not isinstance(target, Mapping):
+            raise ValueError(f"{key} must be a mapping of {sorted(cls.__dataclass_fields__)}, got {target!r}")
+        unknown = sorted(set(target) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        try:
+            return cls(**dict(target))
+        except ValueError as err:
+            raise ValueError(str(err).replace("target", key, 1)) from None
+
+    def reward(self, baseline_cost: float) -> TargetReward:
+        """The reward with T resolved against the baseline network's cost."""
+        target = self.value if self.value is not None else (1.0 if self.share is None else self.share) * baseline_cost
+        return TargetReward(float(target), self.cost, float(self.below), float(self.above))
 
 
 @dataclass(frozen=True)

@@ -27,18 +27,21 @@ experiment picks the right engine by itself (sequential for ``shared``, training
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+import torch.nn as nn
 
 from nni_fedexit.nni_tools import compat  # noqa: F401
 from nni_fedexit.checks import positive_int
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.presets import PresetError, load_preset
-from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, check_beta, parse_metric
+from nni_fedexit.search.cost import CostModel
+from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, SizeTarget, check_beta, parse_metric
 from nni.mutable import Categorical
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
@@ -53,6 +56,10 @@ __all__ = ["SizeAwarePolicyGradient", "SharedSizeAwarePolicyGradient", "TrialsSi
 _logger = logging.getLogger(__name__)
 
 MODES = ("shared", "trials")
+#: how the shared weights' paths are drawn during warm-up (see ``warmup_sampling``)
+WARMUP_SAMPLING = ("fair", "uniform")
+#: how a path of the shared weights is evaluated: BatchNorm on the batch's statistics, or on the running ones
+BN_EVAL = ("batch", "running")
 
 
 class LabelledModelSpace(SimplifiedModelSpace):
@@ -120,10 +127,15 @@ class SizeAwarePolicyGradient(Strategy):
     baseline_params
         P. Default: the space's ``baseline_params()`` (ResNetBlockPoolSpace), else the parameter
         count of the sample that takes every label's first value.
+    target
+        A size goal: :class:`~nni_fedexit.search.reward.SizeTarget` or a mapping of its fields
+        (``cost``: params, macs or early_exit_macs; ``value`` or ``share`` of the baseline's cost;
+        ``below``, ``above`` exponents). The reward is then MnasNet's target form
+        ``Acc * (cost / T) ** w`` instead of claim 4's; None keeps claim 4's.
     reward
-        Replaces the reward: any ``reward(accuracy, params) -> float``, e.g.
-        :class:`~nni_fedexit.search.reward.HardBudgetReward`. ``beta`` and ``baseline_params`` are then
-        unused except for P's default.
+        Replaces the reward: any ``reward(accuracy, cost) -> float`` (its ``cost`` attribute names
+        the cost, default params), e.g. :class:`~nni_fedexit.search.reward.HardBudgetReward`.
+        ``beta``, ``target`` and ``baseline_params`` are then unused except for P's default.
     controller
         :class:`~nni_fedexit.search.controller.ControllerSettings` (or a dict of its fields); its seed
         defaults to ``seed``.
@@ -134,7 +146,17 @@ class SizeAwarePolicyGradient(Strategy):
     final_eval_batches
         ``shared`` mode: validation batches used to score each of the K (None: all).
     warmup_epochs
-        ``shared`` mode: epochs in which the controller samples but does not learn yet.
+        ``shared`` mode: epochs at the start in which the shared weights train along paths drawn
+        by ``warmup_sampling``, not by the controller, and the controller neither samples nor
+        learns: every candidate is trained before the controller compares them (otherwise the
+        blocks it happens to favour early train more and win: rich get richer).
+    warmup_sampling
+        ``fair`` (FairNAS' strict fairness: in every run of N training batches each candidate of
+        each label is on the path exactly once) or ``uniform`` (each label drawn independently).
+    bn_eval
+        ``shared`` mode: ``batch`` (default) evaluates a path with BatchNorm on each validation
+        batch's own statistics (see :func:`batch_statistics`); ``running`` uses the shared running
+        statistics, which every path has moved.
     dedup
         ``trials`` mode: an architecture is trained once. When the controller samples one that
         was already trained, it learns from the recorded reward and samples again; after 20
@@ -160,12 +182,15 @@ class SizeAwarePolicyGradient(Strategy):
         mode: str | None = None,
         beta: int = DEFAULT_BETA,
         baseline_params: int | None = None,
+        target: SizeTarget | Mapping[str, Any] | None = None,
         reward: Reward | None = None,
         controller: ControllerSettings | Mapping[str, Any] | None = None,
         samples_per_update: int = 4,
         final_samples: int = 16,
         final_eval_batches: int | None = None,
         warmup_epochs: int = 0,
+        warmup_sampling: str = "fair",
+        bn_eval: str = "batch",
         dedup: bool = True,
         seed: int = 0,
         **kwargs: Any,
@@ -174,11 +199,18 @@ class SizeAwarePolicyGradient(Strategy):
         check_beta(beta)
         positive_int("samples_per_update", samples_per_update)
         positive_int("final_samples", final_samples)
+        if warmup_sampling not in WARMUP_SAMPLING:
+            raise ValueError(f"warmup_sampling must be one of {WARMUP_SAMPLING}, got {warmup_sampling!r}")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be a non-negative integer, got {warmup_epochs!r}")
+        if bn_eval not in BN_EVAL:
+            raise ValueError(f"bn_eval must be one of {BN_EVAL}, got {bn_eval!r}")
         if mode is not None and mode != self.MODE:
             raise ValueError(f"{type(self).__name__} runs mode {self.MODE!r}, not {mode!r}")
         self.mode = self.MODE
         self.beta = beta
         self.baseline_params = baseline_params
+        self.target = None if target is None else SizeTarget.of(target)
         self.custom_reward = reward
         if controller is None:
             controller = ControllerSettings(seed=seed)
@@ -189,12 +221,17 @@ class SizeAwarePolicyGradient(Strategy):
         self.final_samples = final_samples
         self.final_eval_batches = final_eval_batches
         self.warmup_epochs = warmup_epochs
+        self.warmup_sampling = warmup_sampling
+        self.bn_eval = bn_eval
         self.dedup = dedup
         self.seed = seed
         self.learner: PolicyGradient | None = None
         self.reward_fn: Reward | None = None
         self.profiler: ParamsProfiler | None = None
-        #: every scored sample: {"sample", "accuracy", "params", "reward", "step"}
+        self.costs: CostModel | None = None
+        self._baseline: dict[str, Any] = {}
+        #: every scored sample: {"sample", "accuracy", "params", "macs", "early_exit_macs", "reward", "step"}
+        #: (the MACs where the space counts them)
         self.records: list[dict[str, Any]] = []
         self._batch = RewardBatch(samples_per_update, _logger)
         self._pending_state: dict[str, Any] | None = None
@@ -219,6 +256,10 @@ class SizeAwarePolicyGradient(Strategy):
             bad = sorted(set(controller) - fields)
             if bad:
                 raise PresetError(f"{where}: unknown key(s) {bad} under 'controller'; known: {sorted(fields)}")
+        target = data.get("target")
+        if target is not None and not isinstance(target, Mapping):
+            raise PresetError(f"{where}: key 'target' must be a mapping of SizeTarget fields "
+                              f"{sorted(SizeTarget.__dataclass_fields__)}")
         try:
             return SizeAwarePolicyGradient(**data)
         except (TypeError, ValueError) as err:
@@ -236,14 +277,15 @@ class SizeAwarePolicyGradient(Strategy):
         """Controller over ``space``'s labels; reward with P; the state loaded before initialize."""
         choices = _categorical_choices(space)
         self.learner = PolicyGradient(choices, self.controller_settings)
-        self.profiler = ParamsProfiler(profiled)
+        self.costs = CostModel(profiled, self.target)
+        self.profiler = self.costs.profiler
+        self._baseline = self.costs.baseline_sample(choices)
         if self.baseline_params is None:
             own = getattr(self.profiler.space, "baseline_params", None)
             if callable(own):
                 self.baseline_params = int(own())
             else:
-                first = {label: values[0] for label, values in choices.items()}
-                self.baseline_params = self.profiler.profile(first)
+                self.baseline_params = self.profiler.profile(self._baseline)
                 _logger.info("Baseline P = %s parameters (the sample of every label's first value)", self.baseline_params)
         self.reward_fn = self.reward_for(self.baseline_params)
         if self._pending_state is not None:
@@ -254,25 +296,44 @@ class SizeAwarePolicyGradient(Strategy):
         """The reward this strategy scores with, given P (trials may compute it too, for the web UI)."""
         if self.custom_reward is not None:
             return self.custom_reward
+        if self.target is not None and (baseline_params or self.target.value is not None):
+            if self.target.cost == "params" or self.target.value is not None:
+                return self.target.reward(float(baseline_params or 1))
+            if self.costs is None:
+                raise RuntimeError(f"target.cost {self.target.cost!r} as a share needs the space: "
+                                   "the strategy has not been initialized with one yet")
+            return self.target.reward(float(self.costs.cost(self.target.cost, self._baseline)))
         if baseline_params:
             return SizeAwareReward(baseline_params, self.beta)
         return lambda accuracy, params: float(accuracy)
 
-    def score(self, accuracy: float, sample: Mapping[str, Any], params: int | None = None) -> tuple[float, int | None]:
-        """(reward, p_h) of a sample with this accuracy; p_h from the trial if it reported one."""
-        assert self.reward_fn is not None and self.profiler is not None
-        if params is None:
-            params = self.profiler.profile(sample)
-        reward = self.reward_fn(accuracy, params if params is not None else self.baseline_params or 1)
-        return float(reward), params
+    @property
+    def reward_cost(self) -> str:
+        """What the reward's size term counts: ``params`` unless the reward names another cost."""
+        return str(getattr(self.reward_fn or self.custom_reward, "cost", None)
+                   or (self.target.cost if self.target is not None else "params"))
+
+    def score(self, accuracy: float, sample: Mapping[str, Any], params: int | None = None) -> tuple[float, dict[str, Any]]:
+        """(reward, costs) of a sample with this accuracy: costs as :meth:`CostModel.costs`, p_h
+        from the trial if it reported one."""
+        assert self.reward_fn is not None and self.costs is not None
+        costs = self.costs.costs(sample)
+        if params is not None:
+            costs["params"] = params
+        cost = costs.get(self.reward_cost)
+        if cost is None:
+            cost = costs["params"] if self.reward_cost == "params" and costs["params"] is not None else None
+        if cost is None:
+            cost = self.baseline_params or 1
+        return float(self.reward_fn(accuracy, cost)), costs
 
     def observe(self, sample: Mapping[str, Any], accuracy: float, params: int | None = None, learn: bool = True) -> float:
         """Score a finished sample, record it, and feed it to the controller (if ``learn``)."""
         assert self.learner is not None
         with self._lock:
-            reward, params = self.score(accuracy, sample, params)
+            reward, costs = self.score(accuracy, sample, params)
             self.records.append({
-                "sample": dict(sample), "accuracy": float(accuracy), "params": params,
+                "sample": dict(sample), "accuracy": float(accuracy), **costs,
                 "reward": reward, "step": self.learner.steps,
             })
             if learn:
@@ -434,11 +495,16 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
 
     def mutate_model(self, model: Any) -> Any:
         _categorical_choices(model)  # fail early, naming the label, before anything is mutated
+        count_macs = getattr(model, "count_macs", None)
+        if callable(count_macs) and callable(getattr(model, "baseline_sample", None)):
+            count_macs(model.baseline_sample())  # the space counts its MACs before it becomes a supernet
         return super().mutate_model(model)
 
     def _initialize(self, model_space: Any, engine: Any) -> Any:
         mutated = super()._initialize(model_space, engine)
         self._setup_search(self.supernet, self.supernet)
+        assert self.learner is not None
+        self.warmup_sampler = FairPathSampler(self.learner.values, self.learner.generator, self.warmup_sampling)
         return mutated
 
     def configure_oneshot_module(self, training_module: Any) -> "SizeAwareEnasModule":
@@ -466,9 +532,9 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         self.final_candidates = []
         for sample in candidates.values():
             accuracy = module.evaluate_path(sample, self._val_loader, self.final_eval_batches)
-            reward, params = self.score(accuracy, sample)
-            self.final_candidates.append({"sample": sample, "accuracy": accuracy, "params": params, "reward": reward})
-            _logger.info("[final] %s: accuracy %.4f, %s params, reward %.4f", sample, accuracy, params, reward)
+            reward, costs = self.score(accuracy, sample)
+            self.final_candidates.append({"sample": sample, "accuracy": accuracy, **costs, "reward": reward})
+            _logger.info("[final] %s: accuracy %.4f, %s params, reward %.4f", sample, accuracy, costs["params"], reward)
         best = max(self.final_candidates, key=lambda c: c["reward"])
         self._exported = dict(best["sample"])
         return self._exported
@@ -482,6 +548,49 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         if "ckpt_path" in state_dict and self._mutated_model_space is not None:
             RandomOneShot.load_state_dict(self, state_dict)
         self._load_search_state({k: v for k, v in state_dict.items() if k != "ckpt_path"})
+
+
+class FairPathSampler:
+    """Paths for the warm-up. ``fair``: each label walks through a fresh random permutation of its
+    candidates, so in every N consecutive paths each candidate is used exactly once (FairNAS'
+    strict fairness, Chu et al. 2021, without its gradient accumulation). ``uniform``: each label
+    drawn independently. Draws come from the controller's own seeded generator."""
+
+    def __init__(self, values: Mapping[str, list[Any]], generator: torch.Generator, sampling: str = "fair"):
+        self.values = {label: list(v) for label, v in values.items()}
+        self.generator = generator
+        self.sampling = sampling
+        self._queues: dict[str, list[Any]] = {label: [] for label in self.values}
+
+    def sample(self) -> dict[str, Any]:
+        out = {}
+        for label, values in self.values.items():
+            if self.sampling == "uniform":
+                out[label] = values[int(torch.randint(len(values), (1,), generator=self.generator))]
+                continue
+            queue = self._queues[label]
+            if not queue:
+                queue.extend(values[int(i)] for i in torch.randperm(len(values), generator=self.generator))
+            out[label] = queue.pop(0)
+        return out
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Evaluate with every BatchNorm normalising by the batch's own statistics, its running
+    statistics untouched (train mode, momentum 0). The shared weights' running statistics mix
+    every path's activations; one path's accuracy measured with them says little about the path."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in norms]
+    try:
+        for m in norms:
+            m.train()
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, (training, momentum) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
 
 
 class TaggedConcatLoader:
@@ -531,51 +640,63 @@ class SizeAwareEnasModule(BaseOneShotLightningModule):
         self._use_path(sample)
         return sample
 
+    @property
+    def warming_up(self) -> bool:
+        return self.trainer.current_epoch < self.strategy.warmup_epochs
+
     def training_step(self, tagged: tuple[Any, str], batch_idx: int) -> Any:
         batch, mode = tagged
+        output = None
         if mode == "train":
-            self.resample()
+            if self.warming_up:
+                self._use_path(self.strategy.warmup_sampler.sample())
+            else:
+                self.resample()
             output = self.training_module.training_step(batch, batch_idx)
             loss = output["loss"] if isinstance(output, dict) else output
             self.advance_optimization(loss, batch_idx)
-        else:
+        elif not self.warming_up:  # the controller starts after the warm-up
             sample = self.resample()
             accuracy = self._batch_accuracy(batch)
-            learn = self.trainer.current_epoch >= self.strategy.warmup_epochs
-            reward = self.strategy.observe(sample, accuracy, learn=learn)
+            reward = self.strategy.observe(sample, accuracy)
             self.log("search/reward", reward, batch_size=len(batch[1]))
             self.log("search/val_acc", accuracy, batch_size=len(batch[1]))
-            output = None
         self.advance_lr_schedulers(batch_idx)
         return output
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode, BatchNorm on batch statistics unless the strategy's ``bn_eval`` is ``running``."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.strategy.bn_eval == "batch":
+                with batch_statistics(self.model):
+                    yield
+            else:
+                yield
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def _batch_accuracy(self, batch: Any) -> float:
         x, y = batch
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._evaluating():
             return float((self.model(x).argmax(dim=1) == y).float().mean())
-        finally:
-            self.model.train(was_training)
 
     @torch.no_grad()
     def evaluate_path(self, sample: Mapping[str, Any], loader: Any, max_batches: int | None = None) -> float:
         """Accuracy of one path of the supernet (shared weights) on ``loader``."""
         self._use_path(sample)
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
         correct = total = 0
-        try:
+        with self._evaluating():
             for i, (x, y) in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
                 x, y = x.to(device), y.to(device)
                 correct += int((self.model(x).argmax(dim=1) == y).sum())
                 total += len(y)
-        finally:
-            self.model.train(was_training)
         return correct / max(total, 1)
 
     def export(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch.nn as nn
 from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
 from nni_fedexit.checks import positive_int
 from nni_fedexit.presets import load_preset
+from nni_fedexit.macs import forward_macs
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 from nni.nas.space import current_model, model_context
 
@@ -262,6 +263,36 @@ class ResNetBlockPoolSpace(ModelSpace):
         self.arch: dict[str, str] | None = {l: context[l] for l in self.pools} if context else None
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(interface[-1], spec.num_classes))
         self._fixed_params = _num_params(self.stem) + _num_params(self.head)
+        #: MACs for one image: of the stem, of every candidate of every pool, of the head; and the
+        #: (channels, height, width) after each stage. Counted on first use (:meth:`count_macs`), on
+        #: the space itself: a network built from it holds only its own crops, and a one-shot
+        #: strategy replaces the choices (it asks before, see the shared search's ``mutate_model``).
+        self.stem_macs, self.head_macs = 0, 0
+        self.pool_macs: dict[str, dict[str, int]] = {}
+        self.stage_shapes: tuple[tuple[int, int, int], ...] = ()
+
+    def _count_macs(self) -> None:
+        if self.pool_macs:
+            return
+        if self.arch is not None or not all(isinstance(c, LayerChoice) for c in self.stages.children()):
+            raise RuntimeError("MACs are counted on the search space itself, before a one-shot strategy turns it "
+                               "into a supernet; not on a network built or frozen from it")
+        was_training = self.training
+        self.eval()
+        try:
+            self.stem_macs, x = forward_macs(self.stem, self.dummy_input(1))
+            shapes = []
+            for label, choice in self.stages.named_children():
+                costs: dict[str, int] = {}
+                for name in self.pools[label]:
+                    costs[name], y = forward_macs(choice[name], x)
+                self.pool_macs[label] = costs
+                x = y
+                shapes.append(tuple(int(d) for d in y.shape[1:]))
+            self.stage_shapes = tuple(shapes)
+            self.head_macs, _ = forward_macs(self.head, x)
+        finally:
+            self.train(was_training)
 
     def _crop_stage(self, nets: dict[str, nn.Module], i: int, in_width: int, out_width: int) -> dict[str, nn.Module]:
         """Block pool i: stage i of every source, plus the depth-truncated crops asked for.
@@ -337,6 +368,17 @@ class ResNetBlockPoolSpace(ModelSpace):
                 raise KeyError(f"{label}: {choice!r} is not in its block pool {list(pool)}")
             total += pool[choice]
         return total
+
+    def count_macs(self, sample: Mapping[str, Any]) -> int:
+        """MACs for one image of the network ``sample`` picks (stem, stages, head), without building it."""
+        stages = self.stage_path_macs(sample)
+        return self.stem_macs + sum(stages) + self.head_macs
+
+    def stage_path_macs(self, sample: Mapping[str, Any]) -> list[int]:
+        """MACs of each of the network's stages for one image, first to last."""
+        self.count_params(sample)  # names the label or candidate a wrong sample lacks
+        self._count_macs()
+        return [self.pool_macs[label][sample[label]] for label in self.pools]
 
     def baseline_sample(self) -> dict[str, str]:
         """Every stage from the first source network: the baseline whose size is P."""

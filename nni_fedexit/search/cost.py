@@ -1,0 +1,57 @@
+"""S3: what a sample costs, for the reward's size term and the report's trade-off plots.
+
+p_h comes from :class:`~nni_fedexit.search.reward.ParamsProfiler` (any NNI space). MACs and the
+expected MACs of early-exit inference come from the space's own counts when it has them
+(:class:`~nni_fedexit.ResNetBlockPoolSpace`: ``count_macs``, ``stage_path_macs``): no network is
+built. A space without them has no MACs; a MACs target on it is an error that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from nni_fedexit.exits.network import expected_exit_macs
+from nni_fedexit.search.reward import ParamsProfiler, SizeTarget
+
+__all__ = ["CostModel"]
+
+
+class CostModel:
+    """Every cost of a sample the space can tell: ``params``, ``macs``, ``early_exit_macs``."""
+
+    def __init__(self, profiled: Any, target: SizeTarget | None = None):
+        self.profiler = ParamsProfiler(profiled)
+        self.target = target or SizeTarget()
+
+    @property
+    def space(self) -> Any:
+        return self.profiler.space
+
+    def has_macs(self) -> bool:
+        return callable(getattr(self.space, "count_macs", None))
+
+    def cost(self, name: str, sample: Mapping[str, Any]) -> float | None:
+        """One cost of ``sample``; None where the space cannot count it (params of a non-module space)."""
+        if name == "params":
+            return self.profiler.profile(sample)
+        if not self.has_macs():
+            raise ValueError(f"target.cost {name!r}: {type(self.space).__name__} does not count MACs (it has no "
+                             "count_macs); use target.cost: params, or a ResNetBlockPoolSpace")
+        if name == "macs":
+            return int(self.space.count_macs(sample))
+        t = self.target
+        shares = t.exit_shares or [1.0] * len(self.space.stage_path_macs(sample))
+        return float(expected_exit_macs(self.space, sample, shares, t.head, t.head_width))
+
+    def costs(self, sample: Mapping[str, Any]) -> dict[str, float | None]:
+        """``{"params", "macs", "early_exit_macs"}`` of ``sample`` (the MACs only where the space counts them)."""
+        out: dict[str, float | None] = {"params": self.cost("params", sample)}
+        if self.has_macs():
+            out["macs"] = self.cost("macs", sample)
+            out["early_exit_macs"] = self.cost("early_exit_macs", sample)
+        return out
+
+    def baseline_sample(self, choices: Mapping[str, list[Any]]) -> dict[str, Any]:
+        """The space's baseline (``baseline_sample()``), else every label's first value."""
+        own = getattr(self.space, "baseline_sample", None)
+        return dict(own()) if callable(own) else {label: values[0] for label, values in choices.items()}
