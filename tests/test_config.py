@@ -133,7 +133,7 @@ def test_dotted_overrides_are_checked(tmp_path, no_data):
         ({"exits__criterion": "margin"}, "exits.criterion"),
         ({"data__datset": "digits"}, "data.datset: unknown key"),
         ({"space": {"preset": "resnet_pool", "widht": [8]}}, "space.widht: unknown key"),
-        ({"device": "tpu"}, "device: must be cpu or cuda"),
+        ({"device": "tpu"}, "device: must be cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path, changes, needle):

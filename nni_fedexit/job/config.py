@@ -252,8 +252,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 def check_values(config: RunConfig) -> None:
     """Values that are impossible whatever the data, every section: checked before anything runs.
     Builds the run's FederatedSettings (kept on ``config``) and a strategy from its arguments."""
-    if config.device not in ("cpu", "cuda") and not config.device.startswith("cuda:"):
-        raise ConfigError(f"device: must be cpu or cuda, got {config.device!r}")
+    if config.device not in ("cpu", "cuda") and not (config.device.startswith("cuda:") and config.device[5:].isdigit()):
+        raise ConfigError(f"device: must be cpu, cuda or cuda:N (a GPU index), got {config.device!r}")
     _check_data(config)
     _check_space(config)
     _check_search(config)
@@ -375,15 +375,23 @@ def _check_strategy(config: RunConfig) -> None:
         if params[key].annotation is not inspect.Parameter.empty:
             _check(f"search.strategy.{key}", value, params[key].annotation)
     try:
-        SizeAwarePolicyGradient.from_preset(preset, **overrides)
+        strategy = SizeAwarePolicyGradient.from_preset(preset, **overrides)
     except (PresetError, TypeError, ValueError) as err:
         message = str(err)
+        if where and message.startswith(f"{where}: "):
+            message = message[len(where) + 2:]
+        if message.startswith("target."):  # a SizeTarget field: search.strategy.target.<field> ...
+            raise ConfigError(f"search.strategy.{message}") from err
         keyed = _keyed("search.strategy", message, params, where)
         if keyed.startswith("search.strategy: "):  # no argument named: perhaps a ControllerSettings field
             keyed = _keyed("search.strategy.controller", message, [f.name for f in fields(ControllerSettings)], where)
             if keyed.startswith("search.strategy.controller: "):
                 keyed = "search.strategy: " + keyed[len("search.strategy.controller: "):]
         raise ConfigError(keyed) from err
+    if strategy.mode == "shared" and strategy.warmup_epochs >= config.search.epochs:
+        raise ConfigError(f"search.strategy.warmup_epochs: {strategy.warmup_epochs} warm-up epochs of search.epochs "
+                          f"{config.search.epochs} leave the controller no epoch to learn in; give search.epochs more "
+                          "than warmup_epochs, or set search.strategy.warmup_epochs lower")
 
 
 def _check_exits(config: RunConfig) -> None:

@@ -40,7 +40,8 @@ from nni_fedexit.space import ResNetBlockPoolSpace, load_space_spec
 from nni_fedexit.search.strategy import FixedArchitecture
 from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
-__all__ = ["PipelineError", "Run", "STAGES", "shared_search_evaluator"]
+__all__ = ["PipelineError", "Run", "STAGES", "check_device", "lightning_device", "search_trainer_settings",
+           "shared_search_evaluator"]
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +76,41 @@ def _load_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
         raise PipelineError(f"{path} is missing, unreadable or corrupt ({reason(err)}): {fix}") from err
 
 
+def lightning_device(device: str) -> tuple[str, int | list[int]]:
+    """Lightning's ``(accelerator, devices)`` for a run's ``device``: ``cpu`` -> ("cpu", 1),
+    ``cuda`` -> ("gpu", 1) (the first visible GPU), ``cuda:N`` -> ("gpu", [N]) (that GPU: the one
+    the federated clients use too, not Lightning's first)."""
+    if device == "cpu":
+        return "cpu", 1
+    if device == "cuda":
+        return "gpu", 1
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return "gpu", [int(device[5:])]
+    raise ValueError(f"device: must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device the run names must be there: one clear error now, not Lightning's later."""
+    if device == "cpu":
+        return
+    _, devices = lightning_device(device)
+    if not torch.cuda.is_available():
+        raise PipelineError(f"device: {device!r}, but torch {torch.__version__} sees no CUDA GPU on this machine "
+                            "(torch.cuda.is_available() is False): set device: cpu, or run where a GPU is")
+    index = devices[0] if isinstance(devices, list) else 0
+    if index >= torch.cuda.device_count():
+        raise PipelineError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                            f"(0..{torch.cuda.device_count() - 1}): choose one of them")
+
+
+def search_trainer_settings(epochs: int, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """The Lightning Trainer arguments of the shared search: on a GPU, a CPU run differs only in
+    ``accelerator`` and ``devices`` (:func:`lightning_device`)."""
+    accelerator, devices = lightning_device(device)
+    return dict(max_epochs=epochs, accelerator=accelerator, devices=devices, enable_progress_bar=progress,
+                logger=False, enable_checkpointing=False)
+
+
 def shared_search_evaluator(
     train: ImageData, val: ImageData, num_classes: int, *, epochs: int, batch_size: int, learning_rate: float,
     device: str = "cpu", seed: int = 0, progress: bool = True,
@@ -88,9 +124,7 @@ def shared_search_evaluator(
         train_dataloaders=DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size,
                                      shuffle=True, generator=g),
         val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=batch_size),
-        max_epochs=epochs, num_classes=num_classes, learning_rate=learning_rate,
-        accelerator="cpu" if device == "cpu" else "gpu", devices=1, enable_progress_bar=progress, logger=False,
-        enable_checkpointing=False,
+        num_classes=num_classes, learning_rate=learning_rate, **search_trainer_settings(epochs, device, progress),
     )
 
 
@@ -172,6 +206,7 @@ class Run:
 
     def run(self, resume: bool = False, stages: tuple[str, ...] = STAGES) -> None:
         self._resuming = resume
+        check_device(self.config.device)
         self._make_dir()
         if not resume and self.done():
             raise FileExistsError(f"run directory {self.dir} holds a run already: pass --resume to continue it, "
@@ -210,8 +245,9 @@ class Run:
 
             # NNI ships the trial's settings as keyword arguments; the web UI shows each trial's
             # reward as the strategy computes it
-            evaluator = search_evaluator(**c.trial_settings(),
-                                         reward=strategy.reward_for(strategy.baseline_params or space.baseline_params()))
+            reward = strategy.reward_for(strategy.baseline_params or space.baseline_params())
+            evaluator = search_evaluator(**c.trial_settings(),  # a MACs reward is the strategy's alone
+                                         reward=reward if getattr(reward, "cost", "params") == "params" else None)
         def configure(exp: NasExperiment) -> None:
             if strategy.mode == "trials":
                 exp.config.max_trial_number = c.search.max_trials
@@ -232,19 +268,28 @@ class Run:
         best = {str(k): v for k, v in best.items()}
         learner = strategy.learner
         assert learner is not None
+        reward = strategy.reward_fn
         history = {
             "experiment_id": exp.id, "mode": strategy.mode, "beta": strategy.beta,
+            "target": None if strategy.target is None else {
+                **dataclasses.asdict(strategy.target), "T": getattr(reward, "target", None)},
+            "warmup_epochs": strategy.warmup_epochs, "warmup_sampling": strategy.warmup_sampling,
             "baseline_params": strategy.baseline_params, "controller_steps": learner.history,
             "samples": strategy.records, "probabilities": learner.probabilities(),
             "final_candidates": getattr(strategy, "final_candidates", []),
         }
         write_json(self.dir / "search" / "history.json", history)
+        costs = strategy.costs.costs(best) if strategy.costs is not None else {}
         arch = {"sample": best, "params": space.count_params(best), "baseline_params": space.baseline_params(),
+                "macs": costs.get("macs"), "early_exit_macs": costs.get("early_exit_macs"),
                 "baseline": space.spec.sources[0], "num_architectures": space.num_architectures(),
                 "experiment_id": exp.id}
         write_json(self.dir / "search" / "architecture.json", arch)
+        goal = ""
+        if history["target"] is not None and history["target"]["T"] is not None:
+            goal = f"; target T = {history['target']['T']:,.0f} {strategy.target.cost}"
         self.echo(f"[search] chose {best}: {arch['params']:,} parameters "
-                  f"({arch['params'] / arch['baseline_params']:.2f} x the {arch['baseline']} baseline)")
+                  f"({arch['params'] / arch['baseline_params']:.2f} x the {arch['baseline']} baseline{goal})")
         return arch
 
     def _shared_evaluator(self) -> Any:

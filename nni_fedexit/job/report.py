@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nni_fedexit.files import read_json  # noqa: E402
 
-__all__ = ["write_report"]
+__all__ = ["pareto_front", "write_report"]
 
 
 def _load(run: Path, name: str) -> Any:
@@ -40,6 +40,74 @@ def _finish(ax: Any, xlabel: str, ylabel: str, title: str, legend: bool = True) 
         ax.legend(fontsize=8)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost (lower) and accuracy (higher), cheapest first."""
+    front: list[tuple[float, float]] = []
+    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((cost, acc))
+    return front
+
+
+def _scored(search: dict) -> list[dict]:
+    """Every architecture the search scored, once: its score on all validation data where it was a
+    final candidate, else its mean over the validation batches it was sampled on."""
+    by_arch: dict[str, list[dict]] = {}
+    for rec in search["samples"]:
+        by_arch.setdefault(json.dumps(rec["sample"], sort_keys=True), []).append(rec)
+    out = {key: {**g[0], "accuracy": sum(r["accuracy"] for r in g) / len(g), "times": len(g), "final": False}
+           for key, g in by_arch.items()}
+    for c in search.get("final_candidates") or []:
+        key = json.dumps(c["sample"], sort_keys=True)
+        out[key] = {**out.get(key, {"times": 0}), **c, "final": True}
+    return list(out.values())
+
+
+def _trade_off_plot(path: Path, search: dict, arch: dict) -> str:
+    """Accuracy against parameters and against the expected MACs of early exits: every scored
+    architecture, the Pareto front, the chosen one, the baseline and the target. The legend sits
+    below the axes so that it hides no point."""
+    scored = _scored(search)
+    target = search.get("target") or {}
+    panels = [("params", "parameters (M)", 1e6)]
+    if scored and all(r.get("early_exit_macs") is not None for r in scored):
+        panels.append(("early_exit_macs", "expected MMACs per image with early exits", 1e6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    for ax, (key, label, unit) in zip(axes[0], panels):
+        for final, style in ((False, dict(s=14, alpha=0.45, color="C0", label="sampled while searching (mean of its batches)")),
+                             (True, dict(s=22, alpha=0.8, color="C1", label="final candidate (all validation data)"))):
+            pts = [r for r in scored if r["final"] == final]
+            if pts:
+                ax.scatter([r[key] / unit for r in pts], [r["accuracy"] for r in pts], zorder=2, **style)
+        front = pareto_front([(r[key], r["accuracy"]) for r in scored])
+        if front:
+            ax.step([c / unit for c, _ in front], [a for _, a in front], where="post", color="C2", lw=1.2, zorder=1,
+                    label="Pareto front of the scored networks")
+        chosen = next((r for r in scored if r["sample"] == arch["sample"]), None)
+        if chosen is not None:
+            ax.scatter([chosen[key] / unit], [chosen["accuracy"]], marker="*", s=180, color="C3", zorder=3,
+                       edgecolors="black", linewidths=0.5, label="chosen")
+        if key == "params":
+            ax.axvline(arch["baseline_params"] / unit, color="gray", ls="--", lw=1, label=f"{arch['baseline']} baseline P")
+        if target.get("T") and target.get("cost") == key:
+            ax.axvline(target["T"] / unit, color="C3", ls=":", lw=1.5, label=f"target T ({target['cost']})")
+        _finish(ax, label, "validation accuracy (shared weights)" if search["mode"] == "shared" else "validation accuracy",
+                "Search: accuracy vs size" if key == "params" else "Search: accuracy vs early-exit compute", legend=False)
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in handles:
+                handles[l] = h
+                labels.append(l)
+    ncol = 3 if len(panels) > 1 else 2
+    fig.legend([handles[l] for l in labels], labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (-(-len(labels) // ncol)), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
 def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict) -> dict[str, str]:
     plots = run / "plots"
     out = {}
@@ -51,23 +119,7 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     _finish(ax, "controller step", "reward", "Search: reward over controller steps", legend=bool(steps))
     out["reward"] = _save(fig, plots / "reward.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    by_arch: dict[str, list[dict]] = {}
-    for rec in search["samples"]:
-        by_arch.setdefault(json.dumps(rec["sample"], sort_keys=True), []).append(rec)
-    sampled = [(g[0]["params"], sum(r["accuracy"] for r in g) / len(g), len(g)) for g in by_arch.values()]
-    ax.scatter([p / 1e6 for p, _, _ in sampled], [a for _, a, _ in sampled], s=[8 + 4 * n for _, _, n in sampled],
-               alpha=0.5, label="sampled while searching (mean accuracy; size = times sampled)")
-    seen = search["final_candidates"] or search["samples"]
-    if search["final_candidates"]:
-        ax.scatter([c["params"] / 1e6 for c in seen], [c["accuracy"] for c in seen], s=20, color="C1",
-                   label="final candidates, scored on all validation data")
-    chosen = next((s for s in seen if s["sample"] == arch["sample"]), None)
-    if chosen is not None:
-        ax.scatter([chosen["params"] / 1e6], [chosen["accuracy"]], marker="*", s=160, color="C3", label="chosen")
-    ax.axvline(arch["baseline_params"] / 1e6, color="gray", ls="--", lw=1, label=f"{arch['baseline']} baseline size")
-    _finish(ax, "parameters (M)", "validation accuracy", "Search: accuracy vs size")
-    out["arch"] = _save(fig, plots / "accuracy_vs_params.png")
+    out["arch"] = _trade_off_plot(plots / "accuracy_vs_params.png", search, arch)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     rounds = fed["rounds"]
@@ -100,6 +152,14 @@ def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict)
     return out
 
 
+def _reward_words(search: dict) -> str:
+    target = search.get("target")
+    if not target or target.get("T") is None:
+        return f"reward Acc * (p_h / P) ** (-1/{search['beta']})"
+    return (f"reward Acc * ({target['cost']} / T) ** w with T = {target['T']:,.0f}, w = {target['below']:.3g} at or "
+            f"under T and {target['above']:.3g} over it")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` of a finished run; returns the report's path."""
     run = Path(run_dir)
@@ -125,8 +185,8 @@ def write_report(run_dir: str | Path) -> Path:
         f"Parameters p_h = {arch['params']:,}, {arch['params'] / arch['baseline_params']:.2f} x the "
         f"{arch['baseline']} baseline at the same widths (P = {arch['baseline_params']:,}); "
         f"the space holds {arch['num_architectures']:,} networks. Search: {search['mode']} mode, "
-        f"{len(search['controller_steps'])} controller steps, reward beta = {search['beta']} "
-        f"(NNI experiment `{search['experiment_id']}`).",
+        f"{len(search['controller_steps'])} controller steps, " + _reward_words(search)
+        + f" (NNI experiment `{search['experiment_id']}`).",
         "",
         f"![reward]({plots['reward']})",
         f"![accuracy vs params]({plots['arch']})",

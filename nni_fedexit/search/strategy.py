@@ -320,11 +320,12 @@ class SizeAwarePolicyGradient(Strategy):
         costs = self.costs.costs(sample)
         if params is not None:
             costs["params"] = params
-        cost = costs.get(self.reward_cost)
-        if cost is None:
-            cost = costs["params"] if self.reward_cost == "params" and costs["params"] is not None else None
-        if cost is None:
-            cost = self.baseline_params or 1
+        if self.reward_cost == "params":
+            cost = costs["params"] if costs["params"] is not None else self.baseline_params or 1
+        else:
+            cost = costs.get(self.reward_cost)
+            if cost is None:  # a space that cannot count it: the error names target.cost
+                cost = self.costs.cost(self.reward_cost, sample)
         return float(self.reward_fn(accuracy, cost)), costs
 
     def observe(self, sample: Mapping[str, Any], accuracy: float, params: int | None = None, learn: bool = True) -> float:
@@ -663,6 +664,21 @@ class SizeAwareEnasModule(BaseOneShotLightningModule):
             self.log("search/val_acc", accuracy, batch_size=len(batch[1]))
         self.advance_lr_schedulers(batch_idx)
         return output
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._epoch_started = time.monotonic()
+        phase = f"warm-up ({self.strategy.warmup_sampling} paths)" if self.warming_up else "controller"
+        device = next(self.model.parameters()).device
+        _logger.info("[search] epoch %d/%s on %s: %s", self.trainer.current_epoch + 1, self.trainer.max_epochs,
+                     device, phase)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        learner = self.strategy.learner
+        _logger.info("[search] epoch %d done in %.0f s; %d controller steps so far", self.trainer.current_epoch + 1,
+                     time.monotonic() - getattr(self, "_epoch_started", time.monotonic()),
+                     learner.steps if learner is not None else 0)
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:

@@ -54,7 +54,7 @@ from nni_fedexit.checks import positive_int
 from nni_fedexit.files import write_atomic, write_json
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.space import architecture_label
-from nni_fedexit.search.reward import DEFAULT_BETA, check_beta, parse_metric, size_aware_reward
+from nni_fedexit.search.reward import DEFAULT_BETA, SizeTarget, check_beta, parse_metric, size_aware_reward
 
 __all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "NNICTL_META", "SUPPORTED_TYPES"]
 
@@ -151,6 +151,9 @@ class TunerSettings:
     beta: int = DEFAULT_BETA
     #: P, the baseline network's parameter count; None: the first p_h a trial reports
     baseline_params: float | None = None
+    #: a size goal (SizeTarget fields; the tuner knows p_h only, so ``cost`` is ``params``): the
+    #: reward becomes MnasNet's target form, T = ``value`` or ``share`` x P; None: claim 4's form
+    target: dict[str, Any] | None = None
     #: "maximize" the reported metric (accuracy) or "minimize" it (an error or a loss)
     optimize_mode: str = "maximize"
     #: finished trials per controller update (the REINFORCE batch)
@@ -168,6 +171,13 @@ class TunerSettings:
             p = self.baseline_params
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
                 raise ValueError(f"classArgs.baseline_params (P) must be a positive number of parameters, got {p!r}")
+        if self.target is not None:
+            target = SizeTarget.of(self.target, "classArgs.target")
+            if target.cost != "params":
+                raise ValueError(f"classArgs.target.cost: the tuner sees only the p_h trials report, so the cost "
+                                 f"is 'params', not {target.cost!r}; search MACs with SizeAwarePolicyGradient")
+            if target.value is None and self.baseline_params is None:
+                raise ValueError("classArgs.target.share needs classArgs.baseline_params (P); or give target.value")
         if self.optimize_mode not in _OPTIMIZE_MODES:
             raise ValueError(f"classArgs.optimize_mode must be one of {_OPTIMIZE_MODES}, got {self.optimize_mode!r}")
         positive_int("classArgs.samples_per_update", self.samples_per_update)
@@ -357,7 +367,8 @@ class SizeAwarePGTuner(Tuner):
     def reward(self, metric: float, params: float | None) -> float:
         """The size-aware reward of a reported metric and p_h (None: p_h = P).
 
-        maximize: ``metric * (p_h / P) ** (-1 / beta)``. minimize (an error or a loss):
+        With ``classArgs.target``: ``metric * (p_h / T) ** w`` (minimize: ``-metric / (p_h / T) ** w``).
+        Otherwise, maximize: ``metric * (p_h / P) ** (-1 / beta)``. minimize (an error or a loss):
         ``-(metric * (p_h / P) ** (1 / beta))``, so that a smaller network lowers the effective
         loss as it raises the effective accuracy.
         """
@@ -367,6 +378,10 @@ class SizeAwarePGTuner(Tuner):
                          "(set classArgs.baseline_params to choose it)", params)
         if params is None or self.baseline_params is None:
             return metric if self.settings.optimize_mode == "maximize" else -metric
+        if self.settings.target is not None:
+            target = SizeTarget.of(self.settings.target).reward(float(self.baseline_params))
+            factor = target(1.0, params)  # (p_h / T) ** w
+            return metric * factor if self.settings.optimize_mode == "maximize" else -metric / factor
         if self.settings.optimize_mode == "maximize":
             return size_aware_reward(metric, params, self.baseline_params, self.settings.beta)
         return -size_aware_reward(metric, self.baseline_params, params, self.settings.beta)
