@@ -14,6 +14,7 @@ stem stride 2: 81 networks):
 
     python benchmarks/search_quality.py --phase table --workers 2
     python benchmarks/search_quality.py --phase searches
+    python benchmarks/search_quality.py --phase probes      # one-seed probes of the ranking, merged in
 """
 
 from __future__ import annotations
@@ -143,7 +144,15 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float(kendalltau(a, b).statistic)
 
 
-def shared_search(seed: int, warmup: bool, train: Any, val: Any, table: list[dict], args: argparse.Namespace,
+#: the shared search as the preset runs it, and the two variants the ranking is compared with
+VARIANTS = {
+    "preset": {},
+    "without_warmup": {"warmup_epochs": 0, "path_sampling": "controller"},  # ENAS as it was
+    "warmup_then_controller_paths": {"path_sampling": "controller"},
+}
+
+
+def shared_search(seed: int, variant: str, train: Any, val: Any, table: list[dict], args: argparse.Namespace,
                   work_dir: Path) -> dict:
     """One real shared-mode search (an NNI experiment), then every network scored with its shared weights."""
     import torch
@@ -153,8 +162,7 @@ def shared_search(seed: int, warmup: bool, train: Any, val: Any, table: list[dic
 
     torch.manual_seed(seed)
     space = make_space()
-    overrides = {"seed": seed} if warmup else {"seed": seed, "warmup_epochs": 0}
-    strategy = SizeAwarePolicyGradient.from_preset("size_aware_pg", **overrides)
+    strategy = SizeAwarePolicyGradient.from_preset("size_aware_pg", seed=seed, **VARIANTS[variant])
     evaluator = shared_search_evaluator(train, val, 10, epochs=args.shared_epochs, batch_size=BATCH,
                                         learning_rate=args.shared_lr, seed=seed, progress=False)
     exp = NasExperiment(space, evaluator, strategy)
@@ -166,8 +174,7 @@ def shared_search(seed: int, warmup: bool, train: Any, val: Any, table: list[dic
     finally:
         exp.stop()
     seconds = time.time() - t0
-    module = strategy.oneshot_module
-    supernet = [module.evaluate_path(row["sample"], strategy._val_loader) for row in table]
+    supernet = strategy.path_accuracies([row["sample"] for row in table])
     return {"chosen": chosen, "seconds": seconds, "supernet_accuracy": supernet,
             "kendall_tau": kendall_tau(supernet, [row["accuracy"] for row in table])}
 
@@ -213,6 +220,10 @@ def _default_target() -> dict:
     return data["target"]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def run_searches(args: argparse.Namespace) -> dict:
     import logging
     import tempfile
@@ -240,18 +251,21 @@ def run_searches(args: argparse.Namespace) -> dict:
         return out
 
     train, val, _ = search_split(args.data_dir)
-    searches, taus, taus_cold, supernets = [], [], [], {}
+    searches, supernets = [], {}
+    taus: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            r = shared_search(seed, True, train, val, table, args, Path(tmp))
-            taus.append(r["kendall_tau"])
-            supernets[f"warmup_seed{seed}"] = r["supernet_accuracy"]
+            r = shared_search(seed, "preset", train, val, table, args, Path(tmp))
+            taus["preset"].append(r["kendall_tau"])
+            supernets[f"preset_seed{seed}"] = r["supernet_accuracy"]
             searches.append(outcome("pg_shared", seed, r["chosen"], r["seconds"], kendall_tau=r["kendall_tau"]))
-        for seed in args.seeds[: args.cold_seeds]:
-            r = shared_search(seed, False, train, val, table, args, Path(tmp))
-            taus_cold.append(r["kendall_tau"])
-            supernets[f"no_warmup_seed{seed}"] = r["supernet_accuracy"]
-            print(f"without warm-up, seed {seed}: Kendall tau {r['kendall_tau']:.3f}", flush=True)
+        for name in ("without_warmup", "warmup_then_controller_paths"):
+            for seed in args.seeds[: args.cold_seeds]:
+                r = shared_search(seed, name, train, val, table, args, Path(tmp))
+                taus[name].append(r["kendall_tau"])
+                supernets[f"{name}_seed{seed}"] = r["supernet_accuracy"]
+                print(f"{name}, seed {seed}: chose {architecture(r['chosen'])}, Kendall tau {r['kendall_tau']:.3f}",
+                      flush=True)
     for name in ("pg_trials", "random", "evolution"):
         for seed in args.seeds:
             r = tabular_search(name, seed, args.budget, reward)
@@ -261,6 +275,7 @@ def run_searches(args: argparse.Namespace) -> dict:
         mine = [s for s in searches if s["strategy"] == name]
         summary[name] = {
             "mean_regret": sum(s["regret"] for s in mine) / len(mine),
+            "at_most_P": sum(s["params"] <= P for s in mine),
             "within_1_point_and_at_most_P": sum(s["params"] <= P and s["regret"] <= 0.01 for s in mine),
             "seeds": len(mine),
         }
@@ -275,9 +290,11 @@ def run_searches(args: argparse.Namespace) -> dict:
         "best_accuracy_at_most_P": budget_best,
         "table": [{k: row[k] for k in ("architecture", "params", "macs", "accuracy", "val_accuracy", "per_seed")}
                   for row in table],
-        "ranking": {"kendall_tau": sum(taus) / len(taus), "kendall_tau_without_warmup": sum(taus_cold) / len(taus_cold),
-                    "per_seed": taus, "per_seed_without_warmup": taus_cold,
-                    "supernet_accuracy": supernets},
+        "ranking": {"kendall_tau": _mean(taus["preset"]), "kendall_tau_without_warmup": _mean(taus["without_warmup"]),
+                    "kendall_tau_warmup_then_controller_paths": _mean(taus["warmup_then_controller_paths"]),
+                    "kendall_tau_two_standalone_seeds": kendall_tau(
+                        [row["per_seed"]["0"] for row in table], [row["per_seed"]["1"] for row in table]),
+                    "per_seed": taus, "variants": VARIANTS, "supernet_accuracy": supernets},
         "searches": searches,
         "summary": summary,
         "settings": {"budget": args.budget, "shared_epochs": args.shared_epochs, "shared_lr": args.shared_lr,
@@ -289,14 +306,45 @@ def run_searches(args: argparse.Namespace) -> dict:
     }
 
 
+#: one-seed probes of what else might raise the supernet's ranking: (name, variant, epochs, lr)
+PROBES = [("lr_0.005", "preset", 4, 0.005), ("lr_0.02", "preset", 4, 0.02),
+          ("running_bn_lr_0.005", "running_bn", 4, 0.005), ("epochs_8_lr_0.005", "preset", 8, 0.005)]
+
+
+def run_probes(args: argparse.Namespace) -> dict:
+    """Seed 0 of the shared search under each PROBES setting; Kendall tau against the table."""
+    import logging
+    import tempfile
+
+    import torch
+
+    logging.getLogger("nni").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    table = table_from_rows(rows, args.table_seeds)
+    train, val, _ = search_split(args.data_dir)
+    VARIANTS["running_bn"] = {"bn_eval": "running"}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, variant, epochs, lr in PROBES:
+            probe = argparse.Namespace(**{**vars(args), "shared_epochs": epochs, "shared_lr": lr})
+            r = shared_search(0, variant, train, val, table, probe, Path(tmp))
+            out[name] = {"variant": VARIANTS[variant], "epochs": epochs, "lr": lr, "seed": 0,
+                         "kendall_tau": r["kendall_tau"], "chosen": architecture(r["chosen"]),
+                         "supernet_accuracy_range": [min(r["supernet_accuracy"]), max(r["supernet_accuracy"])]}
+            print(f"probe {name}: Kendall tau {r['kendall_tau']:.3f}, supernet accuracy "
+                  f"{min(r['supernet_accuracy']):.3f}..{max(r['supernet_accuracy']):.3f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=["table", "searches", "all"], default="all")
+    parser.add_argument("--phase", choices=["table", "searches", "probes", "all"], default="all")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--table-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--cold-seeds", type=int, default=2, help="shared searches without warm-up, for the ranking")
+    parser.add_argument("--cold-seeds", type=int, default=2, help="shared searches of each other variant, for the ranking")
     parser.add_argument("--budget", type=int, default=20, help="trials of each multi-trial search")
     parser.add_argument("--shared-epochs", type=int, default=4)
     parser.add_argument("--shared-lr", type=float, default=0.001)
@@ -309,6 +357,11 @@ def main() -> None:
         (RESULTS / "search_quality.json").write_text(json.dumps(result, indent=1))
         print(json.dumps({"ranking": {k: v for k, v in result["ranking"].items() if "kendall" in k},
                           "summary": result["summary"]}, indent=1))
+    if args.phase in ("probes", "all"):  # merged into the searches' JSON
+        path = RESULTS / "search_quality.json"
+        result = json.loads(path.read_text())
+        result["ranking"]["probes"] = run_probes(args)
+        path.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

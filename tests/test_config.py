@@ -109,7 +109,8 @@ def test_a_good_config_builds_its_federated_settings_once(tmp_path, no_data):
 def test_the_strategy_comes_from_the_checked_arguments(tmp_path, no_data):
     config = load_config(_config(tmp_path, seed=5))
     preset, arguments = config.strategy_arguments()
-    assert preset == "size_aware_pg" and arguments == {"seed": 5, "final_samples": 4, "samples_per_update": 2}
+    assert preset == "size_aware_pg" and arguments == {"seed": 5, "final_samples": 4, "samples_per_update": 2,
+                                                  "warmup_epochs": 1}
     first, second = config.new_strategy(), config.new_strategy()
     assert first is not second and (first.final_samples, first.seed, first.mode) == (4, 5, "shared")
 

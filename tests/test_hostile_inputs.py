@@ -971,3 +971,42 @@ def test_idx_file_with_a_bad_header_says_why(tmp_path, monkeypatch):
     message = str(err.value)
     assert str(folder / "train-images-idx3-ubyte") in message and "()" not in message
     assert "corrupt (AssertionError)" in message
+
+
+def test_a_slow_nni_manager_start_is_waited_for_not_failed():
+    """NNI 3.0 gives a new manager 3 s to answer /check-status; a cold start takes longer."""
+    import http.server
+    import threading
+    import time
+
+    from nni.experiment import launcher
+
+    from helpers import free_port
+
+    port = free_port()
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "RUNNING"}')
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def start_late():
+        time.sleep(4.5)  # later than NNI's own three polls
+        servers.append(http.server.HTTPServer(("127.0.0.1", port), Status))
+        servers[0].serve_forever()
+
+    threading.Thread(target=start_late, daemon=True).start()
+    try:
+        launcher._check_rest_server(port)  # NNI's call, as the launcher makes it: no exception
+        assert launcher._check_rest_server.patient
+    finally:
+        while not servers:
+            time.sleep(0.1)
+        servers[0].shutdown()

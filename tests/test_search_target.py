@@ -137,13 +137,17 @@ def test_batch_statistics_normalise_by_the_batch_and_leave_running_stats_alone()
     assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-4 + bn.bias.abs().max()  # the batch's own mean
 
 
-def test_warm_up_trains_every_block_alike_before_the_controller_learns(digits, tmp_path):
-    """Also the search's CPU run with the Trainer settings a CUDA run gets (bar accelerator, devices)."""
+@pytest.mark.parametrize("path_sampling", ["controller", "warmup"])
+def test_warm_up_trains_every_block_alike_before_the_controller_learns(digits, tmp_path, path_sampling):
+    """Also the search's CPU run with the Trainer settings a CUDA run gets (bar accelerator, devices),
+    and a target only one network meets: the final choice meets it."""
     from nni_fedexit.job.pipeline import search_trainer_settings, shared_search_evaluator
 
     torch.manual_seed(0)
     space = tiny_space(widths=(8, 16, 32))
-    strategy = SizeAwarePolicyGradient(final_samples=4, samples_per_update=2, warmup_epochs=1, seed=0)
+    smallest = min(space.count_params(s) for s in _all_samples(space))
+    strategy = SizeAwarePolicyGradient(final_samples=4, samples_per_update=2, warmup_epochs=1, seed=0,
+                                       path_sampling=path_sampling, target={"value": smallest, "above": -4.0})
     drawn = []
     original = FairPathSampler.sample
 
@@ -160,14 +164,24 @@ def test_warm_up_trains_every_block_alike_before_the_controller_learns(digits, t
         (sample,) = run_shared_experiment(space, evaluator, strategy, tmp_path)
     finally:
         FairPathSampler.sample = original
-    assert len(drawn) == 16  # the 16 training batches of the warm-up epoch, none after it
+    # the 16 training batches of the warm-up epoch (and of the second one with path_sampling=warmup)
+    assert len(drawn) == (16 if path_sampling == "controller" else 32)
     for label, pool in space.pools.items():
         counts = [sum(d[label] == c for d in drawn) for c in pool]
-        assert counts == [16 // len(pool)] * len(pool)
+        assert counts == [len(drawn) // len(pool)] * len(pool)
     val_batches = math.ceil(len(val) / 64)
     assert strategy.learner.steps == val_batches // 2  # the controller learned in epoch 2 only
     assert len(strategy.records) == val_batches
     assert space.contains(sample)
+    assert space.count_params(sample) == smallest  # the one network within the target
+    (accuracy,) = strategy.path_accuracies([sample])  # the shared weights' score, as the final choice saw it
+    assert accuracy == next(c["accuracy"] for c in strategy.final_candidates if c["sample"] == sample)
+
+
+def _all_samples(space):
+    import itertools
+
+    return [dict(zip(space.labels, combo)) for combo in itertools.product(*[list(p) for p in space.pools.values()])]
 
 
 def test_device_settings_of_the_search():

@@ -4,6 +4,7 @@ On torch >= 2.1 NNI warns at import for every torch object it cannot trace ("...
 not a nn.Module ... your PyTorch version might not be supported"). The warning is harmless for
 what we use; this module filters exactly that message and nothing else. Import it before nni.
 
+:func:`patient_manager_start` (applied at import) gives a new NNI manager a minute to come up.
 An opt-in patch for resuming experiments: :func:`accept_import_data` (a resumed NAS experiment
 keeps its command listener). The one for reading their config is
 :func:`nni_fedexit.nni_tools.reopen.plain_json_checkpoint_config`.
@@ -15,6 +16,36 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*")
 
 import nni  # noqa: E402,F401
+
+#: seconds an experiment waits for the NNI manager's REST server (NNI 3.0: 3)
+MANAGER_START_SECONDS = 60
+
+
+def patient_manager_start() -> None:
+    """Wait up to :data:`MANAGER_START_SECONDS` for a new NNI manager to answer, not NNI's 3 s.
+
+    ``nni.experiment.launcher._check_rest_server`` polls ``/check-status`` three times a second
+    apart. A cold start of the manager (node loading its modules from a cold disk cache, a busy
+    machine) takes longer, and the experiment then fails with "Create experiment failed ...
+    Connection refused" although the manager comes up a moment later (seen on the first
+    ``make demo`` after a heavy benchmark). The patch only raises the retry count; each retry is
+    NNI's own. Idempotent; applied when this module is imported.
+    """
+    from nni.experiment import launcher
+
+    original = launcher._check_rest_server
+    if getattr(original, "patient", False):
+        return
+
+    def check_rest_server(port: int, retry: int = 3, url_prefix: str | None = None) -> None:
+        return original(port, retry=max(retry, MANAGER_START_SECONDS), url_prefix=url_prefix)
+
+    check_rest_server.__wrapped__ = original  # type: ignore[attr-defined]
+    check_rest_server.patient = True  # type: ignore[attr-defined]
+    launcher._check_rest_server = check_rest_server
+
+
+patient_manager_start()
 
 
 def accept_import_data() -> None:

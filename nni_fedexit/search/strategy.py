@@ -60,6 +60,8 @@ MODES = ("shared", "trials")
 WARMUP_SAMPLING = ("fair", "uniform")
 #: how a path of the shared weights is evaluated: BatchNorm on the batch's statistics, or on the running ones
 BN_EVAL = ("batch", "running")
+#: whose paths the shared weights train along after the warm-up (see ``path_sampling``)
+PATH_SAMPLING = ("controller", "warmup")
 
 
 class LabelledModelSpace(SimplifiedModelSpace):
@@ -153,6 +155,11 @@ class SizeAwarePolicyGradient(Strategy):
     warmup_sampling
         ``fair`` (FairNAS' strict fairness: in every run of N training batches each candidate of
         each label is on the path exactly once) or ``uniform`` (each label drawn independently).
+    path_sampling
+        ``shared`` mode, after the warm-up: ``controller`` (ENAS: the shared weights train along
+        the controller's paths) or ``warmup`` (they keep training along ``warmup_sampling`` paths
+        and the controller only samples the validation batches: the supernet then ranks every
+        network as fairly as at the start, instead of favouring what the controller chose).
     bn_eval
         ``shared`` mode: ``batch`` (default) evaluates a path with BatchNorm on each validation
         batch's own statistics (see :func:`batch_statistics`); ``running`` uses the shared running
@@ -190,6 +197,7 @@ class SizeAwarePolicyGradient(Strategy):
         final_eval_batches: int | None = None,
         warmup_epochs: int = 0,
         warmup_sampling: str = "fair",
+        path_sampling: str = "controller",
         bn_eval: str = "batch",
         dedup: bool = True,
         seed: int = 0,
@@ -203,6 +211,8 @@ class SizeAwarePolicyGradient(Strategy):
             raise ValueError(f"warmup_sampling must be one of {WARMUP_SAMPLING}, got {warmup_sampling!r}")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be a non-negative integer, got {warmup_epochs!r}")
+        if path_sampling not in PATH_SAMPLING:
+            raise ValueError(f"path_sampling must be one of {PATH_SAMPLING}, got {path_sampling!r}")
         if bn_eval not in BN_EVAL:
             raise ValueError(f"bn_eval must be one of {BN_EVAL}, got {bn_eval!r}")
         if mode is not None and mode != self.MODE:
@@ -223,6 +233,7 @@ class SizeAwarePolicyGradient(Strategy):
         self.warmup_epochs = warmup_epochs
         self.warmup_sampling = warmup_sampling
         self.bn_eval = bn_eval
+        self.path_sampling = path_sampling
         self.dedup = dedup
         self.seed = seed
         self.learner: PolicyGradient | None = None
@@ -518,6 +529,30 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
     def val_dataloader(self, train_dataloader_fn: Callable[[], Any], val_dataloader_fn: Callable[[], Any]) -> Any:
         return None
 
+    def path_accuracies(self, samples: list[Mapping[str, Any]], max_batches: int | None = None) -> list[float]:
+        """Validation accuracy of each sample with the shared weights as they are now (e.g. after
+        the search, to compare the supernet's ranking with stand-alone training)."""
+        return [self.oneshot_module.evaluate_path(sample, self._val_loader, max_batches) for sample in samples]
+
+    #: draws per final sample when looking for candidates within the target
+    target_draws = 50
+
+    def _within_target(self) -> dict[str, dict[str, Any]]:
+        """With a target T: up to ``final_samples`` more candidates whose cost is at most T, drawn
+        from the controller (rejection sampling: its policy restricted to what meets the goal), so
+        the final choice can meet the goal even when most of the policy's mass lies above it."""
+        reward, found = self.reward_fn, {}
+        target = getattr(reward, "target", None)
+        if target is None or self.costs is None or self.learner is None:
+            return found
+        for _ in range(self.target_draws * self.final_samples):
+            if len(found) >= self.final_samples:
+                break
+            s = self.learner.sample()
+            if self.costs.cost(self.reward_cost, s) <= target:
+                found.setdefault(_sample_key(s), s)
+        return found
+
     def select_final(self) -> dict[str, Any]:
         """Sample K architectures (plus the greedy one), score each with the shared weights, keep the best."""
         if self._exported is not None:
@@ -530,6 +565,7 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         for _ in range(self.final_samples):
             s = self.learner.sample()
             candidates.setdefault(_sample_key(s), s)
+        candidates.update(self._within_target())
         self.final_candidates = []
         for sample in candidates.values():
             accuracy = module.evaluate_path(sample, self._val_loader, self.final_eval_batches)
@@ -649,7 +685,7 @@ class SizeAwareEnasModule(BaseOneShotLightningModule):
         batch, mode = tagged
         output = None
         if mode == "train":
-            if self.warming_up:
+            if self.warming_up or self.strategy.path_sampling == "warmup":
                 self._use_path(self.strategy.warmup_sampler.sample())
             else:
                 self.resample()
