@@ -71,7 +71,9 @@ def _trade_off_plot(path: Path, search: dict, arch: dict) -> str:
     target = search.get("target") or {}
     panels = [("params", "parameters (M)", 1e6)]
     if scored and all(r.get("early_exit_macs") is not None for r in scored):
-        panels.append(("early_exit_macs", "expected MMACs per image with early exits", 1e6))
+        shares = target.get("exit_shares")
+        which = "equal exit shares" if not shares else "exit shares " + " / ".join(f"{q:g}" for q in shares)
+        panels.append(("early_exit_macs", f"expected MMACs per image with early exits ({which})", 1e6))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
     for ax, (key, label, unit) in zip(axes[0], panels):
         for final, style in ((False, dict(s=14, alpha=0.45, color="C0", label="sampled while searching (mean of its batches)")),
