@@ -247,7 +247,7 @@ class Run:
             # reward as the strategy computes it
             reward = strategy.reward_for(strategy.baseline_params or space.baseline_params())
             evaluator = search_evaluator(**c.trial_settings(),  # a MACs reward is the strategy's alone
-                                         reward=reward if getattr(reward, "cost", "params") == "params" else None)
+                                         reward=reward if strategy.reward_cost == "params" else None)
         def configure(exp: NasExperiment) -> None:
             if strategy.mode == "trials":
                 exp.config.max_trial_number = c.search.max_trials

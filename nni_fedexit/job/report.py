@@ -23,9 +23,9 @@ def _load(run: Path, name: str) -> Any:
     return read_json(path, FileNotFoundError, "run the stage that writes it again")
 
 
-def _save(fig: Any, path: Path) -> str:
+def _save(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"plots/{path.name}"
@@ -103,11 +103,7 @@ def _trade_off_plot(path: Path, search: dict, arch: dict) -> str:
                 labels.append(l)
     ncol = 3 if len(panels) > 1 else 2
     fig.legend([handles[l] for l in labels], labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * (-(-len(labels) // ncol)), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"plots/{path.name}"
+    return _save(fig, path, rect=(0, 0.06 * (-(-len(labels) // ncol)), 1, 1))
 
 
 def _plots(run: Path, search: dict, arch: dict, fed: dict, part: dict, ev: dict) -> dict[str, str]:

@@ -22,6 +22,7 @@ class CostModel:
     def __init__(self, profiled: Any, target: SizeTarget | None = None):
         self.profiler = ParamsProfiler(profiled)
         self.target = target or SizeTarget()
+        self._cache: dict[tuple, dict[str, float | None]] = {}
 
     @property
     def space(self) -> Any:
@@ -44,12 +45,16 @@ class CostModel:
         return float(expected_exit_macs(self.space, sample, shares, t.head, t.head_width))
 
     def costs(self, sample: Mapping[str, Any]) -> dict[str, float | None]:
-        """``{"params", "macs", "early_exit_macs"}`` of ``sample`` (the MACs only where the space counts them)."""
-        out: dict[str, float | None] = {"params": self.cost("params", sample)}
-        if self.has_macs():
-            out["macs"] = self.cost("macs", sample)
-            out["early_exit_macs"] = self.cost("early_exit_macs", sample)
-        return out
+        """``{"params", "macs", "early_exit_macs"}`` of ``sample`` (the MACs only where the space counts
+        them), counted once per architecture: the shared search asks for every validation batch."""
+        key = tuple(sorted((str(k), repr(v)) for k, v in sample.items()))
+        if key not in self._cache:
+            out: dict[str, float | None] = {"params": self.cost("params", sample)}
+            if self.has_macs():
+                out["macs"] = self.cost("macs", sample)
+                out["early_exit_macs"] = self.cost("early_exit_macs", sample)
+            self._cache[key] = out
+        return dict(self._cache[key])
 
     def baseline_sample(self, choices: Mapping[str, list[Any]]) -> dict[str, Any]:
         """The space's baseline (``baseline_sample()``), else every label's first value."""
