@@ -75,11 +75,15 @@ def test_mode_picks_the_class_and_bad_options_are_refused():
         SizeAwarePolicyGradient(beta=0.5)
 
 
-def test_numerical_choices_are_refused_naming_the_label():
+def test_trials_mode_searches_a_continuous_label_and_the_shared_mode_refuses_it_by_name():
     space = NumberSpace([nni.choice("a", [1, 2]), nni.uniform("lr", 0.1, 1.0)])
     model_space = SimplifiedModelSpace.from_model(space, FunctionalEvaluator(report_normalised, shift=0))
-    with pytest.raises(ValueError, match="Categorical.*'lr'"):
-        SizeAwarePolicyGradient(mode="trials")(model_space, SequentialExecutionEngine(max_model_count=3))
+    engine = SequentialExecutionEngine(max_model_count=6)
+    SizeAwarePolicyGradient(mode="trials", seed=0)(model_space, engine)
+    lrs = [m.sample["lr"] for m in engine.list_models()]
+    assert len(lrs) == 6 and all(0.1 <= lr <= 1.0 for lr in lrs) and len(set(lrs)) == 6
+    with pytest.raises(ValueError, match=r"label 'lr'.*Numerical.*mode='trials'"):
+        SizeAwarePolicyGradient().mutate_model(space)
 
 
 def test_uses_the_whole_budget_and_lists_best_reward_first():

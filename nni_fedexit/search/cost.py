@@ -56,7 +56,7 @@ class CostModel:
             self._cache[key] = out
         return dict(self._cache[key])
 
-    def baseline_sample(self, choices: Mapping[str, list[Any]]) -> dict[str, Any]:
-        """The space's baseline (``baseline_sample()``), else every label's first value."""
+    def baseline_sample(self, firsts: Mapping[str, Any]) -> dict[str, Any]:
+        """The space's baseline (``baseline_sample()``), else ``firsts`` (every label's first value)."""
         own = getattr(self.space, "baseline_sample", None)
-        return dict(own()) if callable(own) else {label: values[0] for label, values in choices.items()}
+        return dict(own()) if callable(own) else dict(firsts)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -41,8 +42,9 @@ from nni_fedexit.checks import positive_int
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.presets import PresetError, load_preset
 from nni_fedexit.search.cost import CostModel
+from nni_fedexit.search.decisions import DEFAULT_BINS, LABEL_KINDS, Bins, Choice, Decision, decisions_of_space
 from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, SizeTarget, check_beta, parse_metric
-from nni.mutable import Categorical
+from nni.mutable import SampleValidationError
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
 from nni.nas.oneshot.pytorch.strategy import RandomOneShot
@@ -97,24 +99,25 @@ class LabelledModelSpace(SimplifiedModelSpace):
         return super()._load(**{k: v for k, v in attrs.items() if k in cls._OWN_KEYS})
 
 
-def _categorical_choices(space: Any) -> dict[str, list[Any]]:
-    """``{label: values}`` in ``simplify()`` order; anything but a single categorical choice is an error."""
-    choices: dict[str, list[Any]] = {}
-    for label, mutable in space.simplify().items():
-        if isinstance(mutable, Categorical):
-            choices[label] = list(mutable.values)
-        else:
-            raise ValueError(
-                f"SizeAwarePolicyGradient supports Categorical choices only, but label {label!r} is "
-                f"{type(mutable).__name__}: use nni.choice or LayerChoice there"
-            )
-    if not choices:
-        raise ValueError("the model space has no choices to search")
-    return choices
+#: the label kinds each mode can search (NNI's one-shot supernet takes no continuous values)
+MODE_KINDS = {"trials": LABEL_KINDS, "shared": ("Categorical", "CategoricalMultiple")}
+
+
+def violation(space: Any, sample: Mapping[str, Any]) -> str | None:
+    """Why ``sample`` breaks one of ``space``'s constraints (or is outside it); None if it is valid."""
+    check = getattr(space, "check_contains", None)
+    if not callable(check):
+        return None
+    try:
+        err = check(dict(sample))
+    except SampleValidationError as exc:
+        err = exc
+    return None if err is None else str(err)
 
 
 def _sample_key(sample: Mapping[str, Any]) -> str:
-    return repr(sorted((str(k), repr(v)) for k, v in sample.items()))
+    """The same architecture, the same key (the candidates of an InputChoice in any order)."""
+    return repr(sorted((str(k), repr(sorted(v, key=repr)) if isinstance(v, list) else repr(v)) for k, v in sample.items()))
 
 
 class SizeAwarePolicyGradient(Strategy):
@@ -169,6 +172,16 @@ class SizeAwarePolicyGradient(Strategy):
         was already trained, it learns from the recorded reward and samples again; after 20
         such draws in a row, an untrained architecture is drawn uniformly instead, and when
         none is left the search stops.
+    reward_for_invalid
+        A sample that breaks one of the space's constraints (``ExpressionConstraint`` and NNI's
+        other constraints) is never submitted or trained: the controller draws again. With a
+        number, the controller also learns that reward for the invalid sample (as NNI's
+        ``PolicyBasedRL``); None (default) skips it. After ``invalid_patience`` invalid draws in a
+        row the search stops, with a warning naming the constraint.
+    numerical_bins
+        ``trials`` mode: equal-probability bins of a continuous label (``nni.uniform``,
+        ``loguniform``, ``normal``, ...); a quantised label with at most this many values is a
+        choice of them. See :mod:`nni_fedexit.search.decisions`.
     seed
         Seeds the controller's weights and every sample it draws.
     """
@@ -200,6 +213,8 @@ class SizeAwarePolicyGradient(Strategy):
         path_sampling: str = "controller",
         bn_eval: str = "batch",
         dedup: bool = True,
+        reward_for_invalid: float | None = None,
+        numerical_bins: int = DEFAULT_BINS,
         seed: int = 0,
         **kwargs: Any,
     ):
@@ -215,6 +230,11 @@ class SizeAwarePolicyGradient(Strategy):
             raise ValueError(f"path_sampling must be one of {PATH_SAMPLING}, got {path_sampling!r}")
         if bn_eval not in BN_EVAL:
             raise ValueError(f"bn_eval must be one of {BN_EVAL}, got {bn_eval!r}")
+        if reward_for_invalid is not None and (isinstance(reward_for_invalid, bool) or not isinstance(
+                reward_for_invalid, (int, float)) or not math.isfinite(reward_for_invalid)):
+            raise ValueError(f"reward_for_invalid must be a finite number or None, got {reward_for_invalid!r}")
+        if isinstance(numerical_bins, bool) or not isinstance(numerical_bins, int) or numerical_bins < 2:
+            raise ValueError(f"numerical_bins must be an integer >= 2, got {numerical_bins!r}")
         if mode is not None and mode != self.MODE:
             raise ValueError(f"{type(self).__name__} runs mode {self.MODE!r}, not {mode!r}")
         self.mode = self.MODE
@@ -235,7 +255,10 @@ class SizeAwarePolicyGradient(Strategy):
         self.bn_eval = bn_eval
         self.path_sampling = path_sampling
         self.dedup = dedup
+        self.reward_for_invalid = None if reward_for_invalid is None else float(reward_for_invalid)
+        self.numerical_bins = numerical_bins
         self.seed = seed
+        self.invalid_draws = 0  # samples drawn that broke a constraint (never submitted)
         self.learner: PolicyGradient | None = None
         self.reward_fn: Reward | None = None
         self.profiler: ParamsProfiler | None = None
@@ -286,11 +309,15 @@ class SizeAwarePolicyGradient(Strategy):
 
     def _setup_search(self, space: Any, profiled: Any) -> None:
         """Controller over ``space``'s labels; reward with P; the state loaded before initialize."""
-        choices = _categorical_choices(space)
-        self.learner = PolicyGradient(choices, self.controller_settings)
+        self.decisions = decisions_of_space(space, self.numerical_bins, allow=MODE_KINDS[self.MODE],
+                                            who=f"SizeAwarePolicyGradient(mode={self.MODE!r})")
+        self.learner = PolicyGradient(self.decisions, self.controller_settings)
+        self._space = space
         self.costs = CostModel(profiled, self.target)
         self.profiler = self.costs.profiler
-        self._baseline = self.costs.baseline_sample(choices)
+        self._baseline = self.costs.baseline_sample({label: d.first() for label, d in self.decisions.items()})
+        if violation(space, self._baseline) is not None:  # the first values break a constraint
+            self._baseline = dict(space.default().sample)
         if self.baseline_params is None:
             own = getattr(self.profiler.space, "baseline_params", None)
             if callable(own):
@@ -302,6 +329,31 @@ class SizeAwarePolicyGradient(Strategy):
         if self._pending_state is not None:
             self._load_search_state(self._pending_state)
             self._pending_state = None
+
+    #: invalid draws in a row after which the search stops (NNI's PolicyBasedRL: 20)
+    invalid_patience = 100
+
+    def draw(self, sampler: Callable[[], dict[str, Any]] | None = None, learn: bool = True) -> dict[str, Any] | None:
+        """A sample from ``sampler`` (default: the controller) that keeps every constraint of the
+        space; invalid ones are counted, learnt with ``reward_for_invalid`` (if ``learn`` and it is
+        set) and drawn again. None after ``invalid_patience`` invalid draws in a row."""
+        assert self.learner is not None
+        sampler = sampler or self.learner.sample
+        why = None
+        for _ in range(self.invalid_patience):
+            sample = sampler()
+            why = violation(self._space, sample)
+            if why is None:
+                return sample
+            self.invalid_draws += 1
+            _logger.debug("Invalid sample %s (%s): %s", sample, why,
+                          "skipped" if self.reward_for_invalid is None else f"reward {self.reward_for_invalid}")
+            if learn and self.reward_for_invalid is not None:
+                self.feed(sample, self.reward_for_invalid)
+        _logger.warning("%d samples in a row broke the space's constraints (last: %s): no more sampling. "
+                        "Check that the constraints leave valid samples, or set reward_for_invalid so the "
+                        "controller learns to avoid them.", self.invalid_patience, why)
+        return None
 
     def reward_for(self, baseline_params: int | None) -> Reward:
         """The reward this strategy scores with, given P (trials may compute it too, for the web UI)."""
@@ -416,9 +468,16 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
             with self._lock:
                 sample = self._next_sample()
                 if sample is None:
-                    _logger.info("No architecture left that was not trained yet: the search stops.")
+                    _logger.info("No valid architecture left that was not trained yet: the search stops.")
                     break
-                model = LabelledModelSpace.of(self.model_space.freeze(sample))
+                try:
+                    model = LabelledModelSpace.of(self.model_space.freeze(sample))
+                except SampleValidationError as err:  # a constraint check_contains did not see
+                    self.invalid_draws += 1
+                    _logger.debug("Invalid sample %s: %s", sample, err)
+                    if self.reward_for_invalid is not None:
+                        self.feed(sample, self.reward_for_invalid)
+                    continue
                 self._running.append((model, sample))
             _logger.info("[trial %d] submitting %s", len(self.records) + len(self._running), sample)
             self.engine.submit_models(model)  # the sequential engine runs it (and its callbacks) here
@@ -433,21 +492,25 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
             time.sleep(0.05)
 
     def _next_sample(self) -> dict[str, Any] | None:
-        """The controller's next architecture; with ``dedup``, one not trained or running yet."""
+        """The controller's next valid architecture; with ``dedup``, one not trained or running yet."""
         assert self.learner is not None
         if not self.dedup:
-            return self.learner.sample()
+            return self.draw()
         known = {_sample_key(r["sample"]): r["reward"] for r in self.records}
         running = {_sample_key(s) for _, s in self._running}
         for _ in range(self.max_dedup_draws):
-            sample = self.learner.sample()
+            sample = self.draw()
+            if sample is None:
+                return None
             key = _sample_key(sample)
             if key in known:
                 self.feed(sample, known[key])  # learn from what was measured, spend no trial
             elif key not in running:
                 return sample
         for _ in range(self.max_uniform_draws):  # the controller has converged: explore
-            sample = self.learner.sample_uniform()
+            sample = self.draw(self.learner.sample_uniform, learn=False)
+            if sample is None:
+                return None
             key = _sample_key(sample)
             if key not in known and key not in running:
                 return sample
@@ -506,7 +569,8 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         self._exported: dict[str, Any] | None = None
 
     def mutate_model(self, model: Any) -> Any:
-        _categorical_choices(model)  # fail early, naming the label, before anything is mutated
+        decisions_of_space(model, allow=MODE_KINDS["shared"],  # fail early, naming the label, before anything is mutated
+                           who="SizeAwarePolicyGradient(mode='shared')")
         count_macs = getattr(model, "count_macs", None)
         if callable(count_macs) and callable(getattr(model, "baseline_sample", None)):
             count_macs(model.baseline_sample())  # the space counts its MACs before it becomes a supernet
@@ -516,7 +580,7 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         mutated = super()._initialize(model_space, engine)
         self._setup_search(self.supernet, self.supernet)
         assert self.learner is not None
-        self.warmup_sampler = FairPathSampler(self.learner.values, self.learner.generator, self.warmup_sampling)
+        self.warmup_sampler = FairPathSampler(self.learner.decisions, self.learner.generator, self.warmup_sampling)
         return mutated
 
     def configure_oneshot_module(self, training_module: Any) -> "SizeAwareEnasModule":
@@ -548,7 +612,9 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         for _ in range(self.target_draws * self.final_samples):
             if len(found) >= self.final_samples:
                 break
-            s = self.learner.sample()
+            s = self.draw(learn=False)
+            if s is None:
+                break
             if self.costs.cost(self.reward_cost, s) <= target:
                 found.setdefault(_sample_key(s), s)
         return found
@@ -561,10 +627,12 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         module = self.oneshot_module
         candidates: dict[str, dict[str, Any]] = {}
         greedy = self.learner.sample(greedy=True)
-        candidates[_sample_key(greedy)] = greedy
+        if violation(self._space, greedy) is None:
+            candidates[_sample_key(greedy)] = greedy
         for _ in range(self.final_samples):
-            s = self.learner.sample()
-            candidates.setdefault(_sample_key(s), s)
+            s = self.draw(learn=False)
+            if s is not None:
+                candidates.setdefault(_sample_key(s), s)
         candidates.update(self._within_target())
         self.final_candidates = []
         for sample in candidates.values():
@@ -588,20 +656,25 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
 
 
 class FairPathSampler:
-    """Paths for the warm-up. ``fair``: each label walks through a fresh random permutation of its
-    candidates, so in every N consecutive paths each candidate is used exactly once (FairNAS'
-    strict fairness, Chu et al. 2021, without its gradient accumulation). ``uniform``: each label
-    drawn independently. Draws come from the controller's own seeded generator."""
+    """Paths for the warm-up. ``fair``: each categorical label walks through a fresh random
+    permutation of its candidates, so in every N consecutive paths each candidate is used exactly
+    once (FairNAS' strict fairness, Chu et al. 2021, without its gradient accumulation); other
+    labels (an InputChoice's subset) are drawn uniformly. ``uniform``: each label drawn
+    independently. Draws come from the controller's own seeded generator."""
 
-    def __init__(self, values: Mapping[str, list[Any]], generator: torch.Generator, sampling: str = "fair"):
-        self.values = {label: list(v) for label, v in values.items()}
+    def __init__(self, decisions: Mapping[str, Decision | list[Any]], generator: torch.Generator, sampling: str = "fair"):
+        self.decisions = {label: d if isinstance(d, Decision) else Choice(label, d) for label, d in decisions.items()}
         self.generator = generator
         self.sampling = sampling
-        self._queues: dict[str, list[Any]] = {label: [] for label in self.values}
+        self._queues: dict[str, list[Any]] = {label: [] for label in self.decisions}
 
     def sample(self) -> dict[str, Any]:
         out = {}
-        for label, values in self.values.items():
+        for label, d in self.decisions.items():
+            if not isinstance(d, Choice):
+                out[label] = d.value(d.uniform_actions(self.generator), self.generator)
+                continue
+            values = d.values
             if self.sampling == "uniform":
                 out[label] = values[int(torch.randint(len(values), (1,), generator=self.generator))]
                 continue
@@ -671,9 +744,9 @@ class SizeAwareEnasModule(BaseOneShotLightningModule):
             module.resample(memo=dict(sample))
 
     def resample(self) -> dict[str, Any]:
-        learner = self.strategy.learner
-        assert learner is not None
-        sample = learner.sample()
+        sample = self.strategy.draw()
+        if sample is None:
+            raise RuntimeError("no sample of the controller keeps the space's constraints: see the warning above")
         self._use_path(sample)
         return sample
 
@@ -686,7 +759,10 @@ class SizeAwareEnasModule(BaseOneShotLightningModule):
         output = None
         if mode == "train":
             if self.warming_up or self.strategy.path_sampling == "warmup":
-                self._use_path(self.strategy.warmup_sampler.sample())
+                path = self.strategy.draw(self.strategy.warmup_sampler.sample, learn=False)
+                if path is None:
+                    raise RuntimeError("no warm-up path keeps the space's constraints: see the warning above")
+                self._use_path(path)
             else:
                 self.resample()
             output = self.training_module.training_step(batch, batch_idx)
