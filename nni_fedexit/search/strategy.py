@@ -17,8 +17,10 @@ Two modes, one controller (:mod:`nni_fedexit.search.controller`) and one reward 
     as a trial (local training service: the web UI lists it with its metrics). The trial reports
     its accuracy (``nni.report_final_result(acc)`` or ``{"default": acc, "params": p_h}``); the
     strategy computes the reward and updates the controller every ``samples_per_update``
-    finished trials, in whatever order they finish. Failed trials are logged and skipped, not
-    rewarded 0.
+    finished trials, in whatever order they finish. A trial that failed without a final metric
+    is logged and skipped, not rewarded 0 (one that reported before failing, or that NNI's
+    ``FailureHandler(metric=...)`` scored, counts with that metric). Samples that break the
+    space's constraints are never submitted (``reward_for_invalid``).
 
 ``SizeAwarePolicyGradient(mode=...)`` returns the mode's class, both subclasses of it, so NNI's
 experiment picks the right engine by itself (sequential for ``shared``, training service for
@@ -535,9 +537,10 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
             if sample is None:
                 _logger.debug("%s was not submitted by this strategy; ignored", event.model)
                 return
-            if raw is None:
-                raw = event.model.metric
-            if event.status != ModelStatus.Trained or raw is None:
+            if raw is None or (event.status == ModelStatus.Failed and event.model.metric is not None):
+                raw = event.model.metric  # a failed trial: the metric NNI's FailureHandler set, if any
+            if raw is None:  # a failed trial with a final metric (reported before it failed, or NNI's
+                # FailureHandler's metric) counts: it is a measurement, or what the user chose failures score
                 _logger.warning("Trial of %s ended %s without a final metric: skipped, no reward", sample,
                                 getattr(event.status, "value", event.status))
                 return
