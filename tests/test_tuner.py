@@ -118,29 +118,56 @@ def test_unusable_results_are_skipped_not_rewarded():
     assert tuner.records == [] and tuner.buffer == []
 
 
-@pytest.mark.parametrize("kind, value", [
-    ("uniform", [0.0, 1.0]), ("loguniform", [1e-4, 1e-1]), ("normal", [0, 1]), ("quniform", [0, 10, 1]),
-])
-def test_unsupported_parameter_types_are_an_error_naming_the_parameter(kind, value):
-    tuner = SizeAwarePGTuner()
-    with pytest.raises(ValueError) as err:
-        tuner.update_search_space({"a": SPACE["a"], "learning_rate": {"_type": kind, "_value": value}})
-    message = str(err.value)
-    assert "'learning_rate'" in message and repr(kind) in message and "choice and randint" in message
+def test_a_continuous_parameter_concentrates_near_its_planted_optimum():
+    """The planted-best test with a learning rate: uniform [0, 1], best at 0.8 (the bin [0.75, 0.875))."""
+    space = {**SPACE, "lr": {"_type": "uniform", "_value": [0.0, 1.0]}}
+    score = lambda p: {"default": planted_score(p) + 0.3 * max(0.0, 1 - 4 * abs(p["lr"] - 0.8)), "params": 1000}  # noqa: E731
+    hits = 0
+    for seed in range(3):
+        tuner = SizeAwarePGTuner(seed=seed)
+        tuner.update_search_space(space)
+        done = run_nni_like(tuner, 60, score, order_seed=seed)
+        lrs = [p["lr"] for _, p in done]
+        assert all(0.0 <= lr <= 1.0 for lr in lrs)
+        near = sum(abs(lr - 0.8) <= 0.125 for lr in lrs[-10:])
+        hits += near >= 6
+        assert near > sum(abs(lr - 0.8) <= 0.125 for lr in lrs[:10])  # more of them than at the start
+    assert hits >= 2, "the last trials should concentrate near 0.8 in most seeds"
 
 
-def test_nested_choices_with_sub_parameters_are_refused_plain_ones_are_supported():
+def test_nested_choices_decide_their_sub_parameters_only_when_their_option_is_taken():
     nested = {"model": {"_type": "choice", "_value": [
-        {"_name": "cnn", "depth": {"_type": "choice", "_value": [1, 2]}}, {"_name": "mlp"}]}}
-    with pytest.raises(ValueError, match=r"'model' is a nested choice .*'cnn'.*\['depth'\]"):
-        parse_search_space(nested)
-    plain = {"model": {"_type": "choice", "_value": [{"_name": "cnn"}, {"_name": "mlp"}]}}
-    tuner = SizeAwarePGTuner(seed=0)
-    tuner.update_search_space(plain)
-    p = tuner.generate_parameters(0)
-    assert p["model"] in ({"_name": "cnn"}, {"_name": "mlp"})
-    tuner.receive_trial_result(0, json.loads(json.dumps(p)), 0.5)  # as NNI sends it back
-    assert len(tuner.records) == 1
+        {"_name": "cnn", "depth": {"_type": "choice", "_value": [1, 2]}, "lr": {"_type": "loguniform", "_value": [1e-4, 1e-1]}},
+        {"_name": "mlp"}]}}
+    tuner = SizeAwarePGTuner(seed=0, samples_per_update=2)
+    tuner.update_search_space(nested)
+    params = [tuner.generate_parameters(i) for i in range(20)]
+    for p in params:
+        if p["model"]["_name"] == "cnn":
+            assert set(p["model"]) == {"_name", "depth", "lr"} and 1e-4 <= p["model"]["lr"] <= 1e-1
+        else:
+            assert p["model"] == {"_name": "mlp"}
+    assert {p["model"]["_name"] for p in params} == {"cnn", "mlp"}
+    for i, p in enumerate(params):  # as NNI sends them back: cnn with depth 2 is best
+        good = p["model"]["_name"] == "cnn" and p["model"]["depth"] == 2
+        tuner.receive_trial_result(i, json.loads(json.dumps(p)), 0.9 if good else 0.3)
+    assert len(tuner.records) == 20 and tuner.learner.steps == 10
+    with pytest.raises(ValueError, match=r"'model/cnn/depth' \(choice\): duplicate"):
+        parse_search_space({"model": {"_type": "choice", "_value": [
+            {"_name": "cnn", "depth": {"_type": "choice", "_value": [1, 1]}}]}})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"_type": "gaussian", "_value": [0, 1]}, "type 'gaussian', which NNI does not define"),
+    ({"_type": "uniform", "_value": [1.0, 0.0]}, r"\(uniform\): low must be <= high"),
+    ({"_type": "loguniform", "_value": [0.0, 1.0]}, "low must be > 0 on a log scale"),
+    ({"_type": "qnormal", "_value": [0.0, 1.0]}, r"_value must be \[mu, sigma, q\]"),
+    ({"_type": "normal", "_value": [0.0, -1.0]}, "sigma must be > 0"),
+    ({"_type": "quniform", "_value": [0, 10, 0]}, "q must be > 0"),
+])
+def test_bad_numerical_parameters_are_an_error_naming_the_parameter(spec, message):
+    with pytest.raises(ValueError, match=r"'learning_rate'.*" + message):
+        SizeAwarePGTuner().update_search_space({"a": SPACE["a"], "learning_rate": spec})
 
 
 def test_search_space_errors_name_the_fix():
@@ -150,7 +177,7 @@ def test_search_space_errors_name_the_fix():
         parse_search_space({"a": {"_type": "choice", "_value": [1, 1, 2]}})
     with pytest.raises(ValueError, match="'b'.*_type"):
         parse_search_space({"b": [1, 2]})
-    assert parse_search_space({"n": {"_type": "randint", "_value": [2, 5]}}) == {"n": [2, 3, 4]}
+    assert parse_search_space({"n": {"_type": "randint", "_value": [2, 5]}})["n"].values == [2, 3, 4]
 
 
 def test_class_args_are_checked_with_clear_messages():
@@ -248,7 +275,7 @@ def test_block_pool_space_as_nni_json_agrees_with_the_space(fmnist_space, tmp_pa
     assert list(ss) == fmnist_space.labels
     for label, spec in ss.items():
         assert spec == {"_type": "choice", "_value": list(fmnist_space.pools[label])}
-    assert parse_search_space(ss) == {label: list(pool) for label, pool in fmnist_space.pools.items()}
+    assert {k: d.values for k, d in parse_search_space(ss).items()} == {label: list(pool) for label, pool in fmnist_space.pools.items()}
     path = write_nni_search_space(fmnist_space, tmp_path / "ss.json")
     assert json.loads(path.read_text()) == ss
     tuner = SizeAwarePGTuner(seed=0)

@@ -151,6 +151,8 @@ def quantised_grid(numerical: Numerical, limit: int) -> list[float] | None:
     """Every value a quantised, bounded Numerical can take (NNI's qclip of each multiple of q),
     if there are at most ``limit``; None otherwise."""
     q, low, high = numerical.quantize, numerical.low, numerical.high
+    if low == high and math.isfinite(low):  # a range of one value (NNI allows it)
+        return [_plain(numerical.qclip(low))]
     if q is None or not (math.isfinite(low) and math.isfinite(high)):
         return None
     first, last = math.floor(low / q), math.ceil(high / q)
@@ -187,10 +189,14 @@ class Bins(Decision):
     def actions(self, value: Any) -> list[int]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{value!r} is not a finite number")
-        if self.numerical.check_contains({self.label: value}) is not None:
-            raise ValueError(f"{value!r} is outside {self.numerical!r}")
+        low, high = self.numerical.low, self.numerical.high
+        if self.grid is None and not low - 1e-9 * max(1.0, abs(low)) <= value <= high + 1e-9 * max(1.0, abs(high)):
+            raise ValueError(f"{value!r} is outside {self.numerical!r}")  # (qlognormal may give 0: pdf 0, but NNI's value)
         if self.grid is not None:
-            return [min(range(len(self.grid)), key=lambda i: abs(self.grid[i] - value))]
+            i = min(range(len(self.grid)), key=lambda i: abs(self.grid[i] - value))
+            if abs(self.grid[i] - value) > 1e-9 * max(1.0, abs(value)):
+                raise ValueError(f"{value!r} is not one of the values {self.grid} of {self.numerical!r}")
+            return [i]
         return [min(self.bins - 1, max(0, int(float(self.numerical.distribution.cdf(value)) * self.bins)))]
 
     def first(self) -> float | int:

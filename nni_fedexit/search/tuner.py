@@ -3,8 +3,8 @@
 The same LSTM controller and REINFORCE learner as :class:`~nni_fedexit.search.strategy.SizeAwarePolicyGradient`
 (:class:`~nni_fedexit.search.controller.PolicyGradient`) and the same reward
 (:func:`~nni_fedexit.search.reward.size_aware_reward`), behind NNI's ``Tuner`` API, so that any
-``nnictl create`` experiment whose search space is made of ``choice`` and ``randint`` parameters
-can use it::
+``nnictl create`` experiment can use it, whatever its search space holds: ``choice`` (nested
+too), ``randint`` and every numerical type (:func:`parse_search_space`)::
 
     tuner:
       name: SizeAwarePG            # after `nni-fedexit register`
@@ -48,15 +48,18 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings)
+from nni.common.hpo_utils import format_search_space
+from nni.mutable import Numerical
 from nni.tuner import Tuner
 
 from nni_fedexit.checks import positive_int
 from nni_fedexit.files import write_atomic, write_json
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
+from nni_fedexit.search.decisions import DEFAULT_BINS, Bins, Choice, Decision
 from nni_fedexit.space import architecture_label
 from nni_fedexit.search.reward import DEFAULT_BETA, SizeTarget, check_beta, parse_metric, size_aware_reward
 
-__all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "NNICTL_META", "SUPPORTED_TYPES"]
+__all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "to_parameters", "from_parameters", "NNICTL_META", "SUPPORTED_TYPES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,7 +70,9 @@ NNICTL_META: dict[str, str] = {
     "className": "nni_fedexit.search.tuner.SizeAwarePGTuner",
 }
 
-SUPPORTED_TYPES = ("choice", "randint")
+#: every type of NNI's classic search space (``choice`` options may hold nested parameters)
+SUPPORTED_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform",
+                   "normal", "qnormal", "lognormal", "qlognormal")
 STATE_FILE = "size_aware_pg_tuner.pt"
 RECORDS_FILE = "size_aware_pg_tuner.json"
 _OPTIMIZE_MODES = ("maximize", "minimize")
@@ -75,56 +80,156 @@ _OPTIMIZE_MODES = ("maximize", "minimize")
 
 # ---- search space ---------------------------------------------------------------------------------
 
-def parse_search_space(search_space: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """NNI's classic search-space JSON as ``{parameter: [values...]}`` for the controller.
+def _label(key: tuple) -> str:
+    """A parameter's controller label: its name, or its path in nested choices (``model/0/depth``)."""
+    return "/".join(str(k) for k in key)
 
-    ``choice`` keeps its values (strings, numbers, booleans); ``randint [lower, upper]`` becomes
-    the categories ``lower .. upper - 1`` (NNI's meaning of randint). A nested ``choice`` whose
-    options hold nothing but ``_name`` is a plain choice of those dicts; one whose options carry
-    sub-parameters, and every continuous type, is an error naming the parameter.
+
+def _numerical(label: str, kind: str, values: list[Any]) -> Numerical:
+    """NNI's classic numerical type as the nni.mutable Numerical that means the same (NNI's shortcuts)."""
+    q = float(values[2]) if kind.startswith("q") else None
+    log = "log" in kind
+    label = label.replace("/", ".")  # NNI labels cannot hold a slash
+    if "normal" in kind:
+        return Numerical(mu=float(values[0]), sigma=float(values[1]), log_distributed=log, quantize=q, label=label)
+    return Numerical(float(values[0]), float(values[1]), log_distributed=log, quantize=q, label=label)
+
+
+def _check_choices(name: str, spec: Any) -> None:
+    """Our checks of one parameter, on top of NNI's validate_search_space (messages name the fix)."""
+    if not isinstance(spec, Mapping) or "_type" not in spec or "_value" not in spec:
+        raise ValueError(f"search space parameter {name!r}: expected {{'_type': ..., '_value': [...]}}, got {spec!r}")
+    kind, values = spec["_type"], spec["_value"]
+    if kind not in SUPPORTED_TYPES:
+        raise ValueError(f"search space parameter {name!r} has type {kind!r}, which NNI does not define: "
+                         f"use one of {', '.join(SUPPORTED_TYPES)}")
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"search space parameter {name!r} ({kind}): _value must be a non-empty list, got {values!r}")
+    if kind == "randint":
+        if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values) or values[0] >= values[1]:
+            raise ValueError(
+                f"search space parameter {name!r} (randint): _value must be [lower, upper] integers with "
+                f"lower < upper (upper excluded), got {values!r}"
+            )
+    if kind not in ("choice", "randint"):
+        _check_numerical(name, kind, values)
+    if kind != "choice":
+        return
+    for v in values:
+        if isinstance(v, Mapping):
+            if "_name" not in v:
+                raise ValueError(f"search space parameter {name!r} is a nested choice whose option {v!r} has no "
+                                 "'_name': give every option a '_name'")
+            for sub, sub_spec in v.items():
+                if sub != "_name":
+                    _check_choices(f"{name}/{v['_name']}/{sub}", sub_spec)
+        elif v is not None and not isinstance(v, (str, int, float, bool)):
+            raise ValueError(f"search space parameter {name!r} (choice): values must be strings or numbers, got {v!r}")
+    keys = [json.dumps(v["_name"] if isinstance(v, Mapping) else v, sort_keys=True) for v in values]
+    if len(set(keys)) != len(keys):
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"search space parameter {name!r} (choice): duplicate values {dupes}; list each value once")
+
+
+def _check_numerical(name: str, kind: str, values: list[Any]) -> None:
+    """NNI's rules for a numerical type, except that a range of one value is allowed (NNI's own
+    tuner tests expect ``uniform [99.9, 99.9]`` to work; its validate_search_space refuses it)."""
+    need = 3 if kind.startswith("q") else 2
+    if len(values) != need or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  for v in values):
+        form = "[mu, sigma" if "normal" in kind else "[low, high"
+        raise ValueError(f"search space parameter {name!r} ({kind}): _value must be {form}{', q' if need == 3 else ''}] "
+                         f"numbers, got {values!r}")
+    if need == 3 and values[2] <= 0:
+        raise ValueError(f"search space parameter {name!r} ({kind}): q must be > 0, got {values[2]!r}")
+    if "normal" in kind:
+        if values[1] <= 0:
+            raise ValueError(f"search space parameter {name!r} ({kind}): sigma must be > 0, got {values[1]!r}")
+        return
+    if values[0] > values[1]:
+        raise ValueError(f"search space parameter {name!r} ({kind}): low must be <= high, got {values!r}")
+    if "log" in kind and values[0] <= 0:
+        raise ValueError(f"search space parameter {name!r} ({kind}): low must be > 0 on a log scale, got {values!r}")
+
+
+def parse_search_space(search_space: Mapping[str, Any], numerical_bins: int = DEFAULT_BINS) -> dict[str, Decision]:
+    """NNI's classic search-space JSON as the controller's decisions, one per parameter.
+
+    Every NNI type is supported. ``choice`` keeps its values (strings, numbers, booleans); a nested
+    ``choice`` (options ``{"_name": ..., sub-parameters}``) is a choice of the option names whose
+    sub-parameters are decided only when their option is taken; ``randint [lower, upper]`` is a
+    choice of ``lower .. upper - 1`` (NNI's meaning); the numerical types are
+    :class:`~nni_fedexit.search.decisions.Bins` of the distribution NNI defines for them
+    (``q`` types: ``round(x / q) * q``, clipped to the range). The parameters come in the order of
+    NNI's ``format_search_space``; an error names the parameter and the fix.
     """
     if not isinstance(search_space, Mapping) or not search_space:
         raise ValueError(f"the search space must be a non-empty mapping of parameters, got {search_space!r}")
-    choices: dict[str, list[Any]] = {}
     for name, spec in search_space.items():
-        if not isinstance(spec, Mapping) or "_type" not in spec or "_value" not in spec:
-            raise ValueError(f"search space parameter {name!r}: expected {{'_type': ..., '_value': [...]}}, got {spec!r}")
-        kind, values = spec["_type"], spec["_value"]
-        if kind not in SUPPORTED_TYPES:
-            raise ValueError(
-                f"search space parameter {name!r} has type {kind!r}, which SizeAwarePGTuner cannot search: "
-                f"it supports {' and '.join(SUPPORTED_TYPES)} (categorical) parameters only. Turn {name!r} into a "
-                "choice of a few values, or use another tuner (e.g. TPE) for continuous parameters."
-            )
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"search space parameter {name!r} ({kind}): _value must be a non-empty list, got {values!r}")
-        if kind == "randint":
-            if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values) or values[0] >= values[1]:
-                raise ValueError(
-                    f"search space parameter {name!r} (randint): _value must be [lower, upper] integers with "
-                    f"lower < upper (upper excluded), got {values!r}"
-                )
-            choices[str(name)] = list(range(values[0], values[1]))
-            continue
-        for v in values:
-            if isinstance(v, Mapping):
-                extra = sorted(k for k in v if k != "_name")
-                if "_name" not in v or extra:
-                    raise ValueError(
-                        f"search space parameter {name!r} is a nested choice whose option {v.get('_name', v)!r} has "
-                        f"sub-parameters {extra}: SizeAwarePGTuner supports nested choices only when their options "
-                        "hold nothing but '_name'. Flatten the sub-parameters into parameters of their own."
-                    )
-            elif v is not None and not isinstance(v, (str, int, float, bool)):
-                raise ValueError(
-                    f"search space parameter {name!r} (choice): values must be strings or numbers, got {v!r}"
-                )
-        keys = [json.dumps(v, sort_keys=True) for v in values]
-        if len(set(keys)) != len(keys):
-            dupes = sorted({k for k in keys if keys.count(k) > 1})
-            raise ValueError(f"search space parameter {name!r} (choice): duplicate values {dupes}; list each value once")
-        choices[str(name)] = list(values)
-    return choices
+        _check_choices(str(name), spec)
+    decisions: dict[str, Decision] = {}
+    for key, spec in format_search_space(search_space).items():
+        label = _label(key)
+        if spec.type == "choice" and all(isinstance(v, Mapping) for v in spec.values):
+            decision: Decision = Choice(label, [v["_name"] for v in spec.values])
+            decision.nested = True  # type: ignore[attr-defined]
+        elif spec.type == "choice":
+            decision = Choice(label, spec.values)
+        elif spec.type == "randint":
+            decision = Choice(label, list(range(spec.values[0], spec.values[1])))
+        elif "normal" not in spec.type and spec.values[0] == spec.values[1]:  # a range of one value
+            low = spec.values[0]
+            decision = Choice(label, [float(low) if spec.type in ("uniform", "loguniform") else low])
+        else:
+            decision = Bins(label, _numerical(label, spec.type, spec.values), numerical_bins)
+        if spec.is_nested():
+            decision.parent = (_label(key[:-2]), int(key[-2]))
+        decision.key = key  # type: ignore[attr-defined]  # its path in the parameters
+        decisions[label] = decision
+    return decisions
+
+
+def to_parameters(sample: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
+    """The controller's flat sample as the parameters a trial gets (nested choices as
+    ``{"_name": option, sub-parameter: value, ...}``, as NNI's own tuners send them)."""
+    params: dict[str, Any] = {}
+    for label, d in decisions.items():
+        if label not in sample:
+            continue  # inside a nested option that was not taken
+        path = getattr(d, "key", (label,))
+        where = params
+        for part in path[:-1]:
+            if isinstance(part, str):  # a parameter name; the ints are option indices
+                where = where[part]
+        value = sample[label]
+        where[path[-1]] = {"_name": value} if getattr(d, "nested", False) else value
+    return params
+
+
+def from_parameters(parameters: Any, decisions: Mapping[str, Decision]) -> dict[str, Any] | None:
+    """The controller's flat sample for parameters a trial reports back; None if they are not in the space."""
+    if not isinstance(parameters, Mapping):
+        return None
+    sample: dict[str, Any] = {}
+    for label, d in decisions.items():
+        if d.parent is not None and sample.get(d.parent[0]) != getattr(decisions[d.parent[0]], "values")[d.parent[1]]:
+            continue  # its option was not taken
+        path = getattr(d, "key", (label,))
+        where: Any = parameters
+        for part in path[:-1]:
+            if isinstance(part, str):
+                where = where.get(part) if isinstance(where, Mapping) else None
+        if not isinstance(where, Mapping) or path[-1] not in where:
+            return None
+        value = where[path[-1]]
+        if getattr(d, "nested", False):
+            value = value.get("_name") if isinstance(value, Mapping) else None
+        try:
+            d.actions(value)
+        except ValueError:
+            return None
+        sample[label] = d.value(d.actions(value), None) if not isinstance(d, Bins) else value
+    return sample
 
 
 # ---- reported values ------------------------------------------------------------------------------
@@ -158,6 +263,9 @@ class TunerSettings:
     optimize_mode: str = "maximize"
     #: finished trials per controller update (the REINFORCE batch)
     samples_per_update: int = 4
+    #: equal-probability bins of a continuous parameter (uniform, loguniform, normal, ...; a q-type
+    #: with at most this many values is a choice of them); see nni_fedexit.search.decisions
+    numerical_bins: int = DEFAULT_BINS
     seed: int = 0
     #: ControllerSettings fields (hidden_size, lr, baseline_decay, entropy_weight, tanh_constant, ...),
     #: on top of CONTROLLER_DEFAULTS
@@ -181,6 +289,8 @@ class TunerSettings:
         if self.optimize_mode not in _OPTIMIZE_MODES:
             raise ValueError(f"classArgs.optimize_mode must be one of {_OPTIMIZE_MODES}, got {self.optimize_mode!r}")
         positive_int("classArgs.samples_per_update", self.samples_per_update)
+        if isinstance(self.numerical_bins, bool) or not isinstance(self.numerical_bins, int) or self.numerical_bins < 2:
+            raise ValueError(f"classArgs.numerical_bins must be an integer >= 2, got {self.numerical_bins!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"classArgs.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.controller, Mapping):
@@ -216,7 +326,9 @@ class SizeAwarePGTuner(Tuner):
             )
         self.settings = TunerSettings(**class_args)
         self.baseline_params: float | None = self.settings.baseline_params
-        self.space: dict[str, list[Any]] | None = None
+        #: the controller's decisions (one per parameter) and the search space they came from
+        self.space: dict[str, Decision] | None = None
+        self.search_space: dict[str, Any] | None = None
         self.learner: PolicyGradient | None = None
         #: parameter id -> sample, for trials sent out and not finished yet
         self.pending: dict[int, dict[str, Any]] = {}
@@ -253,21 +365,21 @@ class SizeAwarePGTuner(Tuner):
 
     def update_search_space(self, search_space: Mapping[str, Any]) -> None:
         """Build the controller over the space's parameters (errors name the unsupported parameter)."""
-        space = parse_search_space(search_space)
+        space = parse_search_space(search_space, self.settings.numerical_bins)
+        plain = json.loads(json.dumps(search_space))
         with self._lock:
-            if self.space == space and self.learner is not None:
+            if self.search_space == plain and self.learner is not None:
                 return
             if self.learner is not None:
                 _logger.warning("The search space changed: the controller starts over on the new one")
-            self.space = space
+            self.space, self.search_space = space, plain
             self.learner = PolicyGradient(space, self.settings.controller_settings())
             self.pending.clear()
             self._batch.clear()
             if self._saved_state is not None:
                 self._restore(self._saved_state)
                 self._saved_state = None
-            _logger.info("SizeAwarePGTuner over %s (%d architectures), %s", {k: len(v) for k, v in space.items()},
-                         math.prod(len(v) for v in space.values()), self.settings)
+            _logger.info("SizeAwarePGTuner over %s, %s", {k: d.sizes for k, d in space.items()}, self.settings)
 
     def generate_parameters(self, parameter_id: int, **kwargs: Any) -> dict[str, Any]:
         """A sample of the controller's policy; kept pending until its trial reports or fails."""
@@ -278,7 +390,7 @@ class SizeAwarePGTuner(Tuner):
             self.pending[int(parameter_id)] = sample
             self._save()
             _logger.info("[parameter %s] %s", parameter_id, _arch(sample))
-            return dict(sample)
+            return to_parameters(sample, self.space)
 
     def receive_trial_result(self, parameter_id: int, parameters: Mapping[str, Any], value: Any, **kwargs: Any) -> None:
         """Score a finished trial and give its reward to the controller."""
@@ -394,7 +506,8 @@ class SizeAwarePGTuner(Tuner):
         metric, params = parse_metric(value)
         where = f"parameter {parameter_id}" if parameter_id is not None else f"{source} {trial_job_id or ''}".strip()
         if sample is None:
-            _logger.warning("[%s] parameters %r are not in the search space %s: skipped", where, parameters, self.space)
+            _logger.warning("[%s] parameters %r are not in the search space %s: skipped", where, parameters,
+                            self.search_space)
             return 0
         if metric is None:
             _logger.warning("[%s] reported %r, not a number or {'default': number}: skipped, no reward", where, value)
@@ -413,16 +526,13 @@ class SizeAwarePGTuner(Tuner):
         return 1
 
     def _sample_of(self, parameters: Any) -> dict[str, Any] | None:
-        """The controller's sample for these parameters, or None if they are not in the space."""
-        assert self.space is not None
-        if not isinstance(parameters, Mapping):
-            return None
-        sample = {}
-        for label, values in self.space.items():
-            if label not in parameters or parameters[label] not in values:
-                return None
-            sample[label] = values[values.index(parameters[label])]
-        return sample
+        """The controller's sample for these parameters (or for a flat sample of its own), or None if
+        they are not in the space."""
+        assert self.space is not None and self.learner is not None
+        sample = from_parameters(parameters, self.space)
+        if sample is None and isinstance(parameters, Mapping) and self.learner.contains(parameters):
+            sample = dict(parameters)  # already the controller's flat form (a pending sample)
+        return sample if sample is not None and self.learner.contains(sample) else None
 
     def _take_orphan(self, parameters: Any) -> bool:
         sample = self._sample_of(parameters)
@@ -438,7 +548,7 @@ class SizeAwarePGTuner(Tuner):
         assert self.learner is not None
         return {
             "version": 1,
-            "space": {k: list(v) for k, v in (self.space or {}).items()},
+            "space": self.search_space,
             "controller": self.learner.state_dict(),
             "baseline_params": self.baseline_params,
             "buffer": self._batch.state(),
@@ -452,7 +562,7 @@ class SizeAwarePGTuner(Tuner):
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self.learner is not None
-        if state.get("space") != self.space:
+        if state.get("space") != self.search_space:
             _logger.warning("The saved SizeAwarePGTuner state is for another search space (%s): starting fresh",
                             list(state.get("space", {})))
             return
