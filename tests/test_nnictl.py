@@ -148,3 +148,70 @@ def test_nnictl_resume_continues_the_controller_instead_of_restarting(tmp_path):
     summary = json.loads((exp_dir / "checkpoint" / "size_aware_pg_tuner.json").read_text())
     assert len(summary["trials"]) == 12 and summary["controller_steps"] == 3  # 12 results, 4 per update
     assert len({r["trial_job_id"] for r in summary["trials"]}) == 12
+
+
+# ---- NNI's own nnictl integration case for tuners ------------------------------------------------
+
+ASSETS = ROOT / "tests" / "assets"
+
+
+def _upstream_experiment(tmp_path, search_space, duration="5m"):
+    """NNI v3.0's `tuner-random` case of test/training_service/config/pr_tests.yml (commit
+    36ba04c94e51eaa2a88b9e6e0a4077f3a9f93004): its naive_trial.py and search_space.json (copied to
+    tests/assets), maxTrialNum 2, trialConcurrency 2, maxExecDuration 5m, with SizeAwarePG as the
+    tuner (no assessor: the case's Medianstop never stops a 2-epoch trial)."""
+    (tmp_path / "trial").mkdir()
+    (tmp_path / "trial" / "naive_trial.py").write_text((ASSETS / "nni_v3_naive_trial.py").read_text())
+    config = {
+        "searchSpace": search_space,
+        "trialCommand": f"{sys.executable} naive_trial.py",
+        "trialCodeDirectory": str(tmp_path / "trial"),
+        "trialConcurrency": 2,
+        "maxTrialNumber": 2,
+        "maxExperimentDuration": duration,
+        "tuner": {"name": "SizeAwarePG", "classArgs": {"seed": 0}},
+        "trainingService": {"platform": "local"},
+        "experimentWorkingDirectory": str(tmp_path / "experiments"),
+    }
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run_upstream(tmp_path, search_space, deadline_s):
+    env = _isolated_env(tmp_path)
+    reg = subprocess.run([str(BIN / "nni-fedexit"), "register"], env=env, capture_output=True, text=True, timeout=120)
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    config = _upstream_experiment(tmp_path, search_space)
+    port = free_port()
+    t0 = time.time()
+    try:
+        created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
+        assert created.returncode == 0, created.stdout + created.stderr
+        status = wait_experiment_done(port, t0 + deadline_s)
+        jobs = nni_api(port, "trial-jobs")
+        experiment = nni_api(port, "experiment")
+    finally:
+        _nnictl(env, "stop", "--all")
+    return status, jobs, tmp_path / "experiments" / experiment["id"], time.time() - t0
+
+
+def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path):
+    space = json.loads((ASSETS / "nni_v3_naive_search_space.json").read_text())
+    assert {v["_type"] for v in space.values()} == {"randint", "choice", "uniform"}
+    status, jobs, _, _ = _run_upstream(tmp_path, space, 150)
+    assert status["status"] == "DONE", status
+    assert len(jobs) == 2 and all(j["status"] == "SUCCEEDED" for j in jobs), [j["status"] for j in jobs]
+    for j in jobs:
+        p = json.loads(j["hyperParameters"][0])["parameters"]
+        assert p["k"] in range(0, 4) and p["d"] in (-1, 1) and 0 <= p["n"] <= 0.2, p
+
+
+def test_a_tuner_error_at_start_fails_the_experiment_at_once_with_the_message_in_nnis_log(tmp_path):
+    bad = {"lr": {"_type": "uniform", "_value": [0.2, 0.0]}}
+    status, jobs, exp_dir, elapsed = _run_upstream(tmp_path, bad, 60)
+    assert status["status"] == "ERROR", status  # not RUNNING until maxExperimentDuration (5 minutes)
+    assert elapsed < 60 and jobs == []
+    message = "search space parameter 'lr' (uniform): low must be <= high"
+    assert message in (exp_dir / "log" / "nnimanager.log").read_text()
+    assert message in (exp_dir / "log" / "dispatcher.log").read_text()

@@ -4,7 +4,8 @@ On torch >= 2.1 NNI warns at import for every torch object it cannot trace ("...
 not a nn.Module ... your PyTorch version might not be supported"). The warning is harmless for
 what we use; this module filters exactly that message and nothing else. Import it before nni.
 
-:func:`patient_manager_start` (applied at import) gives a new NNI manager a minute to come up.
+:func:`patient_manager_start` (applied at import) gives a new NNI manager a minute to come up;
+:func:`report_dispatcher_errors` (applied at import) makes a tuner's exception fail the experiment.
 An opt-in patch for resuming experiments: :func:`accept_import_data` (a resumed NAS experiment
 keeps its command listener). The one for reading their config is
 :func:`nni_fedexit.nni_tools.reopen.plain_json_checkpoint_config`.
@@ -46,6 +47,39 @@ def patient_manager_start() -> None:
 
 
 patient_manager_start()
+
+
+def report_dispatcher_errors() -> None:
+    """Make an experiment fail at once when its tuner raises, with the tuner's message in NNI's log.
+
+    NNI 3.0's dispatcher (``MsgDispatcherBase.command_queue_worker``) logs an exception from a
+    tuner call (``update_search_space`` at start, ``generate_parameters``, ...) in dispatcher.log
+    and stops its worker thread, but tells the NNI manager nothing: the experiment stays RUNNING
+    with no trials until ``maxExperimentDuration`` runs out. The patched ``process_command``
+    first sends the error to the manager (``report_error``, NNI's own call for this, command
+    'ER'), which logs "Dispatcher error: <message>" in nnimanager.log and sets the experiment to
+    ERROR; then it raises as before. Idempotent; applied when this module is imported (the
+    dispatcher imports it with our tuner).
+    """
+    from nni.runtime.msg_dispatcher_base import MsgDispatcherBase
+
+    original = MsgDispatcherBase.process_command
+    if getattr(original, "reports_errors", False):
+        return
+
+    def process_command(self, command, data):  # type: ignore[no-untyped-def]
+        try:
+            return original(self, command, data)
+        except Exception as err:
+            self.report_error(f"{type(err).__name__} in the tuner ({command}): {err}")
+            raise
+
+    process_command.__wrapped__ = original  # type: ignore[attr-defined]
+    process_command.reports_errors = True  # type: ignore[attr-defined]
+    MsgDispatcherBase.process_command = process_command
+
+
+report_dispatcher_errors()
 
 
 def accept_import_data() -> None:
