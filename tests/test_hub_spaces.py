@@ -1,0 +1,86 @@
+"""SizeAwarePolicyGradient(mode="trials") on NNI 3.0's hub spaces, as a user would plug it in.
+
+Each space (``nni.nas.hub.pytorch``, small settings from ../shared/notes/nni-3.0.md) is searched
+with a budget of 3 trials on NNI's sequential engine; each trial trains the frozen network for a
+few steps on real digits images (sklearn's, upsampled to 3x32x32) and reports its accuracy. The
+test checks what a user relies on: every submitted sample lies in the space (InputChoice labels
+included), each trial ran and was rewarded with its parameter count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nni
+from nni.nas.evaluator import FunctionalEvaluator
+from nni.nas.execution import SequentialExecutionEngine
+from nni.nas.hub import pytorch as hub
+from nni.nas.space import RawFormatModelSpace
+from nni.mutable import CategoricalMultiple
+
+from nni_fedexit import SizeAwarePolicyGradient
+
+SPACES = {
+    "NasBench201": lambda: hub.NasBench201(stem_out_channels=8, num_modules_per_stack=1, num_labels=10),
+    "DARTS": lambda: hub.DARTS(width=8, num_cells=4, dataset="cifar"),
+    "ENAS": lambda: hub.ENAS(width=8, num_cells=4, dataset="cifar"),
+    "ProxylessNAS": lambda: hub.ProxylessNAS(num_labels=10, width_mult=0.25),
+    "MobileNetV3Space": lambda: hub.MobileNetV3Space(num_labels=10, width_multipliers=(0.25, 0.5)),
+}
+
+
+@pytest.fixture(scope="module")
+def images(digits):
+    """128 digits images as 3x32x32 tensors (the hub spaces' CIFAR-sized input), with labels."""
+    x, y = digits.train.images[:128], digits.train.labels[:128]
+    return F.interpolate(x, size=32, mode="bilinear").repeat(1, 3, 1, 1), y
+
+
+def train_a_few_steps(model, images):
+    x, y = images
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for i in range(3):
+        batch = slice(32 * i, 32 * (i + 1))
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        nni.report_final_result(float((model(x[96:]).argmax(1) == y[96:]).float().mean()))
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_trials_mode_samples_and_runs_on_the_hub_space(name, images):
+    space = SPACES[name]()
+    evaluator = FunctionalEvaluator(train_a_few_steps, images=images)
+    model_space = RawFormatModelSpace(space, evaluator)
+    engine = SequentialExecutionEngine(max_model_count=3)
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=1, seed=0)
+    strategy(model_space, engine)
+
+    models = list(engine.list_models())
+    assert len(models) == 3 and all(space.check_contains(m.sample) is None for m in models)
+    assert len(strategy.records) == 3 and all(0.0 <= r["accuracy"] <= 1.0 for r in strategy.records)
+    assert all(r["params"] > 0 for r in strategy.records) and strategy.learner.steps == 3
+    multiple = [label for label, m in space.simplify().items() if isinstance(m, CategoricalMultiple)]
+    if name in ("DARTS", "ENAS"):  # their cells pick inputs with InputChoice
+        assert multiple and all(isinstance(models[0].sample[label], list) for label in multiple)
+
+
+def test_shared_mode_searches_the_darts_cells_input_choices(digits, tmp_path):
+    """The one-shot (shared) mode on DARTS: NNI's supernet samples InputChoice paths; ours picks them."""
+    from helpers import run_shared_experiment
+    from test_strategy import _classification
+
+    torch.manual_seed(0)
+    space = hub.DARTS(width=8, num_cells=4, dataset="cifar")
+    strategy = SizeAwarePolicyGradient(final_samples=3, samples_per_update=2, seed=0)
+    (sample,) = run_shared_experiment(space, _classification(digits, max_epochs=1, size=32), strategy, tmp_path)
+    multiple = [label for label, m in space.simplify().items() if isinstance(m, CategoricalMultiple)]
+    assert space.check_contains(sample) is None and strategy.learner.steps == 3
+    assert multiple and all(isinstance(sample[label], list) and len(sample[label]) == 1 for label in multiple)
