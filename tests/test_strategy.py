@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import nni
-from nni.mutable import ensure_frozen
+from nni.mutable import ExpressionConstraint, ensure_frozen
 from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.evaluator.pytorch import DataLoader  # traced: NNI can ship it to trials
 from nni.nas.execution import SequentialExecutionEngine
+from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, model_context
 
 from nni_fedexit.search.strategy import (
@@ -231,3 +232,34 @@ def test_presets_build_strategies_and_bad_keys_are_named(tmp_path):
     bad.write_text("beta: 0\n")
     with pytest.raises(PresetError, match="beta must be a positive integer"):
         SizeAwarePolicyGradient.from_preset(bad)
+
+
+class EvenNet(ModelSpace):
+    """Two LayerChoices and a constraint on them: (a + b) even (NNI needs the default (0, 0) valid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = LayerChoice([torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(1, 8, 5, padding=2),
+                              torch.nn.Conv2d(1, 8, 1)], label="a")
+        self.b = LayerChoice([torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)], label="b")
+        self.add_mutable(ExpressionConstraint((nni.choice("a", [0, 1, 2]) + nni.choice("b", [0, 1])) % 2 == 0,
+                                              label="even"))
+        self.head = torch.nn.Linear(8, 10)
+
+    def freeze(self, sample):
+        with model_context(sample):
+            return EvenNet()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def test_shared_mode_trains_scores_and_exports_only_samples_that_keep_the_constraint(digits, tmp_path):
+    torch.manual_seed(0)
+    space = EvenNet()
+    strategy = SizeAwarePolicyGradient(final_samples=4, samples_per_update=2, seed=0, warmup_epochs=1)
+    (sample,) = run_shared_experiment(space, _classification(digits, max_epochs=2), strategy, tmp_path)
+    even = lambda s: (s["a"] + s["b"]) % 2 == 0  # noqa: E731
+    assert even(sample) and strategy.invalid_draws > 0
+    assert strategy.records and all(even(r["sample"]) for r in strategy.records)
+    assert all(even(c["sample"]) for c in strategy.final_candidates)
