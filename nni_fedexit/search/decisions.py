@@ -26,18 +26,25 @@ strategy checks a sample against them and resamples (see ``reward_for_invalid``)
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from nni.mutable import Categorical, CategoricalMultiple, MutableAnnotation, Numerical
 
-__all__ = ["Decision", "Choice", "Subset", "Bins", "DEFAULT_BINS", "decisions_of_space", "LABEL_KINDS"]
+__all__ = ["Decision", "Choice", "Subset", "Bins", "DEFAULT_BINS", "check_bins", "decisions_of_space", "LABEL_KINDS"]
 
 #: bins of a continuous label unless the strategy's or tuner's ``numerical_bins`` says otherwise
 DEFAULT_BINS = 8
 #: the label kinds a decision exists for, by NNI class name (the docs' table lists them per mode)
 LABEL_KINDS = ("Categorical", "CategoricalMultiple", "Numerical")
+
+
+def check_bins(bins: Any, key: str = "numerical_bins") -> int:
+    """``bins`` if it is an integer >= 2 (a setting's value), else an error naming ``key``."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"{key} must be an integer >= 2, got {bins!r}")
+    return bins
 
 
 class Decision:
@@ -172,9 +179,7 @@ class Bins(Decision):
     EDGE = 1e-9
 
     def __init__(self, label: str, numerical: Numerical, bins: int = DEFAULT_BINS):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"numerical_bins must be an integer >= 2, got {bins!r}")
-        self.label, self.numerical, self.bins = str(label), numerical, bins
+        self.label, self.numerical, self.bins = str(label), numerical, check_bins(bins)
         self.grid = quantised_grid(numerical, bins)
         self.sizes = [len(self.grid) if self.grid is not None else bins]
 

@@ -44,7 +44,7 @@ from nni_fedexit.checks import positive_int
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.presets import PresetError, load_preset
 from nni_fedexit.search.cost import CostModel
-from nni_fedexit.search.decisions import DEFAULT_BINS, LABEL_KINDS, Bins, Choice, Decision, decisions_of_space
+from nni_fedexit.search.decisions import DEFAULT_BINS, LABEL_KINDS, Choice, Decision, check_bins, decisions_of_space
 from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, SizeTarget, check_beta, parse_metric
 from nni.mutable import SampleValidationError
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
@@ -73,8 +73,9 @@ class LabelledModelSpace(SimplifiedModelSpace):
 
     NNI shows a NAS trial's parameters as the serialised model (symbols, arguments, evaluator).
     This adds ``architecture`` (``stage1=resnet34 stage2=...``) and every choice under its label at
-    the top level, where the web UI looks for the search space's keys: the trial table and the
-    hyper-parameter chart then show which architecture each trial evaluated.
+    the top level, where the web UI looks for the search space's keys (an InputChoice's inputs
+    joined by commas): the trial table and the hyper-parameter chart then show which architecture
+    each trial evaluated.
     """
 
     _OWN_KEYS = ("status", "model_symbol", "model_args", "model_kwargs", "evaluator", "sample", "metrics", "mutables")
@@ -92,8 +93,8 @@ class LabelledModelSpace(SimplifiedModelSpace):
         rv = super()._dump()
         if self.sample is not None:
             rv["architecture"] = architecture_label(self.sample)
-            rv.update({k: v for k, v in self.sample.items() if k not in self._OWN_KEYS and k != "architecture"
-                       and isinstance(v, (str, int, float, bool))})
+            rv.update({k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in self.sample.items()
+                       if k not in self._OWN_KEYS and k != "architecture" and isinstance(v, (str, int, float, bool, list))})
         return rv
 
     @classmethod
@@ -235,8 +236,7 @@ class SizeAwarePolicyGradient(Strategy):
         if reward_for_invalid is not None and (isinstance(reward_for_invalid, bool) or not isinstance(
                 reward_for_invalid, (int, float)) or not math.isfinite(reward_for_invalid)):
             raise ValueError(f"reward_for_invalid must be a finite number or None, got {reward_for_invalid!r}")
-        if isinstance(numerical_bins, bool) or not isinstance(numerical_bins, int) or numerical_bins < 2:
-            raise ValueError(f"numerical_bins must be an integer >= 2, got {numerical_bins!r}")
+        check_bins(numerical_bins)
         if mode is not None and mode != self.MODE:
             raise ValueError(f"{type(self).__name__} runs mode {self.MODE!r}, not {mode!r}")
         self.mode = self.MODE
@@ -261,6 +261,8 @@ class SizeAwarePolicyGradient(Strategy):
         self.numerical_bins = numerical_bins
         self.seed = seed
         self.invalid_draws = 0  # samples drawn that broke a constraint (never submitted)
+        self.decisions: dict[str, Decision] = {}  # one per label of the space, once initialized
+        self._space: Any = None  # what samples are checked against (its constraints)
         self.learner: PolicyGradient | None = None
         self.reward_fn: Reward | None = None
         self.profiler: ParamsProfiler | None = None

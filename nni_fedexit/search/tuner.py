@@ -55,7 +55,7 @@ from nni.tuner import Tuner
 from nni_fedexit.checks import positive_int
 from nni_fedexit.files import write_atomic, write_json
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
-from nni_fedexit.search.decisions import DEFAULT_BINS, Bins, Choice, Decision
+from nni_fedexit.search.decisions import DEFAULT_BINS, Bins, Choice, Decision, check_bins
 from nni_fedexit.space import architecture_label
 from nni_fedexit.search.reward import DEFAULT_BETA, SizeTarget, check_beta, parse_metric, size_aware_reward
 
@@ -289,8 +289,7 @@ class TunerSettings:
         if self.optimize_mode not in _OPTIMIZE_MODES:
             raise ValueError(f"classArgs.optimize_mode must be one of {_OPTIMIZE_MODES}, got {self.optimize_mode!r}")
         positive_int("classArgs.samples_per_update", self.samples_per_update)
-        if isinstance(self.numerical_bins, bool) or not isinstance(self.numerical_bins, int) or self.numerical_bins < 2:
-            raise ValueError(f"classArgs.numerical_bins must be an integer >= 2, got {self.numerical_bins!r}")
+        check_bins(self.numerical_bins, "classArgs.numerical_bins")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"classArgs.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.controller, Mapping):
