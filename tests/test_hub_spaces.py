@@ -72,15 +72,23 @@ def test_trials_mode_samples_and_runs_on_the_hub_space(name, images):
         assert multiple and all(isinstance(models[0].sample[label], list) for label in multiple)
 
 
-def test_shared_mode_searches_the_darts_cells_input_choices(digits, tmp_path):
+def test_shared_mode_searches_the_darts_cells_input_choices(images, tmp_path):
     """The one-shot (shared) mode on DARTS: NNI's supernet samples InputChoice paths; ours picks them."""
-    from helpers import run_shared_experiment
-    from test_strategy import _classification
+    from nni.nas.evaluator.pytorch import Classification, DataLoader
+    from torch.utils.data import TensorDataset
 
+    from helpers import run_shared_experiment
+
+    x, y = images
+    g = torch.Generator().manual_seed(0)
+    evaluator = Classification(
+        train_dataloaders=DataLoader(TensorDataset(x[:96], y[:96]), batch_size=16, shuffle=True, generator=g),
+        val_dataloaders=DataLoader(TensorDataset(x[96:], y[96:]), batch_size=8), max_epochs=1, num_classes=10,
+        learning_rate=0.01, accelerator="cpu", enable_progress_bar=False, logger=False, enable_checkpointing=False)
     torch.manual_seed(0)
     space = hub.DARTS(width=8, num_cells=4, dataset="cifar")
     strategy = SizeAwarePolicyGradient(final_samples=3, samples_per_update=2, seed=0)
-    (sample,) = run_shared_experiment(space, _classification(digits, max_epochs=1, size=32), strategy, tmp_path)
+    (sample,) = run_shared_experiment(space, evaluator, strategy, tmp_path)
     multiple = [label for label, m in space.simplify().items() if isinstance(m, CategoricalMultiple)]
-    assert space.check_contains(sample) is None and strategy.learner.steps == 3
+    assert space.check_contains(sample) is None and strategy.learner.steps == 2  # 4 validation batches
     assert multiple and all(isinstance(sample[label], list) and len(sample[label]) == 1 for label in multiple)

@@ -90,7 +90,7 @@ def engine():
 
 def ours(**kwargs):
     """Our strategy where NNI's tests put theirs (small batches: the budget is 30 trials)."""
-    return SizeAwarePolicyGradient(**{"mode": "trials", "samples_per_update": 2, "seed": 0, **kwargs})
+    return SizeAwarePolicyGradient(**{"mode": "trials", "samples_per_update": 4, "seed": 0, **kwargs})
 
 
 # ---- test_sanity.py: test_reinforcement_learning ---------------------------------------------------
