@@ -178,10 +178,19 @@ def _upstream_experiment(tmp_path, search_space, duration="5m"):
     return path
 
 
-def _run_upstream(tmp_path, search_space, deadline_s):
-    env = _isolated_env(tmp_path)
-    reg = subprocess.run([str(BIN / "nni-fedexit"), "register"], env=env, capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """An NNI config directory where SizeAwarePG is registered (once for the tests below)."""
+    folder = tmp_path_factory.mktemp("nni-config")
+    reg = subprocess.run([str(BIN / "nni-fedexit"), "register"], env=venv_env(NNI_CONFIG_DIR=str(folder)),
+                         capture_output=True, text=True, timeout=120)
     assert reg.returncode == 0, reg.stdout + reg.stderr
+    return folder
+
+
+def _run_upstream(tmp_path, registered, search_space, deadline_s):
+    env = venv_env(NNI_CONFIG_DIR=str(registered), HOME=str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
     config = _upstream_experiment(tmp_path, search_space)
     port = free_port()
     t0 = time.time()
@@ -196,10 +205,10 @@ def _run_upstream(tmp_path, search_space, deadline_s):
     return status, jobs, tmp_path / "experiments" / experiment["id"], time.time() - t0
 
 
-def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path):
+def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path, registered):
     space = json.loads((ASSETS / "nni_v3_naive_search_space.json").read_text())
     assert {v["_type"] for v in space.values()} == {"randint", "choice", "uniform"}
-    status, jobs, _, _ = _run_upstream(tmp_path, space, 150)
+    status, jobs, _, _ = _run_upstream(tmp_path, registered, space, 150)
     assert status["status"] == "DONE", status
     assert len(jobs) == 2 and all(j["status"] == "SUCCEEDED" for j in jobs), [j["status"] for j in jobs]
     for j in jobs:
@@ -207,9 +216,9 @@ def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path)
         assert p["k"] in range(0, 4) and p["d"] in (-1, 1) and 0 <= p["n"] <= 0.2, p
 
 
-def test_a_tuner_error_at_start_fails_the_experiment_at_once_with_the_message_in_nnis_log(tmp_path):
+def test_a_tuner_error_at_start_fails_the_experiment_at_once_with_the_message_in_nnis_log(tmp_path, registered):
     bad = {"lr": {"_type": "uniform", "_value": [0.2, 0.0]}}
-    status, jobs, exp_dir, elapsed = _run_upstream(tmp_path, bad, 60)
+    status, jobs, exp_dir, elapsed = _run_upstream(tmp_path, registered, bad, 60)
     assert status["status"] == "ERROR", status  # not RUNNING until maxExperimentDuration (5 minutes)
     assert elapsed < 60 and jobs == []
     message = "search space parameter 'lr' (uniform): low must be <= high"
