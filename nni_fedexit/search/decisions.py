@@ -58,6 +58,11 @@ class Decision:
     #: ``(label, index)``: the label is decided only when that Choice label took that index (a
     #: classic search space's nested choice); None: always decided
     parent: tuple[str, int] | None = None
+    #: where the value goes in a classic search space's parameters (NNI's ``ParameterSpec.key``:
+    #: names, and option indices of nested choices); None: under the label itself
+    key: tuple | None = None
+    #: a nested choice of a classic search space: its value goes out as ``{"_name": value}``
+    nested: bool = False
 
     def value(self, actions: Sequence[int], generator: torch.Generator | None) -> Any:
         """The label's value for these actions (``generator`` None: the deterministic middle of a bin)."""

@@ -428,7 +428,8 @@ class SizeAwarePolicyGradient(Strategy):
         if not state:
             return
         if self.learner is None:
-            _logger.info("Strategy state kept; it is restored when the strategy is initialized with a space.")
+            _logger.info("Strategy state not restored yet (no space yet): it is kept, and restored when the "
+                         "strategy is initialized with a space.")
             self._pending_state = dict(state)
             return
         self.learner.load_state_dict(state["controller"])

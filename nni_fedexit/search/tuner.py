@@ -96,7 +96,7 @@ def _numerical(label: str, kind: str, values: list[Any]) -> Numerical:
 
 
 def _check_choices(name: str, spec: Any) -> None:
-    """Our checks of one parameter, on top of NNI's validate_search_space (messages name the fix)."""
+    """One parameter's checks, nested ones too (NNI's rules; each message names the parameter and the fix)."""
     if not isinstance(spec, Mapping) or "_type" not in spec or "_value" not in spec:
         raise ValueError(f"search space parameter {name!r}: expected {{'_type': ..., '_value': [...]}}, got {spec!r}")
     kind, values = spec["_type"], spec["_value"]
@@ -172,7 +172,7 @@ def parse_search_space(search_space: Mapping[str, Any], numerical_bins: int = DE
         label = _label(key)
         if spec.type == "choice" and all(isinstance(v, Mapping) for v in spec.values):
             decision: Decision = Choice(label, [v["_name"] for v in spec.values])
-            decision.nested = True  # type: ignore[attr-defined]
+            decision.nested = True
         elif spec.type == "choice":
             decision = Choice(label, spec.values)
         elif spec.type == "randint":
@@ -184,7 +184,7 @@ def parse_search_space(search_space: Mapping[str, Any], numerical_bins: int = DE
             decision = Bins(label, _numerical(label, spec.type, spec.values), numerical_bins)
         if spec.is_nested():
             decision.parent = (_label(key[:-2]), int(key[-2]))
-        decision.key = key  # type: ignore[attr-defined]  # its path in the parameters
+        decision.key = key
         decisions[label] = decision
     return decisions
 
@@ -196,13 +196,13 @@ def to_parameters(sample: Mapping[str, Any], decisions: Mapping[str, Decision]) 
     for label, d in decisions.items():
         if label not in sample:
             continue  # inside a nested option that was not taken
-        path = getattr(d, "key", (label,))
+        path = d.key or (label,)
         where = params
         for part in path[:-1]:
             if isinstance(part, str):  # a parameter name; the ints are option indices
                 where = where[part]
         value = sample[label]
-        where[path[-1]] = {"_name": value} if getattr(d, "nested", False) else value
+        where[path[-1]] = {"_name": value} if d.nested else value
     return params
 
 
@@ -212,9 +212,10 @@ def from_parameters(parameters: Any, decisions: Mapping[str, Decision]) -> dict[
         return None
     sample: dict[str, Any] = {}
     for label, d in decisions.items():
-        if d.parent is not None and sample.get(d.parent[0]) != getattr(decisions[d.parent[0]], "values")[d.parent[1]]:
+        parent = decisions[d.parent[0]] if d.parent is not None else None
+        if isinstance(parent, Choice) and sample.get(parent.label) != parent.values[d.parent[1]]:
             continue  # its option was not taken
-        path = getattr(d, "key", (label,))
+        path = d.key or (label,)
         where: Any = parameters
         for part in path[:-1]:
             if isinstance(part, str):
@@ -222,7 +223,7 @@ def from_parameters(parameters: Any, decisions: Mapping[str, Decision]) -> dict[
         if not isinstance(where, Mapping) or path[-1] not in where:
             return None
         value = where[path[-1]]
-        if getattr(d, "nested", False):
+        if d.nested:
             value = value.get("_name") if isinstance(value, Mapping) else None
         try:
             d.actions(value)
