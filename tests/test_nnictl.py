@@ -60,6 +60,22 @@ def _write_experiment(tmp_path, trials):
     return path
 
 
+def _create_and_wait(env, config, deadline_s):
+    """`nnictl create` the experiment, wait until it ends, read it, `nnictl stop --all`:
+    (check-status, trial jobs, experiment, seconds, the stop's result)."""
+    port = free_port()
+    t0 = time.time()
+    try:
+        created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
+        assert created.returncode == 0, created.stdout + created.stderr
+        status = wait_experiment_done(port, t0 + deadline_s)
+        jobs = nni_api(port, "trial-jobs")
+        experiment = nni_api(port, "experiment")
+    finally:
+        stopped = _nnictl(env, "stop", "--all")
+    return status, jobs, experiment, time.time() - t0, stopped
+
+
 def test_nnictl_experiment_with_size_aware_pg_concentrates_on_the_planted_best(tmp_path):
     trials = 40
     env = _isolated_env(tmp_path)
@@ -69,17 +85,7 @@ def test_nnictl_experiment_with_size_aware_pg_concentrates_on_the_planted_best(t
     assert "| SizeAwarePG     | tuner      | user      | SizeAwarePGTuner" in listed.stdout, listed.stdout
 
     config = _write_experiment(tmp_path, trials)
-    port = free_port()
-    t0 = time.time()
-    try:
-        created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
-        assert created.returncode == 0, created.stdout + created.stderr
-        status = wait_experiment_done(port, t0 + 150)
-        jobs = nni_api(port, "trial-jobs")
-        experiment = nni_api(port, "experiment")
-    finally:
-        stopped = _nnictl(env, "stop", "--all")
-    elapsed = time.time() - t0
+    status, jobs, experiment, elapsed, stopped = _create_and_wait(env, config, 150)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
     assert status["status"] == "DONE", status
@@ -192,17 +198,8 @@ def _run_upstream(tmp_path, registered, search_space, deadline_s):
     env = venv_env(NNI_CONFIG_DIR=str(registered), HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     config = _upstream_experiment(tmp_path, search_space)
-    port = free_port()
-    t0 = time.time()
-    try:
-        created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
-        assert created.returncode == 0, created.stdout + created.stderr
-        status = wait_experiment_done(port, t0 + deadline_s)
-        jobs = nni_api(port, "trial-jobs")
-        experiment = nni_api(port, "experiment")
-    finally:
-        _nnictl(env, "stop", "--all")
-    return status, jobs, tmp_path / "experiments" / experiment["id"], time.time() - t0
+    status, jobs, experiment, elapsed, _ = _create_and_wait(env, config, deadline_s)
+    return status, jobs, tmp_path / "experiments" / experiment["id"], elapsed
 
 
 def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path, registered):

@@ -171,8 +171,12 @@ class PolicyGradient:
             raise ValueError("the search space has no choices to search")
         sizes = [self.decisions[label].sizes[j] for label, j in self._steps]
         groups = [self.labels.index(label) if self.decisions[label].exclusive else None for label, _ in self._steps]
-        self._first_step = {label: next((i for i, (l, _) in enumerate(self._steps) if l == label), None)
-                            for label in self.labels}
+        #: each label's steps, as a slice of the rollout (its first step is where a nested label's parent decided)
+        self._slices: dict[str, slice] = {}
+        start = 0
+        for label, d in self.decisions.items():
+            self._slices[label] = slice(start, start + len(d.sizes))
+            start += len(d.sizes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.settings.seed)
             self.controller = LSTMController(sizes, self.settings, groups)
@@ -190,13 +194,14 @@ class PolicyGradient:
         parent = self.decisions[self._steps[step][0]].parent
         if parent is None:
             return False
-        first = self._first_step[parent[0]]
+        where = self._slices[parent[0]]
+        first = where.start if where.stop > where.start else None
         return first is None or first >= len(chosen) or chosen[first] != parent[1]
 
     def _to_sample(self, actions: Sequence[int | None], generator: torch.Generator | None) -> dict[str, Any]:
         sample: dict[str, Any] = {}
         for label, d in self.decisions.items():
-            acts = [actions[i] for i, (l, _) in enumerate(self._steps) if l == label]
+            acts = list(actions[self._slices[label]])
             if any(a is None for a in acts):
                 continue  # a nested label its parent did not choose
             sample[label] = d.value(acts, generator)

@@ -226,10 +226,10 @@ def from_parameters(parameters: Any, decisions: Mapping[str, Decision]) -> dict[
         if d.nested:
             value = value.get("_name") if isinstance(value, Mapping) else None
         try:
-            d.actions(value)
+            actions = d.actions(value)
         except ValueError:
             return None
-        sample[label] = d.value(d.actions(value), None) if not isinstance(d, Bins) else value
+        sample[label] = value if isinstance(d, Bins) else d.value(actions, None)
     return sample
 
 
