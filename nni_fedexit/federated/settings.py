@@ -26,7 +26,8 @@ __all__ = ["FederatedSettings", "OPERATIONAL"]
 
 #: settings that do not change what a run computes: a checkpoint may be resumed with others
 OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "backend", "flower_superlink",
-               "flower_home", "node_wait", "round_timeout", "client_threads")
+               "flower_home", "node_wait", "round_timeout", "client_threads", "workers", "client_num_cpus",
+               "client_num_gpus", "ray_address")
 
 #: settings added after checkpoints were first written, with the values that compute what runs did
 #: before them (left out of the fingerprint at those, so a checkpoint of an earlier version resumes
@@ -112,7 +113,8 @@ class FederatedSettings:
     max_client_samples: int | None = None
     #: attempts of a round that got fewer than min_clients updates, before the run stops
     round_retries: int = 1
-    #: where the rounds run, by name (``federated.backends``): "simulation" (in this process) or "flower"
+    #: where the rounds run, by name (``federated.backends``): "simulation" (in this process),
+    #: "flower-simulation" (virtual SuperNodes on Flower's simulation engine, Ray) or "flower"
     backend: str = "simulation"
     #: flower backend: the SuperLink connection (a ``[superlink.NAME]`` entry of
     #: ``$FLWR_HOME/config.toml``) the run is submitted to with ``flwr run``
@@ -123,8 +125,18 @@ class FederatedSettings:
     node_wait: float = 120.0
     #: flower backend: seconds a round waits for the nodes' replies (late ones are left out)
     round_timeout: float = 600.0
-    #: flower backend: torch threads of each ClientApp (0: torch's default)
+    #: torch threads of each client's training (0: torch's default; 1 when ``workers`` > 1)
     client_threads: int = 0
+    #: clients trained at the same time: ``simulation``: threads of this process (each with its
+    #: own copy of the model); ``flower-simulation``: Ray actors (``workers * client_num_cpus``
+    #: CPUs for a Ray instance this run starts; an existing cluster's size decides otherwise)
+    workers: int = 1
+    #: flower-simulation: CPUs and GPUs each virtual SuperNode's ClientApp holds (fractions allowed)
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    #: flower-simulation: address of a running Ray cluster (``ray start --head``), e.g.
+    #: "127.0.0.1:6379"; None: a private Ray instance on this machine, started and stopped by the run
+    ray_address: str | None = None
     checkpoint_dir: str | None = None
     resume: bool = True
     device: str = "cpu"
@@ -168,6 +180,16 @@ class FederatedSettings:
         for key in ("server_momentum", "server_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
+        positive_int("workers", self.workers)
+        if not (math.isfinite(self.client_num_cpus) and self.client_num_cpus > 0):
+            raise ValueError(f"client_num_cpus: must be a number > 0 (a fraction is allowed), got {self.client_num_cpus}")
+        if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
+            raise ValueError(f"client_num_gpus: must be a number >= 0 (a fraction is allowed), got {self.client_num_gpus}")
+        if self.client_num_gpus > 0 and not str(self.device).startswith("cuda"):
+            raise ValueError(f"client_num_gpus: {self.client_num_gpus} GPUs per client, but device is "
+                             f"{self.device!r}; set device: cuda (or client_num_gpus: 0)")
+        if self.ray_address is not None and not str(self.ray_address).strip():
+            raise ValueError("ray_address: empty; give the cluster's HOST:PORT (ray start --head prints it), or leave it out")
         if self.client_threads < 0:
             raise ValueError(f"client_threads: must be >= 0 (0: torch's default), got {self.client_threads}")
         if self.round_retries < 0:

@@ -20,7 +20,7 @@ MetricRecord with ``num-examples`` (and ``train-loss``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,7 +33,7 @@ from nni_fedexit.federated.objectives import ClientObjective, make_objective
 from nni_fedexit.federated.settings import FederatedSettings
 from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict
 
-__all__ = ["app", "node_data", "node_partition"]
+__all__ = ["app", "node_data", "node_partition", "query", "train_branch"]
 
 app = ClientApp()
 
@@ -110,13 +110,25 @@ def node_settings(run_config: Mapping[str, Any], parts: int) -> tuple[FederatedS
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the branch model carried by ``msg`` on this node's partition."""
-    cfg = dict(context.run_config)
+    return train_branch(msg, context, dict(context.run_config))
+
+
+def train_branch(msg: Message, context: Context, cfg: Mapping[str, Any],
+                 partition: Callable[[int], ImageData] | None = None) -> Message:
+    """Train the branch model carried by ``msg`` with run config ``cfg``; the reply holds only
+    the branch's arrays. ``partition(i)`` gives partition ``i``'s data where the caller holds it
+    (Flower's simulation engine: the driver's data set, through Ray's object store); else the
+    node loads its data as its node config says."""
     pid, parts = node_partition(context.node_config)
     settings, objective = node_settings(cfg, max(parts, 1))
     if settings.client_threads > 0:
         torch.set_num_threads(settings.client_threads)
     record = msg.content.config_records.get("data")
-    local, shape = node_data(context.node_config, settings, DataShape.from_config(record) if record else None)
+    shape = DataShape.from_config(record) if record else None
+    if partition is not None and pid is not None and shape is not None:
+        local = partition(pid)
+    else:
+        local, shape = node_data(context.node_config, settings, shape)
 
     key = settings.fingerprint() + repr(shape) + repr(sorted((k, v) for k, v in cfg.items() if k.startswith(("space-", "architecture"))))
     if key not in _MODEL_CACHE:

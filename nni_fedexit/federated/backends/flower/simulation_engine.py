@@ -1,0 +1,173 @@
+"""S5 backend ``flower-simulation``: our ServerApp and ClientApp on Flower's simulation engine.
+
+``num_clients`` virtual SuperNodes (node config ``partition-id``, ``num-partitions``, as Flower
+gives them) run our ClientApp's training in a pool of Ray actors, each holding
+``client_num_cpus`` CPUs and ``client_num_gpus`` GPUs (fractions allowed: 0.25 puts four clients
+on one GPU). The ServerApp runs in this process, in a thread Flower starts, with
+:class:`~nni_fedexit.federated.backends.flower.server_app.BranchStrategy` on the same
+:class:`~nni_fedexit.federated.rounds.RoundEngine` as every backend: the same assignment, seeds,
+aggregation, validation, best round and checkpoints, and ``on_record`` once per round (NNI's
+intermediate result). The clients train on this process's partitions, put once into Ray's
+object store, so a run gives the in-process simulation's weights for the same settings (with one
+torch thread per client on both sides).
+
+Ray: without ``ray_address`` the run starts a private Ray instance on 127.0.0.1 with
+``workers * client_num_cpus`` CPUs and stops it at the end; with ``ray_address`` it attaches to
+that cluster (``ray start --head`` on one machine, ``ray start --address`` on the others) and
+the cluster's resources decide how many clients train at once. Needs ``flwr[simulation]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from nni_fedexit.data import ImageData
+from nni_fedexit.exits import ExitCost
+from nni_fedexit.federated.checkpoint import Checkpoint
+from nni_fedexit.federated.client_data import FederatedData
+from nni_fedexit.federated.errors import FederatedError
+from nni_fedexit.federated.rounds import RoundEngine, RunOutcome
+from nni_fedexit.federated.settings import FederatedSettings
+
+__all__ = ["backend_config", "ray_init_args", "run_on_flower_simulation"]
+
+_logger = logging.getLogger(__name__)
+
+#: keeps every Ray listener on 127.0.0.1 (else Ray binds the host's address on all interfaces)
+_LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def ray_init_args(settings: FederatedSettings) -> dict[str, Any]:
+    """``ray.init`` arguments: a private instance on 127.0.0.1 sized for ``workers`` clients, or
+    the cluster at ``ray_address`` (whose own resources then count)."""
+    s = settings
+    common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if s.ray_address:
+        return {"address": s.ray_address, **common}
+    args: dict[str, Any] = {"address": "local", "num_cpus": s.workers * s.client_num_cpus,
+                            "_node_ip_address": "127.0.0.1", **common}
+    if s.client_num_gpus > 0:
+        args["num_gpus"] = max(1, int(-(-s.workers * s.client_num_gpus // 1)))
+    return args
+
+
+def backend_config(settings: FederatedSettings) -> dict[str, Any]:
+    """Flower's simulation backend config: each virtual SuperNode's resources."""
+    return {"client_resources": {"num_cpus": settings.client_num_cpus, "num_gpus": settings.client_num_gpus}}
+
+
+@contextlib.contextmanager
+def _ray_session(settings: FederatedSettings) -> Iterator[Any]:
+    """Ray, initialised for this run and shut down after it (left alone if the caller had it running)."""
+    try:
+        import ray
+    except ImportError:
+        raise FederatedError("backend 'flower-simulation' needs Ray: pip install 'nni-fedexit[flower]' "
+                             "(it installs flwr[simulation], which pins ray)") from None
+    saved = {k: os.environ.get(k) for k in (*_LOCAL_ONLY, "PYTHONPATH")}
+    os.environ.update({k: v for k, v in _LOCAL_ONLY.items() if k not in os.environ})
+    started = not ray.is_initialized()
+    try:
+        if started:
+            try:
+                ray.init(**ray_init_args(settings))
+            except ConnectionError as err:
+                raise FederatedError(f"ray_address: no Ray cluster answers at {settings.ray_address} ({err}); start "
+                                     "one with `ray start --head --port=PORT` or leave ray_address out") from None
+        yield ray
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+        for key, value in saved.items():  # Flower rewrites PYTHONPATH for its actors
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+#: each actor's copy of the run's partitions, by the object's id (one run at a time per actor)
+_PARTITIONS: dict[str, list[ImageData]] = {}
+
+
+def fetch_partition(ref: Any, i: int) -> ImageData:
+    """Partition ``i`` of the run whose partitions are the Ray object ``ref`` (fetched once per actor)."""
+    key = ref.hex()
+    if key not in _PARTITIONS:
+        import ray
+
+        _PARTITIONS.clear()
+        _PARTITIONS[key] = ray.get(ref)
+    return _PARTITIONS[key][i]
+
+
+def _apps(engine: RoundEngine, cfg: Mapping[str, Any], partition: Callable[[int], ImageData], data_shape: dict) -> tuple:
+    """Our ServerApp (on ``engine``, in this process) and ClientApp (in the actors, with ``cfg``)."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+
+    from nni_fedexit.federated.backends.flower import client_app
+    from nni_fedexit.federated.backends.flower.common import to_array_record
+    from nni_fedexit.federated.backends.flower.server_app import BranchStrategy, discover_nodes
+
+    s = engine.settings
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        profiles = discover_nodes(grid, s.num_clients, s.node_wait, s.round_timeout)
+        if len(profiles) < s.num_clients:
+            raise FederatedError(f"only {len(profiles)} of {s.num_clients} virtual SuperNodes reported in "
+                                 f"node_wait={s.node_wait} s; raise node_wait, or check the Ray log")
+        strategy = BranchStrategy(engine, profiles, node_wait=s.node_wait, query_timeout=s.round_timeout,
+                                  data_shape=data_shape)
+        engine.checkpoint_extra = strategy.checkpoint_extra
+        strategy.start(grid=grid, initial_arrays=to_array_record(engine.model.state_dict()),
+                       num_rounds=s.rounds - engine.done, timeout=s.round_timeout, evaluate_fn=strategy.evaluate)
+
+    client = ClientApp()
+    client.query()(client_app.query)
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return client_app.train_branch(msg, context, cfg, partition)
+
+    return server, client
+
+
+def run_on_flower_simulation(
+    model: torch.nn.Module, settings: FederatedSettings, data: FederatedData, costs: Sequence[ExitCost],
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> RunOutcome:
+    """The ``flower-simulation`` backend: ``settings.rounds`` rounds on ``num_clients`` virtual SuperNodes."""
+    s = settings
+    if getattr(model, "arch", None) is None or getattr(model, "spec", None) is None:
+        raise FederatedError("backend 'flower-simulation' rebuilds the network in its ClientApps from its architecture: "
+                             "give federate() a network of ResNetBlockPoolSpace (space.build(sample) or NNI's trial model)")
+    try:
+        from flwr.simulation import run_simulation
+    except ImportError:
+        raise FederatedError("backend 'flower-simulation' needs flwr[simulation]: pip install 'nni-fedexit[flower]'") from None
+    from nni_fedexit.federated.backends.flower.common import DataShape, run_config
+
+    ckpt = Checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
+    engine = RoundEngine(model, s, costs, data.val, ckpt, on_record, client_sizes=[len(c) for c in data.clients],
+                         server_train=data.server_train)
+    engine.resume()
+    if s.rounds > engine.done:
+        cfg = run_config(s, model.arch, model.spec)
+        with _ray_session(s) as ray:
+            partition = functools.partial(fetch_partition, ray.put(list(data.clients)))
+            server, client = _apps(engine, cfg, partition, DataShape.of(data.bundle).to_config())
+            run_simulation(server_app=server, client_app=client, num_supernodes=s.num_clients,
+                           backend_config=backend_config(s))
+        if engine.done < s.rounds:
+            raise FederatedError(f"the Flower simulation ended after round {engine.done} of {s.rounds} (see the log above)"
+                                 + (f"; rounds 1..{engine.done} are kept in {ckpt.folder}: rerun to resume" if ckpt else ""))
+    return engine.outcome(data.summary)
