@@ -42,12 +42,17 @@ from nni_fedexit.federated.settings import FederatedSettings
 __all__ = [
     "ClientTask", "Participant", "RoundPlan", "RoundResults", "RoundEngine", "RunOutcome", "better", "check_weight",
     "metric_dict",
-    "stable_seed", "validate",
+    "stable_seed", "tensor_bytes", "validate",
 ]
 
 _logger = logging.getLogger(__name__)
 
 State = Mapping[str, torch.Tensor]
+
+
+def tensor_bytes(state: State, keys: Sequence[str] | None = None) -> int:
+    """Bytes of the tensors of ``state`` (only ``keys``, if given)."""
+    return sum(state[k].nelement() * state[k].element_size() for k in (state if keys is None else keys))
 
 
 def stable_seed(*parts: int) -> int:
@@ -161,6 +166,10 @@ class RoundResults:
         self.rejected: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.losses: list[float] = []
+        #: the weights moved this round, in bytes: to the clients and back (Flower: the ArrayRecords
+        #: of the messages; in-process: the tensors of the branch entries handed over)
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     @property
     def accepted(self) -> int:
@@ -202,6 +211,7 @@ class RoundResults:
             "clients": [task.to_dict() for task in self.plan.tasks], "accepted": self.accepted,
             "rejected": self.rejected, "failed": self.failed,
             "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
 
 

@@ -1,16 +1,23 @@
-"""S5 backend ``simulation``: edge clients trained in-process, one after another (the default).
+"""S5 backend ``simulation``: edge clients trained in-process (the default).
 
-Memory holds the global model and one client model: each client's turn loads the global weights
-into that one model, trains the branch it was given on its partition (data loaded once, at the
-start), and hands the update to the round's results before the next client starts. The rounds
-themselves are :class:`~nni_fedexit.federated.rounds.RoundEngine`'s.
+Memory holds the global model and one client model per worker: each client's turn loads the
+global weights into a free client model, trains the branch it was given on its partition (data
+loaded once, at the start), and hands the update to the round's results. With ``workers`` > 1
+that many clients train at once, in threads of this process (torch releases Python's lock in
+its kernels; each client then uses ``client_threads`` torch threads, default 1), on the CPU or
+on ``device``'s GPU; updates are aggregated in the plan's order, so the weights do not depend on
+which client finished first. The rounds themselves are
+:class:`~nni_fedexit.federated.rounds.RoundEngine`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Any, Callable, Mapping, Sequence
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -21,7 +28,7 @@ from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_loca
 from nni_fedexit.federated.client_data import FederatedData
 from nni_fedexit.federated.errors import FederatedError
 from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective
-from nni_fedexit.federated.rounds import ClientTask, RoundEngine, RunOutcome
+from nni_fedexit.federated.rounds import ClientTask, RoundEngine, RunOutcome, tensor_bytes
 from nni_fedexit.federated.settings import FederatedSettings
 
 __all__ = ["SimulationBackend", "run_simulation"]
@@ -34,8 +41,13 @@ class SimulationBackend:
 
     def __init__(self, template: MultiExitNetwork, client_data: Sequence[ImageData], local: LocalSettings,
                  all_exits: bool = True, objective: ClientObjective | None = None,
-                 client_states: dict[int, dict[str, torch.Tensor]] | None = None):
+                 client_states: dict[int, dict[str, torch.Tensor]] | None = None, workers: int = 1):
+        #: clients trained at the same time (threads), each in its own copy of the model
+        self.workers = max(1, int(workers))
         self.client_model = copy.deepcopy(template)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for model in [self.client_model] + [copy.deepcopy(template) for _ in range(self.workers - 1)]:
+            self._free.put(model)
         self.client_data = list(client_data)
         self.local = local
         self.all_exits = all_exits
@@ -45,15 +57,31 @@ class SimulationBackend:
         #: the round being trained (objectives may look at it)
         self.round = 0
 
+    @contextlib.contextmanager
+    def model(self) -> Iterator[MultiExitNetwork]:
+        """A client model no other worker is using."""
+        model = self._free.get()
+        try:
+            yield model
+        finally:
+            self._free.put(model)
+
     def train_client(self, global_state: Mapping[str, torch.Tensor], task: ClientTask) -> ClientUpdate:
         assert task.client is not None
-        self.client_model.load_state_dict(global_state)
-        branch = self.client_model.branch(task.depth, all_exits=self.all_exits)
-        update = train_local(task.client, branch, self.client_data[task.client], self.local, task.lr, task.seed,
-                             self.objective, global_state, self.client_states.get(task.client), self.round)
+        with self.model() as model:
+            model.load_state_dict(global_state)
+            branch = model.branch(task.depth, all_exits=self.all_exits)
+            update = train_local(task.client, branch, self.client_data[task.client], self.local, task.lr, task.seed,
+                                 self.objective, global_state, self.client_states.get(task.client), self.round)
         if update.client_state:
             self.client_states[task.client] = update.client_state
         return update
+
+    def _attempt(self, global_state: Mapping[str, torch.Tensor], task: ClientTask) -> ClientUpdate | Exception:
+        try:
+            return self.train_client(global_state, task)
+        except Exception as err:  # a client's failure must not end the round
+            return err
 
     def run_round(
         self,
@@ -62,16 +90,28 @@ class SimulationBackend:
         on_update: Callable[[ClientTask, ClientUpdate], None],
         on_failure: Callable[[ClientTask, BaseException], None],
     ) -> None:
-        """Run every task; a client that raises is reported to ``on_failure`` and skipped."""
-        for task in tasks:
-            try:
-                update = self.train_client(global_state, task)
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # a client's failure must not end the round
-                on_failure(task, err)
-                continue
-            on_update(task, update)
+        """Run every task (``workers`` at a time); a client that raises is reported to ``on_failure``
+        and skipped. Results are handed on in the order of ``tasks``."""
+        if self.workers == 1:
+            outcomes: Iterator[ClientUpdate | Exception] = (self._attempt(global_state, t) for t in tasks)
+            self._hand_on(tasks, outcomes, on_update, on_failure)
+            return
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fedexit-client")
+        try:
+            futures = [pool.submit(self._attempt, global_state, t) for t in tasks]
+            self._hand_on(tasks, (f.result() for f in futures), on_update, on_failure)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _hand_on(tasks: Sequence[ClientTask], outcomes: Iterator[ClientUpdate | Exception],
+                 on_update: Callable[[ClientTask, ClientUpdate], None],
+                 on_failure: Callable[[ClientTask, BaseException], None]) -> None:
+        for task, outcome in zip(tasks, outcomes):
+            if isinstance(outcome, Exception):
+                on_failure(task, outcome)
+            else:
+                on_update(task, outcome)
 
 
 def run_simulation(
@@ -89,7 +129,32 @@ def run_simulation(
     engine.resume()
     factory = clients or SimulationBackend
     backend = factory(model, data.clients, s.local_settings(), s.branch_all_exits, make_objective(s),
-                      engine.client_states)
+                      engine.client_states, **({"workers": s.workers} if s.workers > 1 else {}))
+    threads = s.client_threads or (1 if s.workers > 1 else 0)
+    with _torch_threads(threads):
+        _run_rounds(engine, backend, model, s, ckpt)
+    return engine.outcome(data.summary)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the rounds (0: left as they are)."""
+    before = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_rounds(engine: RoundEngine, backend: SimulationBackend, model: MultiExitNetwork, s: FederatedSettings,
+                ckpt: Checkpoint | None) -> None:
+    def accept(results: Any, task: ClientTask, update: ClientUpdate) -> None:
+        results.bytes_sent += tensor_bytes(global_state, [k for k in update.state if k in global_state])
+        results.bytes_received += tensor_bytes(update.state)
+        results.accept(task, update.state, update.num_samples, update.loss)
+
     for t in range(engine.done + 1, s.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         backend.round = t
@@ -99,7 +164,7 @@ def run_simulation(
             results = engine.open(plan, global_state)
             backend.run_round(
                 global_state, plan.tasks,
-                lambda task, update: results.accept(task, update.state, update.num_samples, update.loss),
+                lambda task, update: accept(results, task, update),
                 lambda task, err: results.fail(task, f"{type(err).__name__}: {err}"),
             )
             new_state = engine.close(results)
@@ -115,4 +180,3 @@ def run_simulation(
                 + "; lower min_clients or check the failing clients in the log."
             )
         engine.finish(results, new_state)
-    return engine.outcome(data.summary)

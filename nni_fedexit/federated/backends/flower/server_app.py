@@ -335,8 +335,9 @@ class BranchStrategy(Strategy):
             cfg = ConfigRecord(dict(config))
             cfg.update({"server-round": t, "depth": int(task.depth), "lr": float(task.lr), "seed": int(task.seed),
                         "all-exits": bool(s.branch_all_exits)})
-            content = RecordDict({"arrays": to_array_record(global_state, self._keys[task.depth]), "config": cfg,
-                                  "data": ConfigRecord(self.data_shape)})
+            arrays_out = to_array_record(global_state, self._keys[task.depth])
+            self.results.bytes_sent += arrays_out.count_bytes()
+            content = RecordDict({"arrays": arrays_out, "config": cfg, "data": ConfigRecord(self.data_shape)})
             self.sent.append(Message(content, task.node, MessageType.TRAIN, group_id=str(t)))
         log(INFO, "configure_train: round %d, %d of %d connected nodes: %s", t, len(self.sent), len(participants),
             ", ".join(f"node {n} ({self.profiles[n].describe()}) -> branch {k.depth}" for n, k in self.tasks.items()))
@@ -361,6 +362,7 @@ class BranchStrategy(Strategy):
             try:
                 if task is None:
                     raise UpdateRejected("the node was given no task this round")
+                results.bytes_received += sum(r.count_bytes() for r in reply.content.array_records.values())
                 update, weight, loss = read_reply(reply.content, self._specs[task.depth])
             except UpdateRejected as err:
                 results.reject(task, str(err), ref={"node": node})
