@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.request
@@ -225,6 +228,79 @@ class Processes:
             os.killpg(proc.pid, sig)  # the group whose id is this process's pid (start_new_session)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+class RayCluster(Processes):
+    """A Ray cluster on 127.0.0.1 started as a user would (``ray start --head``, ``ray start
+    --address``), each node in the foreground (``--block``) of its own session, with its own
+    free ports and temp dir: stopping them by process group stops only this cluster."""
+
+    def __init__(self, tmp_path: Path):
+        # token authentication: only processes holding the token may join or drive the cluster
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        env = venv_env(RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", **self.auth)
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set, it forbids a second node
+        super().__init__(env, tmp_path)
+        # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    def _ports() -> list[str]:
+        ports = [free_port() for _ in range(7)]
+        return [f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
+                f"--metrics-export-port={ports[2]}", f"--runtime-env-agent-port={ports[3]}",
+                f"--node-manager-port={ports[4]}", f"--object-manager-port={ports[5]}",
+                f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 40}"]
+
+    def node(self, name: str, num_cpus: int, head: bool = False) -> subprocess.Popen:
+        args = [str(BIN / "ray"), "start", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats", *self._ports()]
+        if head:
+            args += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+                     f"--ray-client-server-port={free_port()}"]
+        else:
+            args += [f"--address={self.address}"]
+        proc, _ = self.start(name, args)
+        return proc
+
+    def wait_nodes(self, count: int, timeout: float) -> None:
+        """Until ``ray status`` lists ``count`` alive nodes (a node's raylet has registered)."""
+        deadline = time.time() + timeout
+        out = ""
+        while time.time() < deadline:
+            res = subprocess.run([str(BIN / "ray"), "status", f"--address={self.address}"], env=self.env,
+                                 capture_output=True, text=True, timeout=60)
+            out = res.stdout + res.stderr
+            active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
+            if active.count("node_") >= count:
+                return
+            time.sleep(1.0)
+        raise AssertionError(f"the Ray cluster at {self.address} has not {count} nodes after {timeout} s:\n{out[-2000:]}"
+                             f"\n{self.diag()}")
+
+    def diag(self) -> str:
+        return "\n".join(f"--- {name}.log\n" + (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                         for name, _ in self.procs)
+
+    def stop_all(self) -> None:
+        super().stop_all()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def leftovers(self) -> list[str]:
+        """Processes of this machine still running for this cluster (its temp dir or address in their command line)."""
+        out = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(self.temp_dir) in cmd or self.address in cmd:
+                out.append(f"{proc.name}: {cmd[:200]}")
+        return out
 
 
 class Deployment(Processes):

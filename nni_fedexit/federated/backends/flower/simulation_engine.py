@@ -23,7 +23,8 @@ import contextlib
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+import socket
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -35,7 +36,7 @@ from nni_fedexit.federated.errors import FederatedError
 from nni_fedexit.federated.rounds import RoundEngine, RunOutcome
 from nni_fedexit.federated.settings import FederatedSettings
 
-__all__ = ["backend_config", "ray_init_args", "run_on_flower_simulation"]
+__all__ = ["RaySession", "backend_config", "check_reachable", "fetch_partition", "ray_init_args", "run_on_flower_simulation"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,29 +63,79 @@ def backend_config(settings: FederatedSettings) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": settings.client_num_cpus, "num_gpus": settings.client_num_gpus}}
 
 
-@contextlib.contextmanager
-def _ray_session(settings: FederatedSettings) -> Iterator[Any]:
-    """Ray, initialised for this run and shut down after it (left alone if the caller had it running)."""
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """ConnectionError unless something accepts TCP connections at ``address`` (HOST:PORT, or ray://HOST:PORT)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"{address!r} is not HOST:PORT")
     try:
-        import ray
-    except ImportError:
-        raise FederatedError("backend 'flower-simulation' needs Ray: pip install 'nni-fedexit[flower]' "
-                             "(it installs flwr[simulation], which pins ray)") from None
-    saved = {k: os.environ.get(k) for k in (*_LOCAL_ONLY, "PYTHONPATH")}
-    os.environ.update({k: v for k, v in _LOCAL_ONLY.items() if k not in os.environ})
-    started = not ray.is_initialized()
-    try:
-        if started:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(str(err)) from None
+
+
+class RaySession:
+    """Ray for one run: initialised here (or the caller's), and, for an instance this run started,
+    its processes waited for at the end. Flower's backend calls ``ray.shutdown()`` itself when the
+    ServerApp is done, which orphans the actors for a moment: so the processes are noted while the
+    run still holds them (:meth:`note_processes`, at the end of the ServerApp) and waited for after."""
+
+    def __init__(self, settings: FederatedSettings):
+        try:
+            import ray
+        except ImportError:
+            raise FederatedError("backend 'flower-simulation' needs Ray: pip install 'nni-fedexit[flower]' "
+                                 "(it installs flwr[simulation], which pins ray)") from None
+        self.ray = ray
+        self.settings = settings
+        self.started = False
+        self.before: set[int] = set()
+        self.processes: list[Any] = []
+
+    def __enter__(self) -> "RaySession":
+        import psutil
+
+        self.saved = {k: os.environ.get(k) for k in (*_LOCAL_ONLY, "PYTHONPATH")}
+        if self.settings.ray_address is None:  # a cluster's nodes must reach each other: not for it
+            os.environ.update({k: v for k, v in _LOCAL_ONLY.items() if k not in os.environ})
+        if not self.ray.is_initialized():
+            self.before = {p.pid for p in psutil.Process().children(recursive=True)}
             try:
-                ray.init(**ray_init_args(settings))
+                if self.settings.ray_address:  # ray.init retries an absent cluster for minutes
+                    check_reachable(self.settings.ray_address)
+                self.ray.init(**ray_init_args(self.settings))
             except ConnectionError as err:
-                raise FederatedError(f"ray_address: no Ray cluster answers at {settings.ray_address} ({err}); start "
-                                     "one with `ray start --head --port=PORT` or leave ray_address out") from None
-        yield ray
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-        for key, value in saved.items():  # Flower rewrites PYTHONPATH for its actors
+                self._restore_env()
+                raise FederatedError(f"ray_address: no Ray cluster answers at {self.settings.ray_address} ({err}); "
+                                     "start one with `ray start --head --port=PORT` or leave ray_address out") from None
+            self.started = True
+        return self
+
+    def note_processes(self) -> None:
+        """Remember the processes of a Ray instance this run started (raylet, GCS, actors)."""
+        import psutil
+
+        if self.started and self.settings.ray_address is None:
+            self.processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in self.before]
+
+    def __exit__(self, *exc: Any) -> None:
+        import psutil
+
+        try:
+            if not self.processes:
+                self.note_processes()
+            if self.started and self.ray.is_initialized():
+                self.ray.shutdown()
+            _, alive = psutil.wait_procs(self.processes, timeout=15)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(alive, timeout=5)
+        finally:
+            self._restore_env()
+
+    def _restore_env(self) -> None:
+        for key, value in self.saved.items():  # Flower rewrites PYTHONPATH for its actors
             if value is None:
                 os.environ.pop(key, None)
             else:
@@ -106,7 +157,8 @@ def fetch_partition(ref: Any, i: int) -> ImageData:
     return _PARTITIONS[key][i]
 
 
-def _apps(engine: RoundEngine, cfg: Mapping[str, Any], partition: Callable[[int], ImageData], data_shape: dict) -> tuple:
+def _apps(engine: RoundEngine, cfg: Mapping[str, Any], partition: Callable[[int], ImageData], data_shape: dict,
+          session: RaySession) -> tuple:
     """Our ServerApp (on ``engine``, in this process) and ClientApp (in the actors, with ``cfg``)."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
@@ -128,8 +180,11 @@ def _apps(engine: RoundEngine, cfg: Mapping[str, Any], partition: Callable[[int]
         strategy = BranchStrategy(engine, profiles, node_wait=s.node_wait, query_timeout=s.round_timeout,
                                   data_shape=data_shape)
         engine.checkpoint_extra = strategy.checkpoint_extra
-        strategy.start(grid=grid, initial_arrays=to_array_record(engine.model.state_dict()),
-                       num_rounds=s.rounds - engine.done, timeout=s.round_timeout, evaluate_fn=strategy.evaluate)
+        try:
+            strategy.start(grid=grid, initial_arrays=to_array_record(engine.model.state_dict()),
+                           num_rounds=s.rounds - engine.done, timeout=s.round_timeout, evaluate_fn=strategy.evaluate)
+        finally:
+            session.note_processes()
 
     client = ClientApp()
     client.query()(client_app.query)
@@ -162,9 +217,9 @@ def run_on_flower_simulation(
     engine.resume()
     if s.rounds > engine.done:
         cfg = run_config(s, model.arch, model.spec)
-        with _ray_session(s) as ray:
-            partition = functools.partial(fetch_partition, ray.put(list(data.clients)))
-            server, client = _apps(engine, cfg, partition, DataShape.of(data.bundle).to_config())
+        with RaySession(s) as session:
+            partition = functools.partial(fetch_partition, session.ray.put(list(data.clients)))
+            server, client = _apps(engine, cfg, partition, DataShape.of(data.bundle).to_config(), session)
             run_simulation(server_app=server, client_app=client, num_supernodes=s.num_clients,
                            backend_config=backend_config(s))
         if engine.done < s.rounds:
