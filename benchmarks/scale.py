@@ -8,9 +8,10 @@ clients: 48,000, the whole training pool) and each round trains ``--per-round`` 
 round is the same work at every size. Each row runs in a fresh process:
 
 - ``round_seconds``: the median of rounds 2.. (round 1 also builds the model in every actor);
-- ``peak_rss_mib``: the peak, sampled every 0.2 s, of the summed resident memory of the process
-  and all its children (Ray's GCS, raylet and actors), loading of the data set included; shared
-  pages count once per process that maps them;
+- ``peak_rss_mib``: the peak, sampled every 0.3 s, of the resident memory of the process and
+  all its children (Ray's GCS, raylet and actors), loading of the data set included, with shared
+  pages (Ray's object store, libraries) counted once: the sum of their PSS;
+  ``peak_rss_sum_mib`` is the plain sum of their RSS, which counts shared pages once per process;
 - ``bytes_per_round``: the weights moved per round, out and back (Flower: the ArrayRecords of its
   messages; in-process: the tensors handed over).
 
@@ -37,31 +38,33 @@ ARCH = {"stage1": "resnet18", "stage2": "resnet50", "stage3": "resnet18"}
 
 
 class TreeMemory:
-    """The peak summed RSS of this process and its descendants, sampled in a thread."""
+    """Peak memory of this process and its descendants, sampled in a thread: the sum of their
+    PSS (shared pages, such as Ray's object store, counted once) and the plain sum of their RSS."""
 
-    def __init__(self, every: float = 0.2):
+    def __init__(self, every: float = 0.3):
         import psutil
 
         self.me = psutil.Process()
         self.every = every
-        self.peak = 0
+        self.peak_pss = self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> None:
         import psutil
 
-        total = 0
+        pss = rss = 0
         for proc in [self.me, *self.me.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
+                info = proc.memory_full_info()
             except psutil.Error:
-                pass
-        return total
+                continue
+            pss, rss = pss + info.pss, rss + info.rss
+        self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._sample()
             self._stop.wait(self.every)
 
     def __enter__(self) -> "TreeMemory":
@@ -71,7 +74,6 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
 
 
 def one_row(args: argparse.Namespace) -> dict:
@@ -90,8 +92,8 @@ def one_row(args: argparse.Namespace) -> dict:
             local_epochs=args.epochs, batch_size=16, workers=args.workers, client_threads=1, device=args.device,
             client_num_gpus=args.gpu_fraction if args.backend == "flower-simulation" else 0.0, seed=0,
         )
-        space = ResNetBlockPoolSpace.from_preset("resnet_pool")
-        arch = {label: ARCH.get(label, "resnet18") for label in space.labels()}
+        space = ResNetBlockPoolSpace.from_preset("resnet_pool", widths=args.widths)
+        arch = {label: ARCH.get(label, "resnet18") for label in space.labels}
         torch.manual_seed(stable_seed(0))
         network = space.build(arch)
         network.arch = arch
@@ -104,7 +106,8 @@ def one_row(args: argparse.Namespace) -> dict:
         "backend": args.backend, "clients": args.clients,
         "clients_per_round": len(history[-1]["clients"]), "workers": args.workers,
         "round_seconds": round(statistics.median(later), 3),
-        "peak_rss_mib": round(memory.peak / 2**20, 1),
+        "peak_rss_mib": round(memory.peak_pss / 2**20, 1),
+        "peak_rss_sum_mib": round(memory.peak_rss / 2**20, 1),
         "bytes_per_round": int(statistics.mean(h["bytes_sent"] + h["bytes_received"] for h in history)),
         "first_round_seconds": round(history[0]["seconds"], 3), "run_seconds": round(total, 1),
         "device": args.device,
@@ -119,8 +122,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--per-client", type=int, default=48, help="training images of each client")
     parser.add_argument("--per-round", type=int, default=10, help="clients trained per round")
-    parser.add_argument("--epochs", type=int, default=2, help="local epochs")
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="stage widths of the network")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gpu-fraction", type=float, default=0.0, help="flower-simulation: GPU share of each client")
     parser.add_argument("--row", action="store_true", help="run one row (--backends, --clients, --workers: one each)")
@@ -138,7 +142,7 @@ def main() -> None:
             for workers in args.workers:
                 cmd = [sys.executable, __file__, "--row", "--backends", backend, "--clients", str(clients),
                        "--workers", str(workers), "--per-client", str(args.per_client), "--per-round",
-                       str(args.per_round), "--epochs", str(args.epochs), "--rounds", str(args.rounds),
+                       str(args.per_round), "--epochs", str(args.epochs), "--rounds", str(args.rounds), "--widths", *map(str, args.widths),
                        "--device", args.device, "--gpu-fraction", str(args.gpu_fraction)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
@@ -164,7 +168,7 @@ def main() -> None:
     result = {
         "what": "round time, peak memory and traffic against clients and workers (benchmarks/scale.py)",
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, device {args.device}",
-        "settings": {k: getattr(args, k) for k in ("per_client", "per_round", "epochs", "rounds", "gpu_fraction")},
+        "settings": {k: getattr(args, k) for k in ("per_client", "per_round", "epochs", "rounds", "widths", "gpu_fraction")},
         "network": ARCH, "rows": rows, "ratios": checks,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from nni_fedexit.federated.errors import FederatedError
 from nni_fedexit.federated.rounds import RoundEngine, RunOutcome
 from nni_fedexit.federated.settings import FederatedSettings
 
-__all__ = ["RaySession", "backend_config", "check_reachable", "fetch_partition", "ray_init_args", "run_on_flower_simulation"]
+__all__ = ["RaySession", "backend_config", "check_reachable", "fetch_partition", "put_partitions", "ray_init_args", "run_on_flower_simulation"]
 
 _logger = logging.getLogger(__name__)
 
@@ -142,19 +142,25 @@ class RaySession:
                 os.environ[key] = value
 
 
-#: each actor's copy of the run's partitions, by the object's id (one run at a time per actor)
-_PARTITIONS: dict[str, list[ImageData]] = {}
+#: each actor's handles of the run's partitions (one Ray object per partition), by the run's object id
+_PARTITIONS: dict[str, list[Any]] = {}
+
+
+def put_partitions(ray: Any, clients: Sequence[ImageData]) -> Callable[[int], ImageData]:
+    """Put each partition into Ray's object store once; the function the actors call for partition ``i``."""
+    return functools.partial(fetch_partition, ray.put([ray.put(c) for c in clients]))
 
 
 def fetch_partition(ref: Any, i: int) -> ImageData:
-    """Partition ``i`` of the run whose partitions are the Ray object ``ref`` (fetched once per actor)."""
+    """Partition ``i`` of the run whose partition handles are the Ray object ``ref``. An actor keeps
+    only the handles: its memory holds the partition it trains, not all of them."""
+    import ray
+
     key = ref.hex()
     if key not in _PARTITIONS:
-        import ray
-
         _PARTITIONS.clear()
         _PARTITIONS[key] = ray.get(ref)
-    return _PARTITIONS[key][i]
+    return ray.get(_PARTITIONS[key][i])
 
 
 def _apps(engine: RoundEngine, cfg: Mapping[str, Any], partition: Callable[[int], ImageData], data_shape: dict,
@@ -218,7 +224,7 @@ def run_on_flower_simulation(
     if s.rounds > engine.done:
         cfg = run_config(s, model.arch, model.spec)
         with RaySession(s) as session:
-            partition = functools.partial(fetch_partition, session.ray.put(list(data.clients)))
+            partition = put_partitions(session.ray, data.clients)
             server, client = _apps(engine, cfg, partition, DataShape.of(data.bundle).to_config(), session)
             run_simulation(server_app=server, client_app=client, num_supernodes=s.num_clients,
                            backend_config=backend_config(s))
