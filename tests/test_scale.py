@@ -135,6 +135,15 @@ def test_scale_settings_name_the_key_and_the_fix():
         FederatedSettings(client_num_cpus=0)
     # a fraction of a CPU or GPU is a setting, not an error
     assert FederatedSettings(client_num_cpus=0.5, client_num_gpus=0.25, device="cuda").client_num_gpus == 0.25
+    # a private Ray is sized by workers and stays local; a cluster is never given sizes (ray.init refuses both)
+    from nni_fedexit.federated.backends.flower.simulation_engine import backend_config, ray_init_args
+
+    private = ray_init_args(FederatedSettings(workers=3, client_num_cpus=0.5))
+    assert private["address"] == "local" and private["num_cpus"] == 1.5 and private["_node_ip_address"] == "127.0.0.1"
+    cluster = ray_init_args(FederatedSettings(ray_address="10.0.0.1:6379"))
+    assert cluster["address"] == "10.0.0.1:6379" and "num_cpus" not in cluster and "num_gpus" not in cluster
+    assert backend_config(FederatedSettings(client_num_gpus=0.25, device="cuda")) == {
+        "client_resources": {"num_cpus": 1.0, "num_gpus": 0.25}}
     # none of them changes what a run computes: a checkpoint resumes with others
     base = FederatedSettings()
     assert dataclasses.replace(base, workers=4, client_num_cpus=2, ray_address="127.0.0.1:1").fingerprint() == base.fingerprint()

@@ -51,11 +51,8 @@ def ray_init_args(settings: FederatedSettings) -> dict[str, Any]:
     common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if s.ray_address:
         return {"address": s.ray_address, **common}
-    args: dict[str, Any] = {"address": "local", "num_cpus": s.workers * s.client_num_cpus,
-                            "_node_ip_address": "127.0.0.1", **common}
-    if s.client_num_gpus > 0:
-        args["num_gpus"] = max(1, int(-(-s.workers * s.client_num_gpus // 1)))
-    return args
+    # GPUs: Ray finds the machine's own; workers * client_num_cpus CPUs bound the actors to ``workers``
+    return {"address": "local", "num_cpus": s.workers * s.client_num_cpus, "_node_ip_address": "127.0.0.1", **common}
 
 
 def backend_config(settings: FederatedSettings) -> dict[str, Any]:
