@@ -243,23 +243,34 @@ class RayCluster(Processes):
         super().__init__(env, tmp_path)
         # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-        self.port = free_port()
+        #: port ranges taken by this cluster's nodes
+        self.used: list[tuple[int, int]] = []
+        self.port = self._port()
         self.address = f"127.0.0.1:{self.port}"
 
-    @staticmethod
-    def _ports() -> list[str]:
-        ports = [free_port() for _ in range(7)]
+    def _port(self) -> int:
+        """A free port outside every range this cluster already uses (Ray refuses overlaps)."""
+        while True:
+            port = free_port()
+            if not any(lo <= port <= hi for lo, hi in self.used):
+                self.used.append((port, port))
+                return port
+
+    def _ports(self) -> list[str]:
+        workers = self._port()
+        self.used.append((workers, workers + 40))
+        ports = [self._port() for _ in range(6)]
         return [f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
                 f"--metrics-export-port={ports[2]}", f"--runtime-env-agent-port={ports[3]}",
                 f"--node-manager-port={ports[4]}", f"--object-manager-port={ports[5]}",
-                f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 40}"]
+                f"--min-worker-port={workers}", f"--max-worker-port={workers + 40}"]
 
     def node(self, name: str, num_cpus: int, head: bool = False) -> subprocess.Popen:
         args = [str(BIN / "ray"), "start", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
                 "--disable-usage-stats", *self._ports()]
         if head:
             args += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
-                     f"--ray-client-server-port={free_port()}"]
+                     f"--ray-client-server-port={self._port()}"]
         else:
             args += [f"--address={self.address}"]
         proc, _ = self.start(name, args)
