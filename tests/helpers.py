@@ -301,17 +301,22 @@ class RayCluster(Processes):
 
     def leftovers(self) -> list[str]:
         """Processes of this machine still running for this cluster (its temp dir or address in their command line)."""
-        out = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(self.temp_dir) in cmd or self.address in cmd:
-                out.append(f"{proc.name}: {cmd[:200]}")
-        return out
+        return processes_with(lambda cmd: str(self.temp_dir) in cmd or self.address in cmd)
+
+
+def processes_with(match) -> list[str]:
+    """``"pid: command line"`` of this machine's processes whose command line ``match`` accepts."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if match(cmd):
+            out.append(f"{proc.name}: {cmd[:200]}")
+    return out
 
 
 class Deployment(Processes):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import TINY_SAMPLE, RayCluster, max_abs_difference, tiny_space, torch_threads
+from helpers import TINY_SAMPLE, RayCluster, max_abs_difference, processes_with, tiny_space, torch_threads
 from nni_fedexit.exits import MultiExitNetwork, exit_costs
 from nni_fedexit.federated import FederatedData, FederatedSettings, federate
 from nni_fedexit.federated.backends import get_backend
@@ -44,17 +44,7 @@ def _run(settings: FederatedSettings, data: FederatedData) -> tuple[dict, list[d
 
 
 def _ray_processes() -> list[str]:
-    from pathlib import Path
-
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if proc.name.isdigit() and ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd):
-            found.append(f"{proc.name}: {cmd[:160]}")
-    return found
+    return processes_with(lambda cmd: "raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd)
 
 
 @pytest.fixture(scope="module")

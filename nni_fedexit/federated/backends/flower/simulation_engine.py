@@ -38,8 +38,6 @@ from nni_fedexit.federated.settings import FederatedSettings
 
 __all__ = ["RaySession", "backend_config", "check_reachable", "fetch_partition", "put_partitions", "ray_init_args", "run_on_flower_simulation"]
 
-_logger = logging.getLogger(__name__)
-
 #: keeps every Ray listener on 127.0.0.1 (else Ray binds the host's address on all interfaces)
 _LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
