@@ -27,15 +27,16 @@ data:
 	  echo "Fashion-MNIST not installed and apt-get/root not available: see README, 'Data'."; \
 	fi
 
-# Debian's chromium and chromium-driver for the web UI test (tests/test_view.py), where apt-get
-# and root are there; elsewhere that one test is skipped and says why.
+# Debian's chromium and chromium-driver for the web UI test (tests/test_view.py) and openssh-client's
+# ssh-keygen for the SuperNode keys (tests/test_flower.py), where apt-get and root are there; elsewhere
+# those tests are skipped and say why (with CI=true a skip is a failure).
 browser:
-	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
-	  echo "chromium: $$(command -v chromium)"; \
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; then \
+	  echo "chromium: $$(command -v chromium), ssh-keygen: $$(command -v ssh-keygen)"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver openssh-client; \
 	else \
-	  echo "chromium/chromedriver not installed and apt-get/root not available: the browser test is skipped."; \
+	  echo "chromium/chromedriver/ssh-keygen not installed and apt-get/root not available: the browser and SuperNode-key tests are skipped."; \
 	fi
 
 demo: install data

@@ -10,6 +10,8 @@ import torch
 # `from helpers import ...` in every test module, whatever pytest's --import-mode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (CI: a skip fails)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
 

@@ -13,6 +13,7 @@ Test modules import it as ``from helpers import ...`` (conftest.py puts tests/ o
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Iterator, Mapping
 from unittest import mock
 
+import pytest
+
 from nni_fedexit.data import FASHION_MNIST_SYSTEM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +40,36 @@ EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 #: Debian's dataset-fashion-mnist is installed (`make data`)
 HAVE_FMNIST = (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+
+# ---- what the suite needs beyond the venv (`make test` installs all of it; in CI a skip fails) --
+
+
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+#: Fashion-MNIST's IDX files in Debian's folder
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST,
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_SYSTEM_DIR}: `make data` (Debian's dataset-fashion-mnist)")
+#: Flower: the flower and flower-simulation backends
+needs_flwr = pytest.mark.skipif(
+    not importable("flwr"), reason="flwr cannot be imported: `make install` (pip install -e '.[flower]')")
+#: the web UI in a real browser: selenium, Debian's chromium and chromium-driver
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    not importable("selenium") or CHROMIUM is None or CHROMEDRIVER is None,
+    reason="selenium, chromium or chromedriver missing: `make install browser` (pip extra 'test'; "
+           "Debian's chromium and chromium-driver, as root)")
+#: OpenSSH's ssh-keygen: SuperNode authentication keys
+needs_ssh_keygen = pytest.mark.skipif(
+    shutil.which("ssh-keygen") is None, reason="ssh-keygen missing: `make browser` (Debian's openssh-client, as root)")
 
 
 # ---- spaces and samples ------------------------------------------------------------------------
@@ -52,11 +85,12 @@ PLANTED_SPACE = {
 PLANTED = {"a": "z", "c": 2}
 
 
-def tiny_space(widths=(8, 16, 16), **kwargs):
-    """The block-pool space of resnet18 and resnet50 blocks for 8x8 images (digits): 3 stages, 8 networks."""
+def tiny_space(widths=(8, 16, 16), sources=("resnet18", "resnet50"), **kwargs):
+    """The block-pool space of resnet18 and resnet50 blocks (or ``sources``) for 8x8 images (digits):
+    one stage per width (3 stages, 8 networks by default)."""
     from nni_fedexit import ResNetBlockPoolSpace
 
-    return ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], **{"image_size": 8, **kwargs}, widths=list(widths))
+    return ResNetBlockPoolSpace(sources=list(sources), **{"image_size": 8, **kwargs}, widths=list(widths))
 
 
 # ---- ports, NNI's REST API, NNI experiments ----------------------------------------------------
@@ -74,16 +108,68 @@ def nni_api(port: int, path: str):
         return json.load(r)
 
 
+def wait_until(condition, timeout: float, explain, poll: float = 0.5):
+    """``condition()``'s first true value, checked every ``poll`` s; fails after ``timeout`` s (a bound
+    for a hung process, not a guess of how long it takes) with ``explain()`` (or ``explain``)."""
+    deadline = time.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"not after {timeout} s: {explain() if callable(explain) else explain}")
+        time.sleep(poll)
+
+
 def wait_experiment_done(port: int, deadline: float, poll: float = 1.0) -> dict:
     """The experiment's ``check-status`` once it is DONE, ERROR or STOPPED; fails at ``deadline`` (time.time())."""
-    status = None
-    while time.time() < deadline:
-        status = nni_api(port, "check-status")
-        if status["status"] in ("DONE", "ERROR", "STOPPED"):
-            return status
-        time.sleep(poll)
-    raise AssertionError(f"experiment not done in time; last status {status}, "
-                         f"{len(nni_api(port, 'trial-jobs'))} trial jobs so far")
+    last = {}
+
+    def done():
+        last["status"] = nni_api(port, "check-status")
+        return last["status"] if last["status"]["status"] in ("DONE", "ERROR", "STOPPED") else None
+
+    return wait_until(done, max(0.0, deadline - time.time()), lambda: f"experiment not done; last status "
+                      f"{last.get('status')}, {len(nni_api(port, 'trial-jobs'))} trial jobs so far", poll)
+
+
+#: what a socket listening on every interface reports as its address
+ALL_INTERFACES = {"0.0.0.0", "::"}
+
+
+def other_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (None if it has none)."""
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+def reachable(address: str, port: int) -> bool:
+    """Whether a TCP connection to ``address:port`` is accepted."""
+    with socket.socket() as s:
+        s.settimeout(3)
+        return s.connect_ex((address, port)) == 0
+
+
+def trial_processes(experiment_id: str) -> list[int]:
+    """The pids of this user's processes that run a trial of NNI experiment ``experiment_id`` (the
+    trial command and what it started: NNI's manager puts NNI_EXP_ID and NNI_TRIAL_JOB_ID in their environment)."""
+    want = f"NNI_EXP_ID={experiment_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in env and any(e.startswith(b"NNI_TRIAL_JOB_ID=") for e in env):
+            pids.append(int(proc.name))
+    return pids
 
 
 def trial_threads(concurrent: int) -> str:
@@ -417,7 +503,15 @@ class Deployment(Processes):
         proc.wait(timeout=10)
 
 
-HOSTILE_CLIENT = '''"""Our ClientApp, except that a node started with hostile=1 claims 1e18 training examples."""
+HOSTILE_CLIENT = '''"""Our ClientApp, with misbehaviour a node's --node-config asks for:
+
+- ``hostile=1``: claims 1e18 training examples every round (``hostile-from=R``: from round R on);
+- ``hold-at-round=R hold-file=PATH``: when round R's message arrives, writes PATH and never
+  replies (until the node is killed): a test kills it after that event, never before.
+"""
+import time
+from pathlib import Path
+
 from flwr.clientapp import ClientApp
 
 from nni_fedexit.federated.backends.flower import client_app as ours
@@ -432,15 +526,21 @@ def query(msg, context):
 
 @app.train()
 def train(msg, context):
+    node = context.node_config
+    server_round = int(msg.content.config_records["config"]["server-round"])
+    if "hold-at-round" in node and server_round == int(node["hold-at-round"]):
+        Path(str(node["hold-file"])).write_text(str(server_round))
+        while True:
+            time.sleep(1)
     reply = ours.train(msg, context)
-    if context.node_config.get("hostile"):
+    if node.get("hostile") or ("hostile-from" in node and server_round >= int(node["hostile-from"])):
         reply.content.metric_records["metrics"]["num-examples"] = 1e18
     return reply
 '''
 
 
 def hostile_flower_app(folder: Path) -> Path:
-    """The example Flower app with a ClientApp that inflates its weight on nodes with ``hostile=1``."""
+    """The example Flower app with the ClientApp of :data:`HOSTILE_CLIENT` (misbehaving as the node's config says)."""
     folder.mkdir(parents=True, exist_ok=True)
     text = (FLOWER_APP / "pyproject.toml").read_text()
     text = text.replace('clientapp = "nni_fedexit.federated.backends.flower.client_app:app"', 'clientapp = "hostile_client:app"')

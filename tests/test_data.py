@@ -15,12 +15,9 @@ from nni_fedexit.data import (
     partition,
     split_roles,
 )
-from helpers import HAVE_FMNIST
+from helpers import needs_fmnist
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=3000)
-needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST, reason=f"Fashion-MNIST not installed in {FASHION_MNIST_SYSTEM_DIR} (`make data` installs it)"
-)
 
 
 @pytest.fixture

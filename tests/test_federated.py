@@ -2,7 +2,6 @@
 
 import copy
 import logging
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from nni_fedexit.federated import (
     FederatedError,
     FederatedEvaluator,
     FederatedSettings,
-    LocalSettings,
     SimulationBackend,
     UpdateRejected,
     aggregate,
@@ -27,7 +25,7 @@ from nni_fedexit.federated import (
     select_clients,
     train_local,
 )
-from helpers import HAVE_FMNIST, TINY_SAMPLE as SAMPLE, run_trials_experiment, tiny_space
+from helpers import TINY_SAMPLE as SAMPLE, needs_fmnist, run_trials_experiment, tiny_space
 
 
 def digits_settings(**overrides):
@@ -126,30 +124,50 @@ def test_settings_errors_name_the_key():
 
 
 def test_one_client_with_all_the_data_equals_central_training(digits):
+    """One client holding every training example, the whole network (capability assignment with a
+    full budget), one round: the federated model is, bit for bit, a plain PyTorch training loop
+    written here (a DataLoader over a seeded permutation, SGD, the sum of the exits'
+    cross-entropies), from the same initial weights."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
     torch.manual_seed(0)
     model = MultiExitNetwork.from_architecture(tiny_space(), SAMPLE)
     central = copy.deepcopy(model)
-    # BatchNorm statistics as the client left them (the server's re-estimation is not central training)
-    s = digits_settings(rounds=1, num_clients=1, min_clients=1, local_epochs=2, bn_stats="average")
+    # BatchNorm statistics as the client left them (the server's re-estimation is not central
+    # training); no self-distillation: central training is the plain multi-exit loss
+    s = digits_settings(rounds=1, num_clients=1, min_clients=1, local_epochs=2, bn_stats="average", distill_weight=0.0,
+                        assignment="capability", profile_mix=[["full", 1.0, 1.0]])
     data = FederatedData(s, bundle=digits)
     result = federate(model, s, data=data, report=False)
     (task,) = result.history[0]["clients"]
-    from nni_fedexit.federated.objectives import make_objective
-
-    train_local(0, central.branch(task["depth"], all_exits=True), data.clients[0],
-                LocalSettings(epochs=2, batch_size=32), lr=0.05, seed=task["seed"], objective=make_objective(s))
-    fed, cen = result.model.state_dict(), central.state_dict()
+    assert task["depth"] == 3 and task["lr"] == 0.05  # the whole network, the run's learning rate
     from nni_fedexit.data import split_roles
 
-    assert len(data.clients[0]) == len(split_roles(len(digits.train), 0.2, 0.2, seed=0).clients)  # all of it
+    train = data.clients[0]
+    assert len(train) == len(split_roles(len(digits.train), 0.2, 0.2, seed=0).clients)  # all of it
+    # central training: 2 epochs of batches of 32, each epoch in the order of one torch.randperm
+    # drawn from a generator seeded with the client's seed. (RandomSampler with that generator
+    # is not this order: at the end of every epoch it draws one more, empty-sliced, permutation.)
+    gen = torch.Generator().manual_seed(task["seed"])
+    opt = torch.optim.SGD(central.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    central.train()
+    for _ in range(2):
+        order = torch.randperm(len(train), generator=gen)
+        for x, y in DataLoader(TensorDataset(train.images[order], train.labels[order]), batch_size=32):
+            z1, z2, z3 = central(x)
+            loss = F.cross_entropy(z1, y) + F.cross_entropy(z2, y) + F.cross_entropy(z3, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    fed, cen = result.model.state_dict(), central.state_dict()
+    assert set(fed) == set(cen)
     for k in cen:
-        assert torch.allclose(fed[k].float(), cen[k].float(), atol=1e-6), k
+        assert torch.equal(fed[k], cen[k]), k
 
 
+@needs_fmnist
 def test_federated_run_on_fashion_mnist_raises_validation_accuracy(tmp_path):
-    pytest.importorskip("torchvision")
-    if not HAVE_FMNIST:
-        pytest.skip("Fashion-MNIST not installed (`make data`)")
     space = ResNetBlockPoolSpace.from_preset("resnet_pool", widths=[8, 16, 16, 32])
     torch.manual_seed(0)
     s = FederatedSettings(rounds=4, num_clients=5, client_samples=2000, val_samples=500, test_samples=500,
@@ -222,8 +240,16 @@ def test_stopped_run_resumes_to_the_same_model(digits, tmp_path):
     assert resumed.best_round == full.best_round
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
-    with pytest.raises(FederatedError, match="other settings"):
-        federate(copy.deepcopy(net), digits_settings(rounds=4, lr=0.1, checkpoint_dir=str(tmp_path)), report=False)
+    # any setting that changes what the run computes refuses the checkpoint; its files are untouched
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for change in (dict(lr=0.1), dict(num_clients=3), dict(partition="dirichlet"), dict(aggregator="fedavgm"),
+                   dict(seed=1), dict(lr_decay=0.9), dict(local_epochs=2), dict(objective="fedprox"),
+                   dict(min_clients=3), dict(bn_stats="average"), dict(client_fraction=0.5)):
+        with pytest.raises(FederatedError, match=r"written with other settings \(data, partition, model or training\)"):
+            federate(copy.deepcopy(net), digits_settings(rounds=4, checkpoint_dir=str(tmp_path), **change), report=False)
+    with pytest.raises(FederatedError, match="holds 3 rounds, more than rounds=2"):
+        federate(copy.deepcopy(net), digits_settings(rounds=2, checkpoint_dir=str(tmp_path)), report=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
 
 
 def test_capability_assignment_run(digits):
@@ -253,3 +279,152 @@ def test_federated_evaluator_runs_as_nni_trials_with_a_curve_per_round(tmp_path)
     assert len(strategy.records) == 2
     for record in strategy.records:
         assert record["params"] == space.count_params(record["sample"])
+
+
+# ---- memory, retries, best round, learning-rate decay -------------------------------------------
+
+
+def _live_copies(shape: torch.Size) -> int:
+    """Distinct storages of the live tensors of ``shape`` (a parameter only the model holds)."""
+    import gc
+
+    gc.collect()  # what is only unreachable (an optimiser's momentum in a reference cycle) is not held
+    return len({t.untyped_storage().data_ptr() for t in gc.get_objects() if torch.is_tensor(t) and t.shape == shape})
+
+
+def test_memory_holds_the_same_model_copies_for_3_and_15_clients(digits):
+    """docs/federated.md: memory holds the global model, one client model, the running aggregate
+    and the best round's weights, whatever the number of clients. Counted: the live copies of the
+    stem's first convolution (every branch, update and aggregate holds it) while the last client's
+    update of each round is in hand, over 2 rounds of every client."""
+    model = MultiExitNetwork.from_architecture(tiny_space(), SAMPLE)
+    shape = model.state_dict()["stem.0.weight"].shape
+    assert sum(v.shape == shape for v in model.state_dict().values()) == 1  # a shape no other entry has
+
+    def peak(num_clients):
+        counts = []
+
+        class Counting(SimulationBackend):
+            def train_client(self, global_state, task):
+                update = super().train_client(global_state, task)
+                if task is self.last:  # updates kept until the round's end would show here
+                    counts.append(_live_copies(shape))
+                return update
+
+            def run_round(self, global_state, tasks, on_update, on_failure):
+                self.last = tasks[-1]
+                super().run_round(global_state, tasks, on_update, on_failure)
+
+        s = digits_settings(rounds=2, num_clients=num_clients, min_clients=2, bn_stats="average")
+        federate(copy.deepcopy(model), s, data=FederatedData(s, bundle=digits), backend_factory=Counting, report=False)
+        assert len(counts) == 2
+        return max(counts)
+
+    few, many = peak(3), peak(15)
+    # by hand: the test's model, the run's global model, the round's global state, the client model
+    # and its gradient, the update in hand and the one before it (still the loop variable that
+    # handed it on), the aggregate's running sum, the best round's weights: 9, whatever the clients
+    assert many == few == 9, (few, many)
+
+
+def test_a_round_that_gets_too_few_updates_is_retried_with_new_draws_and_the_retry_counts(digits, caplog):
+    """round_retries=1: every client of round 1's first attempt fails; the retry (its own seeds,
+    drawn for attempt 1) trains from the same global weights, and round 1 is the weighted mean of
+    the retry's updates, computed here by hand from each client's local training."""
+    from nni_fedexit.federated.objectives import make_objective
+
+    attempts = []
+
+    class FirstAttemptFails(SimulationBackend):
+        def run_round(self, global_state, tasks, on_update, on_failure):
+            attempts.append([t.to_dict() for t in tasks])
+            if len(attempts) == 1:
+                for task in tasks:
+                    on_failure(task, ConnectionError("network down"))
+                return
+            super().run_round(global_state, tasks, on_update, on_failure)
+
+    torch.manual_seed(0)
+    model = MultiExitNetwork.from_architecture(tiny_space(), SAMPLE)
+    start = copy.deepcopy(model)
+    s = digits_settings(rounds=1, num_clients=3, min_clients=2, bn_stats="average", round_retries=1)
+    data = FederatedData(s, bundle=digits)
+    with caplog.at_level(logging.WARNING, logger="nni_fedexit"):
+        result = federate(model, s, data=data, backend_factory=FirstAttemptFails, report=False)
+    assert "Round 1: only 0 of 3 client updates accepted (min_clients=2); retrying" in caplog.text
+    assert len(attempts) == 2 and [h["round"] for h in result.history] == [1]
+    record = result.history[0]
+    assert record["clients"] == attempts[1] and record["accepted"] == 3 and not record["failed"]
+    assert {c["seed"] for c in attempts[0]}.isdisjoint(c["seed"] for c in attempts[1])  # drawn anew
+    # by hand: each client of the retry trains its branch from the initial weights; then, per
+    # entry, the sample-weighted mean over the clients that hold it (float64), the rest unchanged
+    sums, weights = {}, {}
+    for c in attempts[1]:
+        client = copy.deepcopy(start)
+        update = train_local(c["client"], client.branch(c["depth"], all_exits=True), data.clients[c["client"]],
+                             s.local_settings(), c["lr"], c["seed"], make_objective(s))
+        for k, v in update.state.items():
+            sums[k] = sums.get(k, 0) + v.double() * len(data.clients[c["client"]])
+            weights[k] = weights.get(k, 0) + len(data.clients[c["client"]])
+    for k, v in start.state_dict().items():
+        want = (sums[k] / weights[k]).round() if k in sums and not v.is_floating_point() else (
+            sums[k] / weights[k] if k in sums else v)
+        assert torch.equal(result.model.state_dict()[k], want.to(v.dtype)), k
+
+
+def test_best_round_ties_are_broken_as_the_docs_say(digits):
+    """docs/federated.md: the lowest validation total loss rounded to 4 decimals; among equal
+    losses the higher last-exit accuracy; then the earlier round."""
+    from nni_fedexit.federated.rounds import RoundEngine, better
+
+    def m(loss, acc):
+        return {"total_loss": loss, "exit_accuracy": [0.1, acc]}
+
+    # (new, old, new is better): a table written by hand
+    table = [
+        (m(0.49994, 0.1), m(0.50006, 0.9), True),    # 0.4999 < 0.5001: the loss decides, not the accuracy
+        (m(0.50004, 0.9), m(0.50001, 0.8), True),    # both 0.5000: the higher accuracy wins, despite the loss
+        (m(0.50001, 0.8), m(0.50004, 0.9), False),
+        (m(0.50001, 0.8), m(0.50003, 0.8), False),   # a full tie: the earlier (old) round stays
+        (m(0.5, 0.8), m(0.5, 0.8), False),
+        (m(9.0, 0.0), None, True),                   # the first round is always the best so far
+    ]
+    for new, old, want in table:
+        assert better(new, old) is want, (new, old)
+    # the round engine: three rounds of the same weights validate the same; round 1 stays the best
+    s = digits_settings(rounds=3, bn_stats="average")
+    data = FederatedData(s, bundle=digits)
+    model = MultiExitNetwork.from_architecture(tiny_space(), SAMPLE)
+    from nni_fedexit.exits import exit_costs
+
+    engine = RoundEngine(model, s, exit_costs(model, data.val.images[:1]), data.val)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in (1, 2, 3):
+        engine.finish(engine.open(engine.plan(t), state), state)
+    assert len({(h["total_loss"], tuple(h["exit_accuracy"])) for h in engine.history}) == 1
+    assert engine.best_round == 1
+
+
+def test_lr_decay_sets_the_learning_rate_each_round_uses(digits, monkeypatch):
+    """lr_decay: round t's clients train with lr * lr_decay ** (t - 1) (docs/federated.md), read
+    from the optimiser at every step (a subclass of torch's SGD that records it)."""
+    steps: list[list[float]] = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            steps.append([])
+
+        def step(self, closure=None):
+            steps[-1].append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    s = digits_settings(rounds=3, num_clients=2, min_clients=2, lr=0.05, lr_decay=0.5, bn_stats="average")
+    result = federate(tiny_space().build(SAMPLE), s, data=FederatedData(s, bundle=digits), report=False)
+    want = [0.05, 0.025, 0.0125]  # 0.05 * 0.5 ** (t - 1), t = 1, 2, 3
+    assert len(steps) == 2 * 3 and all(steps)  # one optimiser per client and round, in round order
+    for i, lrs in enumerate(steps):
+        assert set(lrs) == {want[i // 2]}, (i, set(lrs))
+    assert [h["lr"] for h in result.history] == want
+    assert [[c["lr"] for c in h["clients"]] for h in result.history] == [[w, w] for w in want]

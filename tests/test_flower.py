@@ -8,16 +8,10 @@ the same seed and partitions.
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
 import time
 
 import pytest
-
-try:
-    import flwr  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    pytest.skip("flwr (Flower >= 1.42) cannot be imported: the Flower deployment backend is not testable here",
-                allow_module_level=True)
 
 import tomllib
 
@@ -25,6 +19,8 @@ import torch
 
 from helpers import (
     Deployment,
+    needs_flwr,
+    needs_ssh_keygen,
     flower_app_config,
     flwr_cli,
     flwr_runs,
@@ -36,8 +32,11 @@ from helpers import (
     ssh_key,
     tiny_space,
     torch_threads,
+    wait_until,
     write_flwr_config,
 )
+
+pytestmark = needs_flwr  # every test here runs Flower
 
 RUN_TIMEOUT = 240  # seconds for the whole run (2 rounds of the digits model take far less)
 
@@ -47,8 +46,10 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
     updates are rejected (by node id), the round goes on with node 0 (min-clients=1), and the
     weights are the simulation's with client 1 dropped. The clients train with FedDyn and
     self-distillation: node 0's FedDyn state from round 1 (kept in its ``context.state``) must
-    shape its round 2 exactly as the simulation's kept state does. (Two nodes aggregated against
-    the simulation: the evaluator test below.)"""
+    shape its round 2 exactly as the simulation's kept state does. In round 3 node 0 turns hostile
+    too (hostile-from=3): no update is accepted (fewer than min-clients), so the round keeps the
+    previous model: the weights after round 3 are those after round 2, and round 3 is not the best.
+    (Two nodes aggregated against the simulation: the evaluator test below.)"""
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "checkpoint"
@@ -56,24 +57,35 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
     try:
         dep.superlink()
         for i in range(2):
-            dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2" + (" hostile=1" if i == 1 else ""))
-        run, _ = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 min-clients=1 objective="feddyn" dyn-alpha=0.05 '
-                         'distill-weight=0.5', app=hostile_flower_app(tmp_path / "hostile_app"))
-        state = dep.wait_rounds(ckpt, run, 2, RUN_TIMEOUT)
+            dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2" + (" hostile=1" if i else " hostile-from=3"))
+        run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=1 objective="feddyn" '
+                               'dyn-alpha=0.05 distill-weight=0.5', app=hostile_flower_app(tmp_path / "hostile_app"))
+        state = dep.wait_rounds(ckpt, run, 3, RUN_TIMEOUT)
         diag = dep.diag()
-        assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"
+        assert state is not None and state["round"] == 3, f"the run did not complete 3 rounds in {RUN_TIMEOUT} s\n{diag}"
         assert run.returncode == 0, diag
         runs = flwr_runs(dep.env)
         assert runs and all("completed" in str(r.get("status", "")) for r in runs), f"{runs}\n{diag}"
     finally:
         dep.stop_all()
 
-    # two rounds; in each, the hostile node's update rejected by name, the other one accepted
-    assert [h["round"] for h in state["history"]] == [1, 2]
+    # rounds 1 and 2: the hostile node's update rejected by name, the other one accepted
+    assert [h["round"] for h in state["history"]] == [1, 2, 3]
     hostile = {n for n, p in state["nodes"].items() if p["partition-id"] == 1}
-    for h in state["history"]:
+    for h in state["history"][:2]:
         assert h["accepted"] == 1 and not h["failed"], h
         assert [str(r["node"]) for r in h["rejected"]] == list(hostile) and "1e+18" in h["rejected"][0]["reason"], h
+    # round 3: both updates rejected, by name: 0 accepted < min-clients=1, the model is kept
+    third = state["history"][2]
+    assert third["accepted"] == 0 and not third["failed"], third
+    assert sorted(str(r["node"]) for r in third["rejected"]) == sorted(state["nodes"]), third
+    assert all("1e+18" in r["reason"] for r in third["rejected"]), third
+    assert "Round 3: only 0 update(s) accepted (min_clients=1); the global model is kept" in run_log.read_text(errors="replace")
+    # the same model validates as round 2's did: equal loss and accuracy, so round 3 cannot be the
+    # best (docs/federated.md: among equal losses the higher last-exit accuracy, then the earlier round)
+    second = state["history"][1]
+    assert (third["total_loss"], third["exit_accuracy"]) == (second["total_loss"], second["exit_accuracy"]), (second, third)
+    assert state["best_round"] in (1, 2), state["best_round"]
     assert state["backend"] == "flower" and (ckpt / "last.safetensors").is_file() and (ckpt / "best.safetensors").is_file()
     deployed = load_file(str(ckpt / "last.safetensors"))
     assert all(torch.isfinite(v).all() for v in deployed.values() if v.is_floating_point())
@@ -101,11 +113,14 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
     assert [h["clients"] for h in result.history] == [
         [{"client": c["client"], "depth": c["depth"], "lr": c["lr"], "seed": c["seed"]}
          for c in sorted(h["clients"], key=lambda c: c["client"])]
-        for h in state["history"]
+        for h in state["history"][:2]
     ]
+    # after round 3 (kept model) the deployment holds exactly the 2-round simulation's weights
     simulated = load_file(str(tmp_path / "sim" / "last.safetensors"))
+    assert set(deployed) == set(simulated)
     worst = max_abs_difference(deployed, simulated)
-    assert worst == 0.0, f"deployment and simulation differ by {worst}"
+    assert worst == 0.0 and all(torch.equal(deployed[k], simulated[k]) for k in simulated), \
+        f"deployment and simulation differ by {worst}"
     assert any("/dyn/" in k for k in load_file(str(tmp_path / "sim" / "server.safetensors")))  # state was kept
 
 
@@ -146,9 +161,16 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     from nni_fedexit.data import save_image_folder
     from nni_fedexit.federated import FederatedData
 
+    from nni_fedexit.data import load_image_folder
+
     data = FederatedData(dataclasses.replace(settings, backend="simulation"), bundle=bundle)
-    data.clients[1] = data.clients[1].subset(range(120))
-    save_image_folder(data.clients[1], tmp_path / "node1_images", bundle.mean, bundle.std)
+    first120 = data.clients[1].subset(range(120))
+    save_image_folder(first120, tmp_path / "node1_images", bundle.mean, bundle.std)
+    # the simulation's client 1 trains on what node 1 reads (the PNG files, 8-bit); the digits
+    # are 8-bit already (k/255), so the files hold the partition's images exactly
+    data.clients[1] = load_image_folder(tmp_path / "node1_images", bundle.class_names, bundle.in_chans,
+                                        bundle.image_size, bundle.mean, bundle.std)
+    assert torch.equal(data.clients[1].images, first120.images) and torch.equal(data.clients[1].labels, first120.labels)
     try:
         dep.superlink()
         dep.supernode("supernode0", "partition-id=0 num-partitions=2")
@@ -168,8 +190,16 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
         initial = load_file(str(ckpt / "initial.safetensors"))  # the NNI trial's initial weights
         model.load_state_dict(initial)
         result = FederatedEvaluator(**dataclasses.asdict(dataclasses.replace(settings, rounds=2))).fit(model)
+        # stopping the submitter (SIGTERM, as `nnictl stop` does) stops its Flower run
+        stopped = _submit_and_stop(dep, dataclasses.replace(settings, rounds=50, checkpoint_dir=str(tmp_path / "stopped")),
+                                   sizes, arch)
     finally:
         dep.stop_all()
+    run_id, code, out, runs = stopped
+    assert code != 0 and "stopped by signal 15: the Flower run is stopped too" in out, out[-3000:]
+    status = {str(r.get("run-id")): str(r.get("status")) for r in runs}
+    assert status.get(str(run_id)) == "finished:stopped", f"run {run_id}: {runs}\n{out[-3000:]}"
+    assert all(s.startswith("finished") for s in status.values()), runs  # no run still going
 
     assert [h["round"] for h in result.history] == [1, 2] and len(reported) == 1  # only the new round
     assert reported[0]["default"] == result.history[1]["exit_accuracy"][-1]
@@ -183,7 +213,43 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
              data=data, report=False)
     deployed, simulated = load_file(str(ckpt / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
     worst = max_abs_difference(deployed, simulated)
-    assert worst <= 1e-5, f"resumed deployment and simulation differ by {worst}"
+    assert worst == 0.0 and all(torch.equal(deployed[k], simulated[k]) for k in simulated), \
+        f"resumed deployment and simulation differ by {worst}"
+
+
+#: a submitter as a user runs it: federate(backend="flower") in its own process (argv: the settings,
+#: the architecture and the data set's sizes as JSON, then tests/ for helpers.tiny_space)
+SUBMITTER = """
+import json, sys
+sys.path.insert(0, sys.argv[4])
+from helpers import tiny_space
+from nni_fedexit.exits import MultiExitNetwork
+from nni_fedexit.federated import FederatedSettings, federate
+settings, arch, sizes = (json.loads(a) for a in sys.argv[1:4])
+model = MultiExitNetwork.from_architecture(tiny_space(**sizes), arch, head=settings["head"])
+federate(model, FederatedSettings(**settings), report=False)
+"""
+
+
+def _submit_and_stop(dep, settings, sizes, arch):
+    """Start a submitter of ``settings`` on ``dep``'s SuperLink, SIGTERM it once its run is submitted
+    (the event: ``flower-run-<id>.log`` appears in its checkpoint folder, see run_on_flower), wait
+    for it to exit; (run id, exit code, its output, ``flwr ls`` then)."""
+    import dataclasses
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    ckpt = Path(settings.checkpoint_dir)
+    proc, log = dep.start("submitter", [sys.executable, "-c", SUBMITTER, json.dumps(dataclasses.asdict(settings)),
+                                        json.dumps(arch), json.dumps(sizes), str(Path(__file__).parent)])
+    found = wait_until(lambda: next(ckpt.glob("flower-run-*.log"), None) or proc.poll() is not None, 180,
+                       lambda: f"no run submitted\n{dep.diag()}", poll=0.2)
+    assert found is not True, f"the submitter exited with {proc.returncode} before submitting\n{dep.diag()}"
+    os.kill(proc.pid, signal.SIGTERM)  # the submitter alone, as `nnictl stop` signals a trial
+    code = proc.wait(timeout=180)  # it stops the run (flwr stop) and exits: a bound, not a guess
+    return int(found.stem.rsplit("-", 1)[1]), code, log.read_text(errors="replace"), flwr_runs(dep.env)
 
 
 def test_flower_backend_names_the_missing_superlink(tmp_path):
@@ -261,29 +327,34 @@ def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
 
 # what a SuperNode whose key the SuperLink does not know logs before it exits (exit code 305)
 REFUSED = "Failed to activate SuperNode"
-FAULT_TIMEOUT = 480  # seconds: 3 rounds, two of which may wait out the round timeout for the killed node
+FAULT_TIMEOUT = 600  # seconds: 3 rounds, one of which waits for the SuperLink to report the killed node
 
 
 def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path):
+    """Three SuperNodes; the one with partition 2 (the victim) trains round 1, then, when round 2's
+    message arrives, writes a file and never replies (HOSTILE_CLIENT's hold-at-round): the test
+    kills it on that event, so it cannot have replied to round 2. The round timeout (120 s) is
+    above the SuperLink's ~60 s of missed heartbeats before it reports a node lost."""
     ckpt = tmp_path / "checkpoint"
+    held = tmp_path / "victim_holds_round_2"
     dep = Deployment(tmp_path)
     try:
         dep.superlink()
-        nodes = {p: dep.supernode(f"supernode{p}", f"partition-id={p} num-partitions=3")[0] for p in range(3)}
+        nodes = {p: dep.supernode(f"supernode{p}", f"partition-id={p} num-partitions=3" + (
+            f' hold-at-round=2 hold-file="{held}"' if p == 2 else ""))[0] for p in range(3)}
         dep.wait_online(3, 90)
         run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=2 '
-                               'round-timeout=40.0 node-wait=60.0')
+                               'round-timeout=120.0 node-wait=60.0', app=hostile_flower_app(tmp_path / "app"))
         deadline = time.time() + FAULT_TIMEOUT
-        first = None
-        while time.time() < deadline and run.poll() is None:
-            first = dep.state(ckpt)
-            if first is not None and first["round"] >= 1:
-                break
-            time.sleep(0.2)
+        wait_until(lambda: held.is_file() or run.poll() is not None, FAULT_TIMEOUT,
+                   lambda: f"round 2 never reached the victim\n{dep.diag()}", poll=0.2)
+        assert held.is_file(), f"the run ended before round 2 reached the victim\n{dep.diag()}"
+        # round 2 is sent after round 1's checkpoint: round 1 is in it, with the victim's update
+        first = dep.state(ckpt)
         assert first is not None and first["round"] == 1, f"round 1 was not checkpointed\n{dep.diag()}"
-        # a node that trained in round 1 goes away for good (with its ClientApp)
-        victim = max(first["history"][0]["clients"], key=lambda c: c["client"])
-        dep.kill(nodes[victim["client"]])
+        victim = next(c for c in first["history"][0]["clients"] if c["client"] == 2)
+        # the victim goes away for good (with its ClientApp)
+        dep.kill(nodes[2])
         state = dep.wait_rounds(ckpt, run, 3, deadline - time.time())
         diag = dep.diag()
         assert state is not None and state["round"] == 3, f"the run did not complete 3 rounds in {FAULT_TIMEOUT} s\n{diag}"
@@ -307,7 +378,7 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
     assert named, f"no warning names node {victim['node']}:\n{text[-4000:]}"
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is needed for the SuperNode keys")
+@needs_ssh_keygen
 def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
     tls = make_tls(tmp_path / "tls")
     keys = [ssh_key(tmp_path / f"node{i}") for i in range(3)]  # node2's key is never registered
@@ -328,9 +399,10 @@ def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
         assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"
         assert run.returncode == 0, diag
         assert dep.online_nodes() == 2, diag
-        refused_by = time.time() + 60
-        while intruder.poll() is None and time.time() < refused_by:
-            time.sleep(1)
+        try:  # the event: the intruder exits once the SuperLink refuses its key (60 s: a bound, not a guess)
+            intruder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
         refusal = intruder_log.read_text(errors="replace")
         assert intruder.poll() is not None and REFUSED in refusal, f"the unregistered SuperNode was not refused:\n{refusal[-3000:]}"
     finally:

@@ -49,7 +49,7 @@ from nni_fedexit.nni_tools import compat
 from nni_fedexit.nni_tools.reopen import (
     ExperimentRef, ReopenError, find_experiment, plain_json_checkpoint_config, read_nas_config,
 )
-from helpers import EXAMPLES, TINY_SAMPLE, TINY_SAMPLE as SAMPLE, tiny_space
+from helpers import EXAMPLES, TINY_SAMPLE, TINY_SAMPLE as SAMPLE, needs_flwr, tiny_space
 
 
 # ==== 1 and 8. run directories and NNI commands we did not write ==================================
@@ -570,6 +570,7 @@ HOSTILE_REPLIES = {
 }
 
 
+@needs_flwr
 @pytest.mark.parametrize("case", list(HOSTILE_REPLIES))
 def test_a_malformed_flower_reply_costs_only_its_sender(server, case, caplog):
     strategy, _ = server
@@ -582,8 +583,7 @@ def test_a_malformed_flower_reply_costs_only_its_sender(server, case, caplog):
     honest = honest.to_torch_state_dict()
     for key, value in attacked.to_torch_state_dict().items():
         assert torch.equal(value, honest[key]), key
-
-
+@needs_flwr
 def test_node_profiles_cannot_choose_the_run_size_or_a_taken_partition():
     from nni_fedexit.federated.backends.flower.server_app import NodeProfile, admit_nodes, run_num_clients
 
@@ -600,8 +600,7 @@ def test_node_profiles_cannot_choose_the_run_size_or_a_taken_partition():
                 {"data-dir": ["/etc"]}, {}):
         with pytest.raises(ValueError):
             NodeProfile.checked(bad)
-
-
+@needs_flwr
 def test_a_budget_from_one_node_does_not_switch_the_run_to_capability_mode(server):
     from nni_fedexit.federated.rounds import Participant
 
@@ -611,8 +610,7 @@ def test_a_budget_from_one_node_does_not_switch_the_run_to_capability_mode(serve
     plan = engine.plan(1, 0, parts)
     assert len(plan.tasks) == 3  # random mode: the 0.01 budget is not a reason to sit out
     assert [t.max_weight for t in plan.tasks] == [float(n) for n in sizes]
-
-
+@needs_flwr
 def test_server_paths_stay_inside_the_configured_root(tmp_path, monkeypatch):
     from nni_fedexit.federated.backends.flower.server_app import SERVER_ROOT_ENV, server_path
 

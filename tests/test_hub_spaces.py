@@ -38,6 +38,10 @@ def images(digits):
     return F.interpolate(x, size=32, mode="bilinear").repeat(1, 3, 1, 1), y
 
 
+#: what each trial of the running test reported: (its accuracy, its network's parameter count)
+REPORTED: list[tuple[float, int]] = []
+
+
 def train_a_few_steps(model, images):
     x, y = images
     torch.manual_seed(0)
@@ -51,7 +55,9 @@ def train_a_few_steps(model, images):
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        nni.report_final_result(float((model(x[96:]).argmax(1) == y[96:]).float().mean()))
+        accuracy = float((model(x[96:]).argmax(1) == y[96:]).float().mean())
+    REPORTED.append((accuracy, sum(p.numel() for p in model.parameters())))
+    nni.report_final_result(accuracy)
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))
@@ -61,12 +67,18 @@ def test_trials_mode_samples_and_runs_on_the_hub_space(name, images):
     model_space = RawFormatModelSpace(space, evaluator)
     engine = SequentialExecutionEngine(max_model_count=3)
     strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=1, seed=0)
+    REPORTED.clear()
     strategy(model_space, engine)
 
     models = list(engine.list_models())
     assert len(models) == 3 and all(space.check_contains(m.sample) is None for m in models)
-    assert len(strategy.records) == 3 and all(0.0 <= r["accuracy"] <= 1.0 for r in strategy.records)
-    assert all(r["params"] > 0 for r in strategy.records) and strategy.learner.steps == 3
+    assert len(strategy.records) == 3 and strategy.learner.steps == 3
+    # each record holds what its trial measured: the accuracy it reported and the parameter count
+    # of the network it trained (counted here on the frozen module), and the patent's reward of
+    # them, by hand: Acc * (p_h / P) ** (-1 / beta), beta = 14
+    assert [(r["accuracy"], r["params"]) for r in strategy.records] == REPORTED
+    for r in strategy.records:
+        assert r["reward"] == pytest.approx(r["accuracy"] * (r["params"] / strategy.baseline_params) ** (-1 / 14))
     multiple = [label for label, m in space.simplify().items() if isinstance(m, CategoricalMultiple)]
     if name in ("DARTS", "ENAS"):  # their cells pick inputs with InputChoice
         assert multiple and all(isinstance(models[0].sample[label], list) for label in multiple)

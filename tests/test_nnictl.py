@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from helpers import BIN, PLANTED, PLANTED_SPACE, ROOT, free_port, nni_api, venv_env, wait_experiment_done
+from helpers import BIN, PLANTED, PLANTED_SPACE, ROOT, free_port, nni_api, venv_env, wait_experiment_done, wait_until
 
 NNICTL = BIN / "nnictl"
 META = ROOT / "strategies" / "size_aware_pg_tuner.meta.yml"
@@ -60,15 +60,30 @@ def _write_experiment(tmp_path, trials):
     return path
 
 
-def _create_and_wait(env, config, deadline_s):
-    """`nnictl create` the experiment, wait until it ends, read it, `nnictl stop --all`:
-    (check-status, trial jobs, experiment, seconds, the stop's result)."""
-    port = free_port()
+#: what nnictl or NNI's manager says when the port was taken between free_port() and its own bind
+PORT_CLASH = ("is not idle", "EADDRINUSE", "address already in use")
+
+
+def _start_on_a_free_port(env, *args):
+    """``nnictl ARGS --port P`` on a port that was free a moment ago: another process of this
+    machine may take it before NNI binds it, so a clash is retried on another port (up to 5 ports).
+    Returns (port, nnictl's result)."""
+    for _ in range(5):
+        port = free_port()
+        result = _nnictl(env, *args, "--port", str(port), timeout=180)
+        if result.returncode == 0 or not any(m in result.stdout + result.stderr for m in PORT_CLASH):
+            return port, result
+    return port, result
+
+
+def _create_and_wait(env, config, timeout_s=600):
+    """`nnictl create` the experiment, wait until it ends (``timeout_s``: only a bound for a hung
+    experiment), read it, `nnictl stop --all`: (check-status, trial jobs, experiment, seconds, the stop's result)."""
     t0 = time.time()
     try:
-        created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
+        port, created = _start_on_a_free_port(env, "create", "--config", str(config))
         assert created.returncode == 0, created.stdout + created.stderr
-        status = wait_experiment_done(port, t0 + deadline_s)
+        status = wait_experiment_done(port, t0 + timeout_s)
         jobs = nni_api(port, "trial-jobs")
         experiment = nni_api(port, "experiment")
     finally:
@@ -85,7 +100,7 @@ def test_nnictl_experiment_with_size_aware_pg_concentrates_on_the_planted_best(t
     assert "| SizeAwarePG     | tuner      | user      | SizeAwarePGTuner" in listed.stdout, listed.stdout
 
     config = _write_experiment(tmp_path, trials)
-    status, jobs, experiment, elapsed, stopped = _create_and_wait(env, config, 150)
+    status, jobs, experiment, elapsed, stopped = _create_and_wait(env, config)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
     assert status["status"] == "DONE", status
@@ -109,7 +124,11 @@ def test_nnictl_experiment_with_size_aware_pg_concentrates_on_the_planted_best(t
     hits = sum(p == PLANTED for p in chosen[-10:])
     print(f"\n{trials} trials in {elapsed:.0f} s; planted best in {hits} of the last 10 "
           f"(first 10: {sum(p == PLANTED for p in chosen[:10])}); trials that ran another trial's parameters: {swapped}")
-    assert hits >= 6, chosen[-10:]
+    # Not "10 of the last 10": the tuner is seeded, but the order in which NNI returns the two
+    # running trials' results is not. Replaying this protocol with the tuner in-process (40 trials,
+    # 2 running, the next result drawn at random from the running ones, 100 orders): 10 of 10 in
+    # 68 orders, 9 in 24, 8 in 8, never fewer.
+    assert hits >= 8, chosen[-10:]
 
     # the tuner's own record: a reward for every trial
     exp_dir = tmp_path / "experiments" / experiment["id"]
@@ -127,22 +146,24 @@ def test_nnictl_resume_continues_the_controller_instead_of_restarting(tmp_path):
     reg = _nnictl(env, "algo", "register", "--meta_path", str(META), timeout=120)  # the README's other way
     assert reg.returncode == 0, reg.stdout + reg.stderr
     config = _write_experiment(tmp_path, 8)
-    port = free_port()
     t0 = time.time()
     try:
-        created = _nnictl(env, "create", "--config", str(config), "--port", str(port))
+        port, created = _start_on_a_free_port(env, "create", "--config", str(config))
         assert created.returncode == 0, created.stdout + created.stderr
-        assert wait_experiment_done(port, t0 + 90)["status"] == "DONE"
+        assert wait_experiment_done(port, t0 + 600)["status"] == "DONE"
         exp_id = nni_api(port, "experiment")["id"]
-        assert _nnictl(env, "stop", exp_id).returncode == 0
-        resumed = _nnictl(env, "resume", exp_id, "--port", str(port))
+        stopped = _nnictl(env, "stop", exp_id)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        # a new port: the stopped manager's may not be released yet
+        port, resumed = _start_on_a_free_port(env, "resume", exp_id)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         updated = _nnictl(env, "update", "trialnum", exp_id, "--value", "12")
         assert updated.returncode == 0, updated.stdout + updated.stderr
-        deadline = time.time() + 90
-        while len([j for j in nni_api(port, "trial-jobs") if j["status"] == "SUCCEEDED"]) < 12:
-            assert time.time() < deadline, "the resumed experiment did not run 4 more trials in time"
-            time.sleep(1)
+
+        def succeeded():
+            return len([j for j in nni_api(port, "trial-jobs") if j["status"] == "SUCCEEDED"])
+
+        wait_until(lambda: succeeded() >= 12, 600, lambda: f"the resumed experiment ran {succeeded() - 8} of 4 more trials")
     finally:
         _nnictl(env, "stop", "--all")
     print(f"\ncreate, 8 trials, stop, resume, 4 more trials: {time.time() - t0:.0f} s")
@@ -194,18 +215,18 @@ def registered(tmp_path_factory):
     return folder
 
 
-def _run_upstream(tmp_path, registered, search_space, deadline_s):
+def _run_upstream(tmp_path, registered, search_space, timeout_s=600):
     env = venv_env(NNI_CONFIG_DIR=str(registered), HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     config = _upstream_experiment(tmp_path, search_space)
-    status, jobs, experiment, elapsed, _ = _create_and_wait(env, config, deadline_s)
+    status, jobs, experiment, elapsed, _ = _create_and_wait(env, config, timeout_s)
     return status, jobs, tmp_path / "experiments" / experiment["id"], elapsed
 
 
 def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path, registered):
     space = json.loads((ASSETS / "nni_v3_naive_search_space.json").read_text())
     assert {v["_type"] for v in space.values()} == {"randint", "choice", "uniform"}
-    status, jobs, _, _ = _run_upstream(tmp_path, registered, space, 150)
+    status, jobs, _, _ = _run_upstream(tmp_path, registered, space)
     assert status["status"] == "DONE", status
     assert len(jobs) == 2 and all(j["status"] == "SUCCEEDED" for j in jobs), [j["status"] for j in jobs]
     for j in jobs:
@@ -215,9 +236,11 @@ def test_nni_tuner_integration_case_succeeds_on_its_mixed_search_space(tmp_path,
 
 def test_a_tuner_error_at_start_fails_the_experiment_at_once_with_the_message_in_nnis_log(tmp_path, registered):
     bad = {"lr": {"_type": "uniform", "_value": [0.2, 0.0]}}
-    status, jobs, exp_dir, elapsed = _run_upstream(tmp_path, registered, bad, 60)
-    assert status["status"] == "ERROR", status  # not RUNNING until maxExperimentDuration (5 minutes)
-    assert elapsed < 60 and jobs == []
+    # waited for less than maxExperimentDuration (5 minutes): a tuner error that did not fail the
+    # experiment would leave it RUNNING until then (and DONE after), never ERROR
+    status, jobs, exp_dir, _ = _run_upstream(tmp_path, registered, bad, timeout_s=240)
+    assert status["status"] == "ERROR", status
+    assert jobs == []
     message = "search space parameter 'lr' (uniform): low must be <= high"
     assert message in (exp_dir / "log" / "nnimanager.log").read_text()
     assert message in (exp_dir / "log" / "dispatcher.log").read_text()

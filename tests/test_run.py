@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -50,11 +51,51 @@ def test_report_agrees_with_the_json_files(tiny_run):
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     for e in evaluation["exits"]:
         assert f"| {e['exit']} | {e['params']:,} |" in report and f"{e['test_accuracy']:.4f} |" in report
-    best = load_file(str(run_dir / "model.safetensors"))
-    assert set(best) == set(load_file(str(run_dir / "federated/best.safetensors")))
     assert metrics["best_round"] == json.loads((run_dir / "model.json").read_text())["best_round"]
     for record in json.loads((run_dir / "export/exports.json").read_text()):
         assert Path(record["path"]).is_file() and record["max_abs_error"] <= 1e-5
+
+
+def _accuracies(model, data, batch_size=64):
+    """Each exit's accuracy on ``data``: a plain PyTorch loop (eval mode, argmax), not the project's exit_outputs."""
+    model.eval()
+    correct = None
+    with torch.no_grad():
+        for start in range(0, len(data.labels), batch_size):
+            outs = model(data.images[start:start + batch_size])
+            hits = [int((z.argmax(1) == data.labels[start:start + batch_size]).sum()) for z in outs]
+            correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
+    return [c / len(data.labels) for c in correct]
+
+
+def test_the_model_is_the_best_rounds_and_the_one_evaluated(tiny_run):
+    """model.safetensors: the federated checkpoint's best round, value for value; on the federated
+    validation split it scores what metrics.json says of that round, and on the test split what
+    evaluation.json says of each exit."""
+    from nni_fedexit.job.cli import _existing_run
+
+    run_dir, _ = tiny_run
+    weights = load_file(str(run_dir / "model.safetensors"))
+    best = load_file(str(run_dir / "federated/best.safetensors"))
+    assert set(weights) == set(best) and all(torch.equal(weights[k], best[k]) for k in best)
+    last = load_file(str(run_dir / "federated/last.safetensors"))
+    metrics = json.loads((run_dir / "federated/metrics.json").read_text())
+    rounds = metrics["rounds"]
+    # the best round: the highest last-exit validation accuracy (the first such round on a tie)
+    last_exit = [r["exit_accuracy"][-1] for r in rounds]
+    assert metrics["best_round"] == last_exit.index(max(last_exit)) + 1
+    if metrics["best_round"] < len(rounds):  # then it is not simply the last round's weights
+        assert any(not torch.equal(weights[k], last[k]) for k in last)
+
+    run = _existing_run(str(run_dir))
+    model = run.model()  # rebuilt from model.json and model.safetensors, as `evaluate` does
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    data = run.federated_data()
+    val = _accuracies(model, data.val)
+    assert val == pytest.approx(rounds[metrics["best_round"] - 1]["exit_accuracy"], abs=1e-9)
+    test = _accuracies(model, data.test)
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert test == pytest.approx([e["test_accuracy"] for e in evaluation["exits"]], abs=1e-9)
 
 
 def test_finished_run_is_not_overwritten_and_resume_skips_done_stages(tiny_run):

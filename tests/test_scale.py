@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from helpers import TINY_SAMPLE, RayCluster, max_abs_difference, processes_with, tiny_space, torch_threads
+from helpers import TINY_SAMPLE, RayCluster, max_abs_difference, needs_flwr, processes_with, tiny_space, torch_threads
 from nni_fedexit.exits import MultiExitNetwork, exit_costs
-from nni_fedexit.federated import FederatedData, FederatedSettings, federate
+from nni_fedexit.federated import FederatedData, FederatedSettings
 from nni_fedexit.federated.backends import get_backend
 from nni_fedexit.federated.rounds import stable_seed
 
@@ -57,6 +57,7 @@ def simulated():
     return data, weights, records
 
 
+@needs_flwr
 def test_flower_simulation_gives_the_in_process_weights_and_stops_its_ray(simulated):
     """Four virtual SuperNodes on a private Ray instance with 2 one-CPU actors: every round is
     reported once, with the same clients, depths and seeds; the weights are the in-process
@@ -91,6 +92,7 @@ def test_workers_in_threads_give_the_same_weights(simulated):
     assert [r["clients"] for r in records] == [r["clients"] for r in sim_records]
 
 
+@needs_flwr
 def test_flower_simulation_on_a_ray_cluster_of_a_head_and_a_worker(simulated, tmp_path):
     """``ray start --head`` with no CPUs and ``ray start --address`` with two, both with token
     authentication: every client can only train on the worker node. A user's process holding the
@@ -139,6 +141,7 @@ def test_scale_settings_name_the_key_and_the_fix():
     assert dataclasses.replace(base, workers=4, client_num_cpus=2, ray_address="127.0.0.1:1").fingerprint() == base.fingerprint()
 
 
+@needs_flwr
 def test_flower_simulation_refuses_an_address_where_no_cluster_runs(simulated):
     from helpers import free_port
     from nni_fedexit.federated import FederatedError

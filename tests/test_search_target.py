@@ -10,7 +10,7 @@ import torch.nn as nn
 from helpers import run_shared_experiment, tiny_space
 from nni_fedexit.exits import MultiExitNetwork, exit_costs, exit_path_macs, expected_exit_macs
 from nni_fedexit.macs import forward_macs
-from nni_fedexit.search.reward import SizeTarget, TargetReward, target_reward
+from nni_fedexit.search.reward import SizeTarget, target_reward
 from nni_fedexit.search.strategy import FairPathSampler, SizeAwarePolicyGradient, batch_statistics
 
 

@@ -1,7 +1,5 @@
 """S1: the block-pool space as NNI sees it and as the reward needs it."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -10,6 +8,7 @@ import yaml
 from nni_fedexit import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
 from nni_fedexit.presets import PresetError, list_presets
 from nni_fedexit.space import BlockCrop
+from helpers import tiny_space
 
 
 def _num_params(m):
@@ -23,13 +22,27 @@ def test_default_preset_is_three_resnets_four_pools():
     assert space.num_architectures() == 3**4
 
 
-@pytest.mark.parametrize("preset", ["resnet_pool", "resnet_pool_depth", "resnet_pool_cifar"])
+#: what the presets' YAML files declare (search_spaces/*.yaml): 3 sources, 4 stages, and with
+#: depth_crops [1] the first block of every source stage too; resnet34's first block is a
+#: BasicBlock like resnet18's, so "resnet34-d1" is a duplicate and dropped: 3 + 3 - 1 = 5
+THREE = ["resnet18", "resnet34", "resnet50"]
+FIVE = ["resnet18", "resnet18-d1", "resnet34", "resnet50", "resnet50-d1"]
+PRESET_POOLS = {
+    "resnet_pool": (THREE, 3**4),  # 81
+    "resnet_pool_depth": (FIVE, 5**4),  # 625
+    "resnet_pool_cifar": (FIVE, 5**4),  # 625
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_POOLS))
 def test_space_size_is_product_of_pool_sizes(preset):
+    pool, size = PRESET_POOLS[preset]
     space = ResNetBlockPoolSpace.from_preset(preset, widths=[8, 8, 8, 8])
     simplified = space.simplify()
-    assert sorted(simplified) == space.labels
-    assert space.num_architectures() == math.prod(len(m.values) for m in simplified.values())
-    assert space.num_architectures() == math.prod(len(p) for p in space.pools.values())
+    assert sorted(simplified) == space.labels == ["stage1", "stage2", "stage3", "stage4"]
+    assert {label: list(m.values) for label, m in simplified.items()} == {label: pool for label in space.labels}
+    assert {label: list(p) for label, p in space.pools.items()} == {label: pool for label in space.labels}
+    assert space.num_architectures() == size
 
 
 def test_depth_crops_add_deduplicated_candidates(fmnist_space):
@@ -133,7 +146,7 @@ def test_every_shipped_preset_is_valid():
 
 
 def test_fewer_stages_for_tiny_images(digits):
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet50"], image_size=8, widths=[8, 16, 32])
+    space = tiny_space(widths=(8, 16, 32))
     assert space.labels == ["stage1", "stage2", "stage3"]
     assert space.num_architectures() == 8
     out = space.freeze(space.baseline_sample())(digits.train.images[:4])
@@ -156,7 +169,7 @@ def test_crops_start_from_pretrained_source_weights(tmp_path):
 
 
 def test_build_gives_independent_networks_and_freeze_shares_the_space_weights():
-    space = ResNetBlockPoolSpace(sources=["resnet18", "resnet34"], image_size=8, widths=[8, 8])
+    space = tiny_space(widths=(8, 8), sources=("resnet18", "resnet34"))
     sample = space.baseline_sample()
     a, b = space.build(sample), space.build(sample)
     assert space.count_params(sample) == _num_params(a) == _num_params(b)

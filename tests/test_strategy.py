@@ -152,6 +152,39 @@ def test_stopped_search_resumes_to_the_same_state():
         assert torch.equal(a, b)
 
 
+def test_state_loaded_after_initialize_goes_on_like_the_uninterrupted_search():
+    """NNI's documented order too: ``initialize``, then ``load_state_dict``, then ``run``. The
+    reference is a search of 15 models that was never stopped (same seed): the resumed one must
+    draw its remaining 8 samples, and end with the controller, exactly as it did."""
+    kwargs = dict(mode="trials", samples_per_update=2, seed=4)
+    full = SizeAwarePolicyGradient(**kwargs)
+    full(number_space(), SequentialExecutionEngine(max_model_count=15))
+
+    first = SizeAwarePolicyGradient(**kwargs)
+    first(number_space(), SequentialExecutionEngine(max_model_count=7))  # one sample left in the update buffer
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = SizeAwarePolicyGradient(**kwargs)
+    resumed.initialize(number_space(), SequentialExecutionEngine(max_model_count=8))  # a fresh controller
+    assert resumed.learner.steps == 0 and resumed.records == []
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    # restored at once, not deferred: the first run's 7 records and its controller steps
+    assert [r["sample"] for r in resumed.records] == [r["sample"] for r in full.records[:7]]
+    assert resumed.learner.steps == first.learner.steps > 0
+    for a, b in zip(first.learner.controller.parameters(), resumed.learner.controller.parameters()):
+        assert torch.equal(a, b)
+    resumed.run()
+
+    assert [r["sample"] for r in resumed.records] == [r["sample"] for r in full.records]
+    assert [r["reward"] for r in resumed.records] == [r["reward"] for r in full.records]
+    assert resumed.learner.steps == full.learner.steps > first.learner.steps
+    for a, b in zip(full.learner.controller.parameters(), resumed.learner.controller.parameters()):
+        assert torch.equal(a, b)
+    # and the next draw too: the controller's random generator was restored with it
+    assert resumed.learner.sample() == full.learner.sample()
+
+
 def _digits_loaders(digits, size=None):
     x = digits.train.images
     if size is not None:  # NAS-Bench-201 wants 32x32x3
@@ -182,7 +215,14 @@ def test_shared_mode_nas_experiment_exports_the_best_scored_sample(digits, tmp_p
     best = max(strategy.final_candidates, key=lambda c: c["reward"])
     assert exported[0] == best["sample"]
     assert best["params"] == space.count_params(best["sample"])
-    assert 0.0 <= best["accuracy"] <= 1.0 and best["reward"] > 0
+    # what the user relies on: shared weights that learnt, so the scores rank networks. 10 digit
+    # classes: chance is 0.1; after 2 epochs of shared training the 5 candidates scored 0.51 to 0.75
+    # here (seed 0): every one at least 3 x chance, the best chosen one above 0.6
+    accuracies = [c["accuracy"] for c in strategy.final_candidates]
+    assert min(accuracies) > 0.3 and best["accuracy"] > 0.6, accuracies
+    # and the reward is the patent's, computed here by hand: Acc * (p_h / P) ** (-1 / beta), beta = 14
+    for c in strategy.final_candidates:
+        assert c["reward"] == pytest.approx(c["accuracy"] * (c["params"] / strategy.baseline_params) ** (-1 / 14))
 
 
 def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):

@@ -8,7 +8,6 @@ inherit our NODE_OPTIONS. Without it, NNI binds every interface (documents NNI's
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from nni_fedexit.nni_tools import webui
 from nni_fedexit.nni_tools.webui import listening_hosts, nni_manager_env, node_options, web_ui_message
-from helpers import free_port, nni_api, wait_experiment_done
+from helpers import ALL_INTERFACES, free_port, nni_api, other_address, reachable, wait_experiment_done
 
 NODE = None
 try:
@@ -37,9 +36,6 @@ with open(sys.argv[1], "w") as f:
     json.dump({"params": params, "NODE_OPTIONS": os.environ.get("NODE_OPTIONS")}, f)
 nni.report_final_result(1.0)
 """
-
-ALL_INTERFACES = {"0.0.0.0", "::"}
-
 
 def _experiment(tmp_path, name):
     from nni.experiment import Experiment
@@ -61,27 +57,6 @@ def _experiment(tmp_path, name):
     return exp, work
 
 
-def _other_address():
-    """A non-loopback IPv4 address of this machine (None if it has none)."""
-    import psutil
-
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
-
-
-def _reachable(address, port):
-    with socket.socket() as s:
-        s.settimeout(3)
-        return s.connect_ex((address, port)) == 0
-
-
-def _wait_done(port, timeout=60):
-    return wait_experiment_done(port, time.time() + timeout, poll=0.5)["status"]
-
-
 def test_nni_manager_binds_localhost_only_and_the_local_trial_succeeds(tmp_path, monkeypatch):
     monkeypatch.setenv("NODE_OPTIONS", "--no-deprecation")  # a user's own value: kept, not clobbered
     exp, work = _experiment(tmp_path, "local")
@@ -92,10 +67,10 @@ def test_nni_manager_binds_localhost_only_and_the_local_trial_succeeds(tmp_path,
         assert os.environ["NODE_OPTIONS"] == "--no-deprecation"
         assert listening_hosts(port) == {"127.0.0.1"}
         assert nni_api(port, "check-status")["status"] in ("RUNNING", "DONE")
-        other = _other_address()
+        other = other_address()
         if other is not None:  # the machine's own network address is refused
-            assert not _reachable(other, port)
-        assert _wait_done(port) == "DONE"
+            assert not reachable(other, port)
+        assert wait_experiment_done(port, time.time() + 600, poll=0.5)["status"] == "DONE"
         jobs = nni_api(port, "trial-jobs")
         assert [j["status"] for j in jobs] == ["SUCCEEDED"], jobs
         assert json.loads(jobs[0]["finalMetricData"][0]["data"]) in (1.0, "1.0")
@@ -118,11 +93,11 @@ def test_without_it_nni_binds_all_interfaces(tmp_path):
             exp.start(port)
         hosts = listening_hosts(port)
         assert hosts and hosts <= ALL_INTERFACES, hosts
-        other = _other_address()
+        other = other_address()
         if other is not None:
-            assert _reachable(other, port)
+            assert reachable(other, port)
         # let the tuner and the trial finish: stopping while the tuner connects makes it print a traceback
-        assert _wait_done(port) == "DONE"
+        assert wait_experiment_done(port, time.time() + 600, poll=0.5)["status"] == "DONE"
         assert [j["status"] for j in nni_api(port, "trial-jobs")] == ["SUCCEEDED"]
     finally:
         exp.stop()

@@ -67,7 +67,12 @@ _FMNIST_HELP = (
 
 
 class DataError(RuntimeError):
-    """A data set is missing, corrupt, or cannot be split as asked."""
+    """A data set is missing, corrupt, or cannot be split as asked. ``key``: the argument (a
+    setting of the same name) whose value makes it impossible, when one alone does."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 
@@ -437,7 +442,7 @@ def _check_clients(n_samples: int, num_clients: int) -> None:
     if num_clients > n_samples:
         raise DataError(
             f"{num_clients} clients but only {n_samples} samples to share: a client would be empty; "
-            "use fewer clients or more data"
+            "use fewer clients or more data", key="num_clients"
         )
 
 

@@ -13,13 +13,15 @@ drop against the last exit, or a compute budget) and returns the accuracy-vs-MAC
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -516,7 +518,9 @@ def export_branches(
     """Export every branch model to TorchScript (and ONNX, when onnx/onnxruntime are installed).
 
     Each file is loaded back and run on ``example``; its outputs must match PyTorch's within
-    ``atol`` or a RuntimeError names the file. Returns one record per file.
+    ``atol`` or a RuntimeError names the file. A branch that cannot be written, exported or run
+    back raises a RuntimeError naming the branch and the file too (the exporter's error chained).
+    Returns one record per file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -528,21 +532,33 @@ def export_branches(
         branch = model.branch(depth).eval()
         want = branch(example)[0]
         path = out / f"branch{depth}.pt"
-        with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; it is still what we ship
+        with _export_errors("torchscript", depth, path), warnings.catch_warnings():
+            # torch 2.14 deprecates TorchScript; it is still what we ship
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
             torch.jit.trace(branch, example).save(str(path))
             got = torch.jit.load(str(path))(example)[0]
         records.append(_check_export(path, want, got, atol, "torchscript", depth))
         if onnx:
             onnx_path = out / f"branch{depth}.onnx"
-            torch.onnx.export(branch, (example,), str(onnx_path), input_names=["image"],
-                              output_names=[f"exit{depth}"], dynamo=True, external_data=False, verbose=False)
-            import onnxruntime
+            with _export_errors("onnx", depth, onnx_path):
+                torch.onnx.export(branch, (example,), str(onnx_path), input_names=["image"],
+                                  output_names=[f"exit{depth}"], dynamo=True, external_data=False, verbose=False)
+                import onnxruntime
 
-            session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            got = torch.from_numpy(session.run(None, {"image": example.cpu().numpy()})[0])
+                session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+                got = torch.from_numpy(session.run(None, {"image": example.cpu().numpy()})[0])
             records.append(_check_export(onnx_path, want.cpu(), got, atol, "onnx", depth))
     return records
+
+
+@contextlib.contextmanager
+def _export_errors(fmt: str, depth: int, path: Path) -> Iterator[None]:
+    """One error naming the branch and the file for whatever the exporter or the runtime raises."""
+    try:
+        yield
+    except Exception as err:
+        first = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0]  # no terminal colours
+        raise RuntimeError(f"could not export branch {depth} to {fmt} {path}: {type(err).__name__}: {first}") from err
 
 
 def _check_export(path: Path, want: torch.Tensor, got: torch.Tensor, atol: float, fmt: str, depth: int) -> dict[str, Any]:

@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from nni_fedexit.nni_tools import compat  # noqa: F401
-from nni_fedexit.job.config import RunConfig
-from nni_fedexit.data import DataBundle, DataRoles, ImageData, load_dataset, split_roles
+from nni_fedexit.job.config import ConfigError, RunConfig
+from nni_fedexit.data import DataBundle, DataError, DataRoles, ImageData, load_dataset, split_roles
 from nni_fedexit.exits import (
     PREDICTIONS, MultiExitNetwork, calibrate, early_exit_metrics, ensemble_accuracy, ensemble_logits, exit_accuracies,
     exit_costs, exit_outputs, export_branches, threshold_curve,
@@ -212,7 +212,13 @@ class Run:
             raise FileExistsError(f"run directory {self.dir} holds a run already: pass --resume to continue it, "
                                   "or choose another run_dir")
         write_text(self.dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        self.federated_data()  # fail early: a client would be empty, ...
+        try:
+            self.federated_data()  # fail early: a client would be empty, ...
+        except DataError as err:
+            if err.key is None:
+                raise
+            # a run config's error starts with the key's dotted path, as every other one does
+            raise ConfigError(f"federated.{err.key}: {err}") from None
         for stage in stages:
             if resume and stage in self.done():
                 self.echo(f"[{stage}] done already: skipped")

@@ -169,12 +169,15 @@ def run_on_flower(
     run_id = cli.submit(app)
     log_path = ckpt.folder / f"flower-run-{run_id}.log"
     _logger.info("Flower run %d submitted to %s (%d rounds; log %s)", run_id, cli.where(), s.rounds, log_path)
-    log_proc = cli.follow_log(run_id, log_path)
     status: str | None = None
     previous = None
+    log_proc: subprocess.Popen | None = None
+    # SIGTERM stops the run from here on; installed before the run's log file appears, so a
+    # stop sent once that file exists (what a supervisor can see) always reaches the run
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
+        log_proc = cli.follow_log(run_id, log_path)
         last_answer = time.time()
         # a safety net only: every round is bounded by the ServerApp (round_timeout for the replies)
         budget = s.node_wait + (s.rounds - reported) * (2 * s.round_timeout + 300) + 300
@@ -202,11 +205,12 @@ def run_on_flower(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        try:
-            log_proc.wait(timeout=30)  # the stream ends with the run
-        except subprocess.TimeoutExpired:
-            log_proc.kill()
-            log_proc.wait()
+        if log_proc is not None:
+            try:
+                log_proc.wait(timeout=30)  # the stream ends with the run
+            except subprocess.TimeoutExpired:
+                log_proc.kill()
+                log_proc.wait()
 
     state = ckpt.state()
     for record in (state or {}).get("history", []):  # rounds the last look missed
