@@ -159,17 +159,8 @@ def trial_processes(experiment_id: str) -> list[int]:
     """The pids of this user's processes that run a trial of NNI experiment ``experiment_id`` (the
     trial command and what it started: NNI's manager puts NNI_EXP_ID and NNI_TRIAL_JOB_ID in their environment)."""
     want = f"NNI_EXP_ID={experiment_id}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if want in env and any(e.startswith(b"NNI_TRIAL_JOB_ID=") for e in env):
-            pids.append(int(proc.name))
-    return pids
+    return [pid for pid, env in proc_files("environ")
+            if want in env.split(b"\0") and any(e.startswith(b"NNI_TRIAL_JOB_ID=") for e in env.split(b"\0"))]
 
 
 def trial_threads(concurrent: int) -> str:
@@ -390,18 +381,23 @@ class RayCluster(Processes):
         return processes_with(lambda cmd: str(self.temp_dir) in cmd or self.address in cmd)
 
 
+def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, contents of /proc/PID/``name``) of every process this user may read."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                yield int(proc.name), (proc / name).read_bytes()
+            except OSError:  # gone, or not ours
+                continue
+
+
 def processes_with(match) -> list[str]:
     """``"pid: command line"`` of this machine's processes whose command line ``match`` accepts."""
     out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for pid, raw in proc_files("cmdline"):
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace")
         if match(cmd):
-            out.append(f"{proc.name}: {cmd[:200]}")
+            out.append(f"{pid}: {cmd[:200]}")
     return out
 
 

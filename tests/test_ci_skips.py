@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import BIN, ROOT
 
 #: one test per thing `make test` installs, and the words its skip reason must contain
 NEEDS = {
@@ -39,7 +39,7 @@ def nothing_installed(tmp_path_factory):
         (shadow / package / "__init__.py").write_text(f"raise ImportError('{package} is not installed here')\n")
     (shadow / "sitecustomize.py").write_text(SITECUSTOMIZE.format(empty=str(empty)))
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTHONPATH")}
-    return {**env, "PYTHONPATH": str(shadow), "PATH": str(ROOT / ".venv" / "bin") + os.pathsep + os.path.dirname(sys.executable)}
+    return {**env, "PYTHONPATH": str(shadow), "PATH": str(BIN)}
 
 
 def run_pytest(env) -> subprocess.CompletedProcess:

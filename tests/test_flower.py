@@ -7,9 +7,14 @@ the same seed and partitions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,7 +140,6 @@ def test_federated_evaluator_on_flower_reports_rounds_to_nni_and_resumes(tmp_pat
 
 
 def _evaluator_on_flower(tmp_path, monkeypatch):
-    import dataclasses
 
     from safetensors.torch import load_file
 
@@ -235,12 +239,6 @@ def _submit_and_stop(dep, settings, sizes, arch):
     """Start a submitter of ``settings`` on ``dep``'s SuperLink, SIGTERM it once its run is submitted
     (the event: ``flower-run-<id>.log`` appears in its checkpoint folder, see run_on_flower), wait
     for it to exit; (run id, exit code, its output, ``flwr ls`` then)."""
-    import dataclasses
-    import os
-    import signal
-    import sys
-    from pathlib import Path
-
     ckpt = Path(settings.checkpoint_dir)
     proc, log = dep.start("submitter", [sys.executable, "-c", SUBMITTER, json.dumps(dataclasses.asdict(settings)),
                                         json.dumps(arch), json.dumps(sizes), str(Path(__file__).parent)])
@@ -272,7 +270,6 @@ def test_flower_backend_names_the_missing_superlink(tmp_path):
 
 
 def test_run_config_round_trips_the_settings(tmp_path):
-    import dataclasses
 
     from nni_fedexit.federated import FederatedSettings
     from nni_fedexit.federated.backends.flower.common import run_config, settings_from_config, space_from_config, write_app
