@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 from nni_fedexit.checks import reason
 
-__all__ = ["fsync_dir", "read_json", "write_atomic", "write_json", "write_text"]
+__all__ = ["fsync_dir", "read_json", "sha256_file", "write_atomic", "write_json", "write_text"]
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -69,3 +70,12 @@ def write_json(path: str | Path, data: Any, indent: int | None = 1) -> Path:
     """``data`` as JSON at ``path``, atomically (non-JSON values such as paths become strings)."""
     return write_text(path, json.dumps(data, indent=indent, default=str))
 
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256 (hex): what a checkpoint's state names its files by."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from nni_fedexit.federated.errors import FederatedError
-from nni_fedexit.files import fsync_dir, read_json, write_atomic, write_json
+from nni_fedexit.files import fsync_dir, read_json, sha256_file, write_atomic, write_json
 
 if TYPE_CHECKING:
     from nni_fedexit.federated.settings import FederatedSettings
@@ -49,14 +49,6 @@ _START_OVER = ("move the folder away (or delete it) to start over, or restore it
 def cpu_tensors(state: State) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies: what safetensors and Flower's arrays take."""
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_int(value: Any) -> bool:
@@ -190,7 +182,7 @@ class Checkpoint:
                 if role == "best" and "best" in previous:
                     files["best"] = previous["best"]
                 elif role == "best" and self._path("best").is_file():  # written before state.json named its files
-                    files["best"] = {"sha256": _sha256(self._path("best"))}
+                    files["best"] = {"sha256": sha256_file(self._path("best"))}
                 continue
             data = save(cpu_tensors(tensors))
             write_atomic(self._path(role, NEXT), lambda p, data=data: p.write_bytes(data))
@@ -214,7 +206,7 @@ class Checkpoint:
             pending = self._path(role, NEXT)
             if not pending.is_file():
                 continue
-            if role in files and (role in written or _sha256(pending) == files[role]["sha256"]):
+            if role in files and (role in written or sha256_file(pending) == files[role]["sha256"]):
                 os.replace(pending, self._path(role))
                 moved = True
             else:

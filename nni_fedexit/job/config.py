@@ -48,6 +48,7 @@ from nni_fedexit.checks import check_type, positive_int
 
 if TYPE_CHECKING:
     from nni_fedexit.federated import FederatedSettings
+    from nni_fedexit.search.shared_trial import SharedSearchSettings
     from nni_fedexit.search.strategy import SizeAwarePolicyGradient
 
 __all__ = ["ConfigError", "RunConfig", "load_config"]
@@ -154,6 +155,20 @@ class RunConfig:
 
         preset, arguments = self.strategy_arguments()
         return SizeAwarePolicyGradient.from_preset(preset, **arguments)
+
+    def shared_search_settings(self) -> "SharedSearchSettings":
+        """The shared search's trial settings: the data section's, the space, the strategy's
+        arguments, the search section's budget; checkpoints in ``<run_dir>/search/checkpoint``."""
+        from nni_fedexit.search.shared_trial import SharedSearchSettings
+
+        d, s = self.data, self.search
+        preset, arguments = self.strategy_arguments()
+        return SharedSearchSettings(
+            dataset=d.dataset, data_dir=d.data_dir, download=d.download, server_fraction=d.server_fraction,
+            val_fraction=d.val_fraction, space=self.space, strategy=preset, strategy_arguments=arguments,
+            epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, train_samples=s.train_samples,
+            device=self.device, seed=self.seed,
+            checkpoint_dir=str(Path(self.run_dir).resolve() / "search" / "checkpoint") if self.run_dir else None)
 
     def trial_settings(self) -> dict[str, Any]:
         """The trials mode's TrialSettings keys (but the reward): the data section's, the seed,
@@ -342,6 +357,7 @@ def _check_strategy(config: RunConfig) -> None:
     arguments, of their types; then one strategy is built from them, which checks the values."""
     from nni_fedexit.presets import PresetError, load_preset
     from nni_fedexit.search.controller import ControllerSettings
+    from nni_fedexit.search.shared_trial import SharedSearchSettings
     from nni_fedexit.search.strategy import SizeAwarePolicyGradient
 
     preset, overrides = config.strategy_arguments()

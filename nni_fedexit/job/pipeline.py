@@ -36,7 +36,11 @@ from nni_fedexit.federated import FederatedData
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.checks import reason
 from nni_fedexit.files import read_json, write_atomic, write_json, write_text
-from nni_fedexit.space import ResNetBlockPoolSpace, load_space_spec
+from nni_fedexit.space import ResNetBlockPoolSpace
+from nni_fedexit.search.shared_trial import (
+    SearchCheckpoint, SharedSearchEvaluator, block_pool_space, lightning_device, search_trainer_settings,
+    shared_search_evaluator,
+)
 from nni_fedexit.search.strategy import FixedArchitecture
 from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
@@ -76,19 +80,6 @@ def _load_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
         raise PipelineError(f"{path} is missing, unreadable or corrupt ({reason(err)}): {fix}") from err
 
 
-def lightning_device(device: str) -> tuple[str, int | list[int]]:
-    """Lightning's ``(accelerator, devices)`` for a run's ``device``: ``cpu`` -> ("cpu", 1),
-    ``cuda`` -> ("gpu", 1) (the first visible GPU), ``cuda:N`` -> ("gpu", [N]) (that GPU: the one
-    the federated clients use too, not Lightning's first)."""
-    if device == "cpu":
-        return "cpu", 1
-    if device == "cuda":
-        return "gpu", 1
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return "gpu", [int(device[5:])]
-    raise ValueError(f"device: must be cpu, cuda or cuda:N, got {device!r}")
-
-
 def check_device(device: str) -> None:
     """A CUDA device the run names must be there: one clear error now, not Lightning's later."""
     if device == "cpu":
@@ -101,31 +92,6 @@ def check_device(device: str) -> None:
     if index >= torch.cuda.device_count():
         raise PipelineError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
                             f"(0..{torch.cuda.device_count() - 1}): choose one of them")
-
-
-def search_trainer_settings(epochs: int, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """The Lightning Trainer arguments of the shared search: on a GPU, a CPU run differs only in
-    ``accelerator`` and ``devices`` (:func:`lightning_device`)."""
-    accelerator, devices = lightning_device(device)
-    return dict(max_epochs=epochs, accelerator=accelerator, devices=devices, enable_progress_bar=progress,
-                logger=False, enable_checkpointing=False)
-
-
-def shared_search_evaluator(
-    train: ImageData, val: ImageData, num_classes: int, *, epochs: int, batch_size: int, learning_rate: float,
-    device: str = "cpu", seed: int = 0, progress: bool = True,
-) -> Any:
-    """NNI's Classification evaluator over the server's search split, for the ``shared`` search."""
-    from nni.nas.evaluator.pytorch import Classification, DataLoader
-    from torch.utils.data import TensorDataset
-
-    g = torch.Generator().manual_seed(seed)
-    return Classification(
-        train_dataloaders=DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size,
-                                     shuffle=True, generator=g),
-        val_dataloaders=DataLoader(TensorDataset(val.images, val.labels), batch_size=batch_size),
-        num_classes=num_classes, learning_rate=learning_rate, **search_trainer_settings(epochs, device, progress),
-    )
 
 
 class Run:
@@ -160,13 +126,7 @@ class Run:
 
     def new_space(self) -> ResNetBlockPoolSpace:
         """A fresh space for an experiment: a one-shot search turns its space into a supernet in place."""
-        cfg = self.config.space
-        preset, overrides = (cfg, {}) if isinstance(cfg, str) else (cfg.get("preset", "resnet_pool"), dict(cfg))
-        overrides.pop("preset", None)
-        overrides.update(in_chans=self.data.in_chans, image_size=self.data.image_size, num_classes=self.data.num_classes)
-        spec = load_space_spec(preset, **overrides)
-        torch.manual_seed(self.config.seed)  # the supernet's initial weights (shared search): reproducible runs
-        return ResNetBlockPoolSpace.from_spec(spec)
+        return block_pool_space(self.config.space, self.data, self.config.seed)
 
     @property
     def roles(self) -> DataRoles:
@@ -239,72 +199,109 @@ class Run:
                                 "(--run-dir) that is a folder or a new path") from err
 
     def stage_search(self) -> dict[str, Any]:
-        from nni.nas.experiment import NasExperiment
+        strategy = self.config.new_strategy()
+        if strategy.mode == "shared":
+            best, history, costs = self._shared_search()
+        else:
+            best, history, costs = self._trials_search(strategy)
+        space = self.space
+        write_json(self.dir / "search" / "history.json", history)
+        arch = {"sample": best, "params": space.count_params(best), "baseline_params": space.baseline_params(),
+                "macs": costs.get("macs"), "early_exit_macs": costs.get("early_exit_macs"),
+                "baseline": space.spec.sources[0], "num_architectures": space.num_architectures(),
+                "experiment_id": history["experiment_id"]}
+        write_json(self.dir / "search" / "architecture.json", arch)
+        goal = ""
+        if history["target"] is not None and history["target"]["T"] is not None:
+            goal = f"; target T = {history['target']['T']:,.0f} {history['target']['cost']}"
+        self.echo(f"[search] chose {best}: {arch['params']:,} parameters "
+                  f"({arch['params'] / arch['baseline_params']:.2f} x the {arch['baseline']} baseline{goal})")
+        return arch
+
+    @staticmethod
+    def _one_trial(exp: Any) -> None:
+        exp.config.max_trial_number = 1
+        exp.config.trial_concurrency = 1
+        exp.config.training_service.use_active_gpu = False
+
+    def _trials_search(self, strategy: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Trials mode: one NNI trial per sampled network; the strategy runs here."""
+        from nni_fedexit.search.trial import search_evaluator
 
         c = self.config
-        strategy = c.new_strategy()
         space = self.new_space()
-        if strategy.mode == "shared":
-            evaluator = self._shared_evaluator()
-        else:
-            from nni_fedexit.search.trial import search_evaluator
+        # NNI ships the trial's settings as keyword arguments; the web UI shows each trial's
+        # reward as the strategy computes it
+        reward = strategy.reward_for(strategy.baseline_params or space.baseline_params())
+        evaluator = search_evaluator(**c.trial_settings(),  # a MACs reward is the strategy's alone
+                                     reward=reward if strategy.reward_cost == "params" else None)
 
-            # NNI ships the trial's settings as keyword arguments; the web UI shows each trial's
-            # reward as the strategy computes it
-            reward = strategy.reward_for(strategy.baseline_params or space.baseline_params())
-            evaluator = search_evaluator(**c.trial_settings(),  # a MACs reward is the strategy's alone
-                                         reward=reward if strategy.reward_cost == "params" else None)
-        def configure(exp: NasExperiment) -> None:
-            if strategy.mode == "trials":
-                exp.config.max_trial_number = c.search.max_trials
-                exp.config.trial_concurrency = c.search.concurrency
-                exp.config.training_service.use_active_gpu = False
+        def configure(exp: Any) -> None:
+            exp.config.max_trial_number = c.search.max_trials
+            exp.config.trial_concurrency = c.search.concurrency
+            exp.config.training_service.use_active_gpu = False
 
-        # shared mode runs on NNI's sequential engine, which keeps no state to resume from
-        exp, resumed = self._stage_experiment("search", space, evaluator, strategy, configure,
-                                              resumable=strategy.mode == "trials")
-        if strategy.mode == "trials":
-            self.echo(f"[search] experiment {exp.id}{' (resumed)' if resumed else ''}; "
-                      + web_ui_message(c.nni.port, c.nni.host))
+        exp, resumed = self._stage_experiment("search", space, evaluator, strategy, configure, resumable=True)
+        self.echo(f"[search] experiment {exp.id}{' (resumed)' if resumed else ''}; "
+                  + web_ui_message(c.nni.port, c.nni.host))
         try:
             self._start(exp, resumed)
             best = exp.export_top_models(formatter="dict")[0]
         finally:
             exp.stop()
         best = {str(k): v for k, v in best.items()}
-        learner = strategy.learner
-        assert learner is not None
-        reward = strategy.reward_fn
-        history = {
-            "experiment_id": exp.id, "mode": strategy.mode, "beta": strategy.beta,
-            "target": None if strategy.target is None else {
-                **dataclasses.asdict(strategy.target), "T": getattr(reward, "target", None)},
-            "warmup_epochs": strategy.warmup_epochs, "warmup_sampling": strategy.warmup_sampling,
-            "baseline_params": strategy.baseline_params, "controller_steps": learner.history,
-            "samples": strategy.records, "probabilities": learner.probabilities(),
-            "final_candidates": getattr(strategy, "final_candidates", []),
-        }
-        write_json(self.dir / "search" / "history.json", history)
         costs = strategy.costs.costs(best) if strategy.costs is not None else {}
-        arch = {"sample": best, "params": space.count_params(best), "baseline_params": space.baseline_params(),
-                "macs": costs.get("macs"), "early_exit_macs": costs.get("early_exit_macs"),
-                "baseline": space.spec.sources[0], "num_architectures": space.num_architectures(),
-                "experiment_id": exp.id}
-        write_json(self.dir / "search" / "architecture.json", arch)
-        goal = ""
-        if history["target"] is not None and history["target"]["T"] is not None:
-            goal = f"; target T = {history['target']['T']:,.0f} {strategy.target.cost}"
-        self.echo(f"[search] chose {best}: {arch['params']:,} parameters "
-                  f"({arch['params'] / arch['baseline_params']:.2f} x the {arch['baseline']} baseline{goal})")
-        return arch
+        return best, {"experiment_id": exp.id, **strategy.summary()}, costs
 
-    def _shared_evaluator(self) -> Any:
-        c, roles = self.config, self.roles
-        return shared_search_evaluator(
-            self.data.train.subset(roles.search_train[: c.search.train_samples]), self.data.train.subset(roles.search_val),
-            self.data.num_classes, epochs=c.search.epochs, batch_size=c.search.batch_size,
-            learning_rate=c.search.learning_rate, device=c.device, seed=c.seed,
-        )
+    def _shared_search(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Shared mode: the whole search is one NNI trial (search/shared_trial.py): a point per epoch
+        in the web UI, a TensorBoard log, a checkpoint per epoch that an interrupted trial resumes from."""
+        c = self.config
+        s = c.shared_search_settings()
+        checkpoint = SearchCheckpoint(s.checkpoint_dir)
+        resumes = checkpoint.resume_point(s)  # refused (other settings, damaged): say so here, not in the trial's log
+        space = self.new_space()
+        shown = {"search": "shared weights (ENAS): one trial, a point per epoch", "epochs": s.epochs,
+                 "architectures": space.num_architectures(), "strategy": s.strategy}
+        # the trial's network is the baseline's (NNI builds one per trial); the search builds its own supernet
+        trial = FixedArchitecture(space.baseline_sample(), shown=shown)
+        exp, resumed = self._stage_experiment("search", space, SharedSearchEvaluator(**dataclasses.asdict(s)), trial,
+                                              self._one_trial, resumable=True)
+        after = f", from the checkpoint of epoch {checkpoint.state()['epoch']}" if resumes is not None else ""
+        self.echo(f"[search] {s.epochs} epochs of shared weights{after}, checkpoints and TensorBoard log in "
+                  f"{s.checkpoint_dir}; experiment {exp.id}{' (resumed)' if resumed else ''}; "
+                  + web_ui_message(c.nni.port, c.nni.host))
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch_epochs, args=(checkpoint, s.epochs, stop), daemon=True)
+        watcher.start()
+        try:
+            self._start(exp, resumed)
+        finally:
+            stop.set()
+            watcher.join()
+            exp.stop()
+        path = Path(s.checkpoint_dir) / "result.json"
+        if not path.exists():
+            raise PipelineError(f"the shared search trial wrote no {path}: see its log under "
+                                f"{self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
+        result = _read_json(path, f"the search trial writes it at its end: delete it and resume {self.dir}",
+                            keys=("sample", "summary"))
+        costs = {k: result.get(k) for k in ("params", "macs", "early_exit_macs")}
+        return dict(result["sample"]), {"experiment_id": exp.id, **result["summary"]}, costs
+
+    def _watch_epochs(self, checkpoint: SearchCheckpoint, epochs: int, stop: threading.Event) -> None:
+        """Progress bar of the search trial, read from its checkpoints (the last epoch has none)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, desc="search epochs", unit="epoch")
+        while not stop.wait(2.0):
+            try:
+                state = checkpoint.state()
+            except RuntimeError:  # a file being replaced: the next look reads it
+                continue
+            if state is not None and state["epoch"] > bar.n:
+                bar.update(state["epoch"] - bar.n)
+        bar.close()
 
     def _stage_experiment(self, stage: str, space: Any, evaluator: Any, strategy: Any,
                           configure: Callable[[Any], None], resumable: bool) -> tuple[Any, bool]:
@@ -358,15 +355,10 @@ class Run:
         # a checkpoint this trial cannot go on from (other settings, damaged): say so here, not in the trial's log
         Checkpoint(s.checkpoint_dir).resume_point(s)
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
-        def configure(exp: NasExperiment) -> None:
-            exp.config.max_trial_number = 1
-            exp.config.trial_concurrency = 1
-            exp.config.training_service.use_active_gpu = False
-
         # resumed: the experiment of the interrupted stage goes on under its id, and NNI runs its
         # interrupted trial again, which resumes the rounds from the federated checkpoint
         exp, resumed = self._stage_experiment("federate", self.new_space(), evaluator,
-                                              FixedArchitecture(arch["sample"]), configure, resumable=True)
+                                              FixedArchitecture(arch["sample"]), self._one_trial, resumable=True)
         port = self.config.nni.port
         where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
                  else f"x {s.num_clients} simulated clients")

@@ -287,7 +287,8 @@ def view_experiment(ref: ExperimentRef, port: int) -> Any:
     config = ref.config()  # plain JSON; its trial code directory is the current one, as NNI requires
     if config is not None and getattr(config.execution_engine, "name", "") == "sequential":
         raise ReopenError(
-            f"experiment {ref.id} ran on NNI's sequential engine (a one-shot search in shared mode): it has no "
+            f"experiment {ref.id} ran on NNI's sequential engine (a one-shot search started from Python, or a run's "
+            "shared search from before nni-fedexit ran it as a trial): it has no "
             "trials and no web UI to open. Its results are in the run's search/history.json and report.md; "
             "search in trials mode (search.strategy: size_aware_pg_trials) for one web UI trial per network"
         )

@@ -261,6 +261,14 @@ class PolicyGradient:
         return {name: {o: float(p) for o, p in zip(options, probs[i])}
                 for i, (name, options) in enumerate(names) if probs[i] is not None}
 
+    @torch.no_grad()
+    def entropy(self, sample: Mapping[str, Any] | None = None) -> float:
+        """The policy's entropy (nats, summed over the decision steps) along ``sample`` (default:
+        the greedy path): near 0 once the controller has decided, largest while it explores."""
+        actions = self._to_actions(sample if sample is not None else self.sample(greedy=True))
+        _, _, entropy, _ = self.controller(actions=actions, skip=self._skip if self._nested else None)
+        return float(entropy)
+
     # ---- learning ---------------------------------------------------------------------------
 
     def log_prob(self, sample: Mapping[str, Any]) -> torch.Tensor:

@@ -30,11 +30,12 @@ experiment picks the right engine by itself (sequential for ``shared``, training
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -80,18 +81,25 @@ class LabelledModelSpace(SimplifiedModelSpace):
 
     _OWN_KEYS = ("status", "model_symbol", "model_args", "model_kwargs", "evaluator", "sample", "metrics", "mutables")
 
+    #: shown instead of the architecture (a trial whose network is not what it evaluates: the shared search's)
+    shown: dict[str, Any] | None = None
+
     @classmethod
-    def of(cls, model: SimplifiedModelSpace) -> SimplifiedModelSpace:
-        """``model`` (frozen) as a LabelledModelSpace; other model formats are returned as they are."""
+    def of(cls, model: SimplifiedModelSpace, shown: Mapping[str, Any] | None = None) -> SimplifiedModelSpace:
+        """``model`` (frozen) as a LabelledModelSpace; other model formats are returned as they are.
+        ``shown``: the parameters the web UI lists instead of the architecture's labels."""
         if type(model) is not SimplifiedModelSpace:
             return model
         labelled = cls(model.model, model.mutables, model.evaluator)
         labelled.status, labelled.sample, labelled.metrics = model.status, model.sample, model.metrics
+        labelled.shown = None if shown is None else dict(shown)
         return labelled
 
     def _dump(self) -> dict:
         rv = super()._dump()
-        if self.sample is not None:
+        if self.shown is not None:
+            rv.update({k: v for k, v in self.shown.items() if k not in self._OWN_KEYS})
+        elif self.sample is not None:
             rv["architecture"] = architecture_label(self.sample)
             rv.update({k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in self.sample.items()
                        if k not in self._OWN_KEYS and k != "architecture" and isinstance(v, (str, int, float, bool, list))})
@@ -359,6 +367,19 @@ class SizeAwarePolicyGradient(Strategy):
                         "controller learns to avoid them.", self.invalid_patience, why)
         return None
 
+    def summary(self) -> dict[str, Any]:
+        """What the search did, as plain JSON (a run's ``search/history.json``, without its experiment id)."""
+        assert self.learner is not None
+        return {
+            "mode": self.mode, "beta": self.beta,
+            "target": None if self.target is None else {
+                **dataclasses.asdict(self.target), "T": getattr(self.reward_fn, "target", None)},
+            "warmup_epochs": self.warmup_epochs, "warmup_sampling": self.warmup_sampling,
+            "baseline_params": self.baseline_params, "controller_steps": self.learner.history,
+            "samples": self.records, "probabilities": self.learner.probabilities(),
+            "final_candidates": getattr(self, "final_candidates", []),
+        }
+
     def reward_for(self, baseline_params: int | None) -> Reward:
         """The reward this strategy scores with, given P (trials may compute it too, for the web UI)."""
         if self.custom_reward is not None:
@@ -583,10 +604,13 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         return super().mutate_model(model)
 
     def _initialize(self, model_space: Any, engine: Any) -> Any:
+        pending = dict(self._pending_state or {})  # a state loaded before initialize: restored by _setup_search
         mutated = super()._initialize(model_space, engine)
         self._setup_search(self.supernet, self.supernet)
         assert self.learner is not None
         self.warmup_sampler = FairPathSampler(self.learner.decisions, self.learner.generator, self.warmup_sampling)
+        if "warmup_queues" in pending:
+            self.warmup_sampler.load_state(pending["warmup_queues"])
         return mutated
 
     def configure_oneshot_module(self, training_module: Any) -> "SizeAwareEnasModule":
@@ -650,6 +674,19 @@ class SharedSizeAwarePolicyGradient(SizeAwarePolicyGradient, RandomOneShot):
         self._exported = dict(best["sample"])
         return self._exported
 
+    def _search_state(self) -> dict[str, Any]:
+        state = super()._search_state()
+        sampler = getattr(self, "warmup_sampler", None)
+        if self.learner is not None and sampler is not None:
+            state["warmup_queues"] = sampler.state()  # mid-permutation at an epoch's end: resumes exactly
+        return state
+
+    def _load_search_state(self, state: Mapping[str, Any]) -> None:
+        super()._load_search_state(state)
+        sampler = getattr(self, "warmup_sampler", None)
+        if self.learner is not None and sampler is not None and "warmup_queues" in state:
+            sampler.load_state(state["warmup_queues"])
+
     def state_dict(self) -> dict:
         state = RandomOneShot.state_dict(self)
         state.update(self._search_state())
@@ -673,6 +710,13 @@ class FairPathSampler:
         self.generator = generator
         self.sampling = sampling
         self._queues: dict[str, list[Any]] = {label: [] for label in self.decisions}
+
+    def state(self) -> dict[str, list[Any]]:
+        """The candidates left in each label's current permutation (plain values: a checkpoint's)."""
+        return {label: list(queue) for label, queue in self._queues.items()}
+
+    def load_state(self, state: Mapping[str, Sequence[Any]]) -> None:
+        self._queues = {label: list(state.get(label, [])) for label in self.decisions}
 
     def sample(self) -> dict[str, Any]:
         out = {}
@@ -854,16 +898,18 @@ class FixedArchitecture(Strategy):
     """Submits one given architecture as one trial: the final federated stage of a run, so the
     web UI shows that trial and its per-round curve."""
 
-    def __init__(self, sample: Mapping[str, Any]):
+    def __init__(self, sample: Mapping[str, Any], shown: Mapping[str, Any] | None = None):
         super().__init__()
         self.sample = dict(sample)
+        #: the trial's parameters in the web UI, when not the architecture (see LabelledModelSpace)
+        self.shown = None if shown is None else dict(shown)
 
     def extra_repr(self) -> str:
         return repr(self.sample)
 
     def _run(self) -> None:
         if self.wait_for_resource():
-            self.engine.submit_models(LabelledModelSpace.of(self.model_space.freeze(self.sample)))
+            self.engine.submit_models(LabelledModelSpace.of(self.model_space.freeze(self.sample), self.shown))
         self.engine.wait_models()
 
     def state_dict(self) -> dict:
