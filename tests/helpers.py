@@ -67,9 +67,32 @@ needs_browser = pytest.mark.skipif(
     not importable("selenium") or CHROMIUM is None or CHROMEDRIVER is None,
     reason="selenium, chromium or chromedriver missing: `make install browser` (pip extra 'test'; "
            "Debian's chromium and chromium-driver, as root)")
+
+
 #: OpenSSH's ssh-keygen: SuperNode authentication keys
 needs_ssh_keygen = pytest.mark.skipif(
     shutil.which("ssh-keygen") is None, reason="ssh-keygen missing: `make browser` (Debian's openssh-client, as root)")
+
+
+@contextlib.contextmanager
+def headless_chrome(profile: Path) -> Iterator:
+    """Debian's chromium driven by selenium, headless, with its own profile (so no column choice or
+    expanded row of an earlier test carries over through localStorage)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        yield driver
+    finally:
+        driver.quit()
 
 
 # ---- spaces and samples ------------------------------------------------------------------------

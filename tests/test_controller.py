@@ -41,6 +41,16 @@ def test_same_seed_same_samples():
     assert [a.sample() for _ in range(10)] == [b.sample() for _ in range(10)]
 
 
+def test_a_look_at_the_policy_with_another_generator_leaves_the_search_samples_as_they_were():
+    """What the shared search's per-epoch report does: drawing paths with its own generator does not
+    change what the learner samples next."""
+    looked, untouched = (PolicyGradient(CHOICES, ControllerSettings(seed=5)) for _ in range(2))
+    own = torch.Generator().manual_seed(0)
+    drawn = [looked.sample(generator=own) for _ in range(8)]
+    assert len({tuple(d.values()) for d in drawn}) > 1  # real draws from the policy, not the greedy path
+    assert [looked.sample() for _ in range(10)] == [untouched.sample() for _ in range(10)]
+
+
 def test_tanh_constant_bounds_the_probabilities():
     pg = PolicyGradient({"x": list(range(5))}, ControllerSettings(seed=0, tanh_constant=1.0, lr=0.2))
     for _ in range(200):

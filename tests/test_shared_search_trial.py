@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from nni_fedexit.job.cli import main
 from nni_fedexit.space import architecture_label
-from helpers import BIN, EXAMPLES, free_port, nni_api, trial_processes, wait_until
+from helpers import BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, trial_processes, wait_until
 
 EPOCHS = 3
 
@@ -87,10 +87,36 @@ def test_the_web_ui_shows_one_trial_with_a_point_per_epoch_and_the_chosen_archit
     for point, epoch in zip(shown, result["epochs"]):
         assert point == pytest.approx(epoch)
         assert point["default"] > 0 and 0 <= point["val_acc"] <= 1 and point["entropy"] > 0
-    # the controller learns from the second epoch on: its steps and the paths it sampled are counted
-    assert "mean_reward" not in shown[0] and shown[0]["controller_steps"] == 0
+    # every key in every point (the web UI offers the first point's keys); the controller learns after the warm-up
+    assert all(set(p) == set(shown[0]) for p in shown) and 0 <= shown[0]["sampled_val_acc"] <= 1
+    assert shown[0]["controller_steps"] == 0 and shown[0]["mean_reward"] > 0
     steps = [h["step"] for h in history["controller_steps"]]
     assert shown[-1]["controller_steps"] == steps[-1] and shown[1]["controller_steps"] < steps[-1]
+
+
+@needs_browser
+def test_the_browser_shows_the_chosen_architecture_in_the_trial_table(viewed, tmp_path):
+    """What a user does in the web UI: Trials detail, "Add/Remove columns", tick the final
+    metric "architecture", Save; the trial's row then names the chosen network."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run_dir, port = viewed
+    label = architecture_label(json.loads((run_dir / "search" / "architecture.json").read_text())["sample"])
+    with headless_chrome(tmp_path / "profile") as driver:
+        driver.get(f"http://127.0.0.1:{port}/detail")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".ms-DetailsRow") or False)
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".ms-DetailsRow")) == 1  # the whole search: one trial
+        button = wait.until(lambda d: d.find_element(By.XPATH, "//button[.//span[text()='Add/Remove columns']]"))
+        button.click()
+        box = wait.until(lambda d: d.find_element(By.XPATH, "//label[.//span[text()='architecture (metric)']]"))
+        box.click()
+        driver.find_element(By.XPATH, "//button[.//span[text()='Save']]").click()
+        cell = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-automation-key='metric/architecture']"))
+        text = wait.until(lambda d: label in cell.text and d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(tmp_path / "shared-search.png"))
+    assert "SUCCEEDED" in text and "(FINAL)" in text
 
 
 def test_tensorboard_holds_the_same_curves(searched):
@@ -99,7 +125,7 @@ def test_tensorboard_holds_the_same_curves(searched):
     run_dir, _ = searched
     result = json.loads((run_dir / "search" / "checkpoint" / "result.json").read_text())
     events = EventAccumulator(str(run_dir / "search" / "checkpoint" / "tensorboard" / "search")).Reload()
-    for key in ("greedy_reward", "val_acc", "params", "entropy", "controller_steps"):
+    for key in ("greedy_reward", "val_acc", "params", "entropy", "controller_steps", "mean_reward"):
         scalars = events.Scalars(f"search_epoch/{key}")
         assert [e.step for e in scalars] == list(range(1, EPOCHS + 1))
         reported = [e["default" if key == "greedy_reward" else key] for e in result["epochs"]]

@@ -18,8 +18,8 @@ import yaml
 from click.testing import CliRunner
 
 from nni_fedexit.job.cli import main
-from helpers import (ALL_INTERFACES, BIN, CHROMEDRIVER, CHROMIUM, EXAMPLES, free_port, needs_browser, nni_api, other_address, reachable, trial_processes,
-                     wait_until)
+from helpers import (ALL_INTERFACES, BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, other_address,
+                     reachable, trial_processes, wait_until)
 
 ROUNDS = 8  # of the federated stage: enough that round 1's checkpoint comes well before the last
 
@@ -242,21 +242,11 @@ def test_view_by_experiment_id_on_all_interfaces_shows_both_trials_rounds(resume
 
 @needs_browser
 def test_web_ui_trial_page_shows_the_architectures(viewed, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     run_dir, port, _ = viewed
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(60)
+    with headless_chrome(tmp_path / "profile") as driver:
         driver.get(f"http://127.0.0.1:{port}/detail")
         wait = WebDriverWait(driver, 60)
         rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".ms-DetailsRow") or False)
@@ -270,7 +260,5 @@ def test_web_ui_trial_page_shows_the_architectures(viewed, tmp_path):
         body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
         text = wait.until(lambda d: all(label in body(d) for label in labels) and body(d))
         driver.save_screenshot(str(tmp_path / "trial.png"))
-    finally:
-        driver.quit()
     assert all(label in text for label in labels), text[-2000:]
     assert text.count("SUCCEEDED") >= 3 and "(FINAL)" in text

@@ -227,10 +227,14 @@ class PolicyGradient:
                                  "or missing where it is needed")
 
     @torch.no_grad()
-    def sample(self, greedy: bool = False) -> dict[str, Any]:
+    def sample(self, greedy: bool = False, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A path from the policy (``greedy``: its most probable one). ``generator``: draw with this
+        one instead of the learner's own, which is then left as it was (a look at the policy that
+        does not change what the search samples next)."""
+        g = self.generator if generator is None else generator
         skip = self._skip if self._nested else None
-        actions, _, _, _ = self.controller(greedy=greedy, generator=self.generator, skip=skip)
-        return self._to_sample(actions, None if greedy else self.generator)
+        actions, _, _, _ = self.controller(greedy=greedy, generator=g, skip=skip)
+        return self._to_sample(actions, None if greedy else g)
 
     def sample_uniform(self) -> dict[str, Any]:
         """A uniformly random architecture, drawn with the learner's own (checkpointed) generator."""

@@ -234,31 +234,33 @@ class SearchMonitor(Callback):
         self.settings = settings
         self.checkpoint = checkpoint
         self.outer = outer
+        #: draws the paths the epoch's mean reward is measured on: its own, so the search's are untouched
+        self.policy_draws = torch.Generator().manual_seed(settings.seed)
         #: every epoch's metrics, as reported
         self.epochs: list[dict[str, Any]] = []
-        self._first_record = 0
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._first_record = len(self.strategy.records)
 
     def epoch_metrics(self, epoch: int, pl_module: Any) -> dict[str, Any]:
         """The greedy architecture (its accuracy with the shared weights, size and reward), the
-        controller's entropy and the epoch's sampled paths' mean reward and accuracy."""
+        controller's entropy along it, and the mean reward and accuracy of ``samples_per_update``
+        paths drawn from the controller's policy, all with the epoch's final weights: every key in
+        every epoch (NNI's web UI offers the keys of the first point only), the warm-up's too."""
         strategy, learner = self.strategy, self.strategy.learner
         greedy = learner.sample(greedy=True)
         accuracy = pl_module.evaluate_path(greedy, self.val_loader, strategy.final_eval_batches)
         reward, costs = strategy.score(accuracy, greedy)
-        metrics: dict[str, Any] = {
+        drawn = []
+        for _ in range(strategy.samples_per_update):
+            path = learner.sample(generator=self.policy_draws)
+            path_accuracy = pl_module.evaluate_path(path, self.val_loader, strategy.final_eval_batches)
+            drawn.append((strategy.score(path_accuracy, path)[0], path_accuracy))
+        return {
             "default": reward, "epoch": epoch,
             "phase": "warm-up" if epoch <= strategy.warmup_epochs else "controller",
             "architecture": architecture_label(greedy), "params": costs["params"], "val_acc": accuracy,
             "entropy": learner.entropy(greedy), "controller_steps": learner.steps,
+            "mean_reward": sum(r for r, _ in drawn) / len(drawn),
+            "sampled_val_acc": sum(a for _, a in drawn) / len(drawn),
         }
-        records = strategy.records[self._first_record:]
-        if records:  # the controller's paths of this epoch (none during the warm-up)
-            metrics["mean_reward"] = sum(r["reward"] for r in records) / len(records)
-            metrics["sampled_val_acc"] = sum(r["accuracy"] for r in records) / len(records)
-        return metrics
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = trainer.current_epoch + 1
@@ -281,10 +283,12 @@ class SearchMonitor(Callback):
             self.outer.report_intermediate(metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data_order": self.data_order.get_state(), "random": _random_states(), "epochs": list(self.epochs)}
+        return {"data_order": self.data_order.get_state(), "policy_draws": self.policy_draws.get_state(),
+                "random": _random_states(), "epochs": list(self.epochs)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.data_order.set_state(state_dict["data_order"])
+        self.policy_draws.set_state(state_dict["policy_draws"])
         _set_random_states(state_dict["random"])
         self.epochs = list(state_dict["epochs"])
 
