@@ -1,6 +1,7 @@
 """S4: the exit-point model: an exit after every stage, branch models, early-exit inference.
 
-network.py  MultiExitNetwork, BranchModel, the multi-exit loss, exit costs, calibration, export
+network.py     MultiExitNetwork, BranchModel, the multi-exit loss, exit costs, calibration, export
+thresholds.py  per-exit thresholds and the held-out margin that keeps an accuracy target on unseen images
 """
 
 from nni_fedexit.exits.network import (
