@@ -101,10 +101,6 @@ class ExitScores:
     def num_images(self) -> int:
         return self.confidence.shape[1]
 
-    def subset(self, index: torch.Tensor | Sequence[int]) -> "ExitScores":
-        index = torch.as_tensor(index, dtype=torch.long)
-        return ExitScores(self.confidence[:, index], self.correct[:, index], self.cost)
-
     def exits_taken(self, thresholds: Sequence[float]) -> torch.Tensor:
         """(N,) 0-based exit each image leaves at."""
         t = torch.as_tensor(list(thresholds)[: self.num_exits - 1], dtype=torch.float64).view(-1, 1)
