@@ -35,3 +35,17 @@ def cifar_space():
     from nni_fedexit import ResNetBlockPoolSpace
 
     return ResNetBlockPoolSpace.from_preset("resnet_pool_cifar", widths=[8, 16, 32, 64])
+
+
+@pytest.fixture(scope="session")
+def trained(digits):
+    """A 3-exit network of the tiny space trained on digits (4 epochs): the exits' tests share it."""
+    from helpers import TINY_SAMPLE, tiny_space
+    from nni_fedexit.exits import MultiExitNetwork, multi_exit_loss
+    from nni_fedexit.training import TrainSettings, train_classifier
+
+    torch.manual_seed(0)
+    model = MultiExitNetwork.from_architecture(tiny_space(widths=(8, 16, 32)), TINY_SAMPLE)
+    train_classifier(model, digits.train, TrainSettings(epochs=4, batch_size=32, lr=0.05, seed=0),
+                     loss_fn=lambda outs, y: multi_exit_loss(outs, y, model.loss_weights))
+    return model

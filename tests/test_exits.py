@@ -18,8 +18,6 @@ from nni_fedexit.exits import (
     export_branches,
     multi_exit_loss,
 )
-from nni_fedexit.training import TrainSettings, train_classifier
-from helpers import TINY_SAMPLE, tiny_space
 
 SAMPLE = {"stage1": "resnet50", "stage2": "resnet18", "stage3": "resnet34", "stage4": "resnet50"}
 
@@ -163,15 +161,6 @@ def test_confidence_criteria():
     assert ent[0] > 0.99 and ent[1] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    model = MultiExitNetwork.from_architecture(tiny_space(widths=(8, 16, 32)), TINY_SAMPLE)
-    train_classifier(model, digits.train, TrainSettings(epochs=4, batch_size=32, lr=0.05, seed=0),
-                     loss_fn=lambda outs, y: multi_exit_loss(outs, y, model.loss_weights))
-    return model
-
-
 def test_threshold_zero_exits_everything_at_exit_1_and_above_one_at_the_last(trained, digits):
     logits, labels = exit_outputs(trained, digits.test)
     accs = exit_accuracies(logits, labels)
@@ -223,7 +212,7 @@ def every_shared_threshold(logits, labels, costs, criterion="max_prob"):
 
 @pytest.mark.parametrize("drop", [0.0, 0.01, 0.05])
 def test_calibration_picks_the_cheapest_threshold_within_the_accuracy_drop(trained, digits, drop):
-    result = calibrate(trained, digits.test, max_accuracy_drop=drop)
+    result = calibrate(trained, digits.test, max_accuracy_drop=drop, rule="shared")
     costs = exit_costs(trained, digits.test.images[:1])
     assert result.last_exit_macs == costs[-1].macs
     assert trained.thresholds == result.thresholds
@@ -240,7 +229,7 @@ def test_calibration_picks_the_cheapest_threshold_within_the_accuracy_drop(train
 def test_calibration_picks_the_most_accurate_threshold_within_a_compute_budget(trained, digits):
     costs = exit_costs(trained, digits.test.images[:1])
     budget = (costs[0].early_exit_macs + costs[-1].early_exit_macs) / 2
-    result = calibrate(trained, digits.test, max_accuracy_drop=None, macs_budget=budget, criterion="entropy")
+    result = calibrate(trained, digits.test, max_accuracy_drop=None, macs_budget=budget, criterion="entropy", rule="shared")
     assert result.expected_macs <= budget
     assert trained.criterion == "entropy"
     tried = every_shared_threshold(*exit_outputs(trained, digits.test), costs, criterion="entropy")
@@ -251,6 +240,33 @@ def test_calibration_picks_the_most_accurate_threshold_within_a_compute_budget(t
         calibrate(trained, digits.test, max_accuracy_drop=None, macs_budget=costs[0].early_exit_macs / 2)
     with pytest.raises(ValueError, match="exactly one target"):
         calibrate(trained, digits.test, max_accuracy_drop=0.01, macs_budget=budget)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.01, 0.05])
+def test_per_exit_calibration_is_within_the_drop_and_never_dearer_than_the_shared_rule(trained, digits, drop):
+    shared = calibrate(trained, digits.test, max_accuracy_drop=drop, rule="shared")
+    mine = calibrate(trained, digits.test, max_accuracy_drop=drop)  # rule="per_exit" is the default
+    assert mine.rule == "per_exit" and trained.thresholds == mine.thresholds
+    assert mine.accuracy >= mine.last_exit_accuracy - drop - 1e-12
+    assert mine.expected_macs <= shared.expected_macs + 1e-9
+    # what calibration reports is what early-exit inference then does on the same images
+    preds, taken = early_exit_predict(trained, digits.test.images)
+    assert float((preds == digits.test.labels).double().mean()) == pytest.approx(mine.accuracy)
+    share = (torch.bincount(taken - 1, minlength=trained.num_exits).double() / len(taken)).tolist()
+    assert share == pytest.approx(mine.exit_share)
+
+
+def test_a_held_out_split_certifies_the_drop_and_says_so(trained, digits):
+    learn, held_out = digits.test.subset(range(0, 180)), digits.test.subset(range(180, 359))
+    result = calibrate(trained, learn, max_accuracy_drop=0.05, held_out=held_out, confidence_level=0.9)
+    assert result.held_out_images == len(held_out) and result.confidence_level == 0.9
+    assert result.drop_bound <= 0.05 and result.held_out["drop"] <= result.drop_bound
+    assert result.macs_saved > 0  # 179 held-out images are enough to certify some early exits here
+    assert "90% confidence" in result.guarantee and "5.00%" in result.guarantee
+    with pytest.raises(ValueError, match="held-out margin keeps an accuracy drop"):
+        calibrate(trained, learn, max_accuracy_drop=None, macs_budget=1e9, held_out=held_out)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        calibrate(trained, learn, rule="mine")
 
 
 def test_early_exit_inference_runs_each_stage_only_on_the_samples_still_inside(trained, digits):

@@ -27,16 +27,26 @@ def planted(n: int, seed: int, skill=(-0.2, 0.8, 1.5, 1.9), noise: float = 0.5) 
     return ExitScores(seen, right, COST)
 
 
-def test_exits_taken_and_metrics_agree_with_early_exit_metrics_on_logits():
+def test_exits_taken_and_metrics_agree_with_a_loop_over_images():
+    """Image by image: leave at the first exit whose max softmax probability reaches its
+    threshold, else at the last; pay that exit's cost."""
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(4, 300, 5, generator=g) * 2, torch.randint(0, 5, (300,), generator=g)
-    costs = [ExitCost(exit=i + 1, params=0, macs=int(c), early_exit_macs=int(c)) for i, c in enumerate(COST)]
+    conf = torch.softmax(logits, dim=-1).max(dim=-1).values.tolist()
+    correct = (logits.argmax(dim=-1) == labels).tolist()
     scores = ExitScores.from_logits(logits, labels, COST)
+    costs = [ExitCost(exit=i + 1, params=0, macs=int(c), early_exit_macs=int(c)) for i, c in enumerate(COST)]
     for t in ([0.5, 0.6, 0.7], [0.0, 1.0, 0.3], [1.1, 1.1, 1.1]):
-        want = early_exit_metrics(logits, labels, t, costs)
+        exits = [next((i for i in range(3) if conf[i][s] >= t[i]), 3) for s in range(300)]
         got = scores.evaluate(t)
-        assert got.accuracy == pytest.approx(want["accuracy"]) and got.exit_share == pytest.approx(want["exit_share"])
-        assert got.expected_cost == pytest.approx(want["expected_macs"])
+        assert scores.exits_taken(t).tolist() == exits
+        assert got.accuracy == pytest.approx(sum(correct[e][s] for s, e in enumerate(exits)) / 300)
+        assert got.exit_share == pytest.approx([exits.count(i) / 300 for i in range(4)])
+        assert got.expected_cost == pytest.approx(sum(COST[e] for e in exits) / 300)
+        assert got.drop == pytest.approx(sum(correct[3]) / 300 - got.accuracy)
+        want = early_exit_metrics(logits, labels, t, costs)  # the network module's view is the same numbers
+        assert (want["accuracy"], want["exit_share"], want["expected_macs"]) == (got.accuracy, got.exit_share,
+                                                                                 got.expected_cost)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

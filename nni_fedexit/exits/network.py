@@ -8,7 +8,9 @@ can aggregate branches by name (S5).
 
 Early exits: at inference a sample leaves at the first exit whose confidence reaches that exit's
 threshold. :func:`calibrate` chooses the thresholds on validation data for a target (an accuracy
-drop against the last exit, or a compute budget) and returns the accuracy-vs-MACs curve it saw.
+drop against the last exit, or a compute budget), one per exit or one shared, optionally with a
+held-out margin (thresholds.py), and returns the accuracy-vs-MACs curve it saw. The segments a
+device runs are exported and timed in runtime.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nni_fedexit.data import ImageData
+from nni_fedexit.exits.thresholds import (
+    RULES, ExitScores, ThresholdSetting, certified_thresholds, confidence, per_exit_thresholds, shared_thresholds,
+    threshold_grid,
+)
 from nni_fedexit.macs import forward_macs
 
 __all__ = [
@@ -39,9 +45,9 @@ __all__ = [
     "expected_exit_macs",
     "CalibrationResult",
     "multi_exit_loss",
-    "confidence",
     "exit_costs",
     "exit_outputs",
+    "exit_scores",
     "exit_accuracies",
     "ensemble_accuracy",
     "ensemble_logits",
@@ -51,6 +57,7 @@ __all__ = [
     "early_exit_predict",
     "calibrate",
     "export_branches",
+    "onnx_available",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -298,17 +305,6 @@ def expected_exit_macs(
 # ---------------------------------------------------------------------------------------------
 
 
-def confidence(logits: torch.Tensor, criterion: str = "max_prob") -> torch.Tensor:
-    """Per-sample confidence in [0, 1]: the max softmax probability, or 1 - normalised entropy."""
-    probs = F.softmax(logits.float(), dim=-1)
-    if criterion == "max_prob":
-        return probs.max(dim=-1).values
-    if criterion == "entropy":
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-        return 1.0 - ent / math.log(logits.shape[-1])
-    raise ValueError(f"criterion must be 'max_prob' or 'entropy', got {criterion!r}")
-
-
 def _check_thresholds(model: MultiExitNetwork, thresholds: Sequence[float]) -> list[float]:
     t = [float(v) for v in thresholds]
     if len(t) == model.num_exits - 1:
@@ -398,24 +394,13 @@ def early_exit_metrics(
     criterion: str = "max_prob",
 ) -> dict[str, Any]:
     """Accuracy, expected MACs and exit shares of early-exit inference, from precomputed logits."""
-    num_exits, n = logits.shape[0], logits.shape[1]
-    t = [float(v) for v in thresholds][: num_exits - 1]
-    conf = torch.stack([confidence(z, criterion) for z in logits])  # (L, N)
-    correct = logits.argmax(dim=-1) == labels.unsqueeze(0)  # (L, N)
-    taken = torch.full((n,), num_exits - 1, dtype=torch.long)
-    decided = torch.zeros(n, dtype=torch.bool)
-    for i in range(num_exits - 1):
-        leave = ~decided & (conf[i] >= t[i])
-        taken[leave] = i
-        decided |= leave
-    macs = torch.tensor([c.early_exit_macs for c in costs], dtype=torch.float64)
-    share = torch.bincount(taken, minlength=num_exits).double() / n
-    return {
-        "thresholds": t + [0.0],
-        "accuracy": float(correct[taken, torch.arange(n)].double().mean()),
-        "expected_macs": float((share * macs).sum()),
-        "exit_share": share.tolist(),
-    }
+    return _metrics(ExitScores.from_logits(logits, labels, [c.early_exit_macs for c in costs], criterion)
+                    .evaluate(thresholds))
+
+
+def _metrics(setting: ThresholdSetting) -> dict[str, Any]:
+    return {"thresholds": setting.thresholds, "accuracy": setting.accuracy, "expected_macs": setting.expected_cost,
+            "exit_share": setting.exit_share}
 
 
 def threshold_curve(
@@ -424,8 +409,8 @@ def threshold_curve(
 ) -> list[dict[str, Any]]:
     """Early-exit metrics for one threshold shared by all exits, swept over ``num_thresholds``
     values in [0, 1] plus one above 1 (every sample to the last exit), in that order."""
-    values = [i / (num_thresholds - 1) for i in range(num_thresholds)] + [1.0 + 1e-6]
-    return [early_exit_metrics(logits, labels, [v] * (logits.shape[0] - 1), costs, criterion) for v in values]
+    scores = ExitScores.from_logits(logits, labels, [c.early_exit_macs for c in costs], criterion)
+    return [_metrics(scores.evaluate([v] * (scores.num_exits - 1))) for v in threshold_grid(num_thresholds)]
 
 
 @dataclass
@@ -440,13 +425,32 @@ class CalibrationResult:
     last_exit_accuracy: float
     #: MACs of the last exit's branch alone: the network without early exits
     last_exit_macs: float
-    #: every threshold setting tried: {"thresholds", "accuracy", "expected_macs", "exit_share"}
+    #: one shared threshold swept over the grid: {"thresholds", "accuracy", "expected_macs", "exit_share"}
     curve: list[dict[str, Any]] = field(default_factory=list)
+    #: "shared" or "per_exit" (see :data:`~nni_fedexit.exits.thresholds.RULES`)
+    rule: str = "shared"
+    #: with a held-out split: its size, what the thresholds give on it, the upper confidence
+    #: bound on their drop, at what confidence, and the guarantee in words
+    held_out_images: int = 0
+    held_out: dict[str, Any] | None = None
+    drop_bound: float | None = None
+    confidence_level: float | None = None
+    guarantee: str | None = None
 
     @property
     def macs_saved(self) -> float:
         """Fraction of compute saved against the same network without early exits (last exit only)."""
         return 1.0 - self.expected_macs / self.last_exit_macs
+
+
+def exit_scores(model: MultiExitNetwork, data: ImageData, costs: Sequence[ExitCost], criterion: str = "max_prob",
+                prediction: str = "exit") -> ExitScores:
+    """Each exit's confidence and correctness on ``data`` as early-exit inference with ``prediction``
+    sees them, and the MACs of leaving at each exit (:attr:`ExitCost.early_exit_macs`)."""
+    logits, labels = exit_outputs(model, data)
+    if _check_prediction(prediction) == "ensemble":
+        logits = ensemble_logits(logits)
+    return ExitScores.from_logits(logits, labels, [c.early_exit_macs for c in costs], criterion)
 
 
 def calibrate(
@@ -459,50 +463,67 @@ def calibrate(
     num_thresholds: int = 101,
     costs: Sequence[ExitCost] | None = None,
     prediction: str = "exit",
+    rule: str = "per_exit",
+    held_out: ImageData | None = None,
+    confidence_level: float = 0.95,
 ) -> CalibrationResult:
     """Choose early-exit thresholds on validation ``data`` and store them on ``model``.
 
-    Explores one shared threshold for all exits (``num_thresholds`` values from 0 to 1, plus one
-    above 1 that sends everything to the last exit). Targets: ``max_accuracy_drop`` (absolute,
-    against the last exit's accuracy): the cheapest setting within the drop; or ``macs_budget``
-    (expected MACs per image): the most accurate setting within the budget. With
-    ``prediction="ensemble"`` each exit predicts, and is confident, with the mean of the
-    probabilities of the exits up to it (:func:`ensemble_logits`); the drop is then measured
-    against the ensemble of all exits.
+    ``rule="per_exit"`` searches a threshold per exit (never worse than the shared rule on the
+    same images); ``rule="shared"`` sweeps one threshold for all exits (``num_thresholds`` values
+    from 0 to 1, plus one above 1 that sends everything to the last exit). Targets:
+    ``max_accuracy_drop`` (absolute, against the last exit's accuracy): the cheapest setting
+    within the drop; or ``macs_budget`` (expected MACs per image): the most accurate setting
+    within the budget. With ``held_out`` images (labelled, unseen by ``data``'s fit) the drop
+    target holds on unseen images with about ``confidence_level`` confidence
+    (:func:`~nni_fedexit.exits.thresholds.certified_thresholds`). With ``prediction="ensemble"``
+    each exit predicts, and is confident, with the mean of the probabilities of the exits up to it
+    (:func:`ensemble_logits`); the drop is then measured against the ensemble of all exits.
     """
-    _check_prediction(prediction)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
     if (max_accuracy_drop is None) == (macs_budget is None):
         raise ValueError("give exactly one target: max_accuracy_drop or macs_budget")
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    if held_out is not None and max_accuracy_drop is None:
+        raise ValueError("a held-out margin keeps an accuracy drop: give max_accuracy_drop, or no held_out")
     if costs is None:
         costs = exit_costs(model, data.images[:1].to(next(model.parameters()).device))
-    logits, labels = exit_outputs(model, data)
-    if prediction == "ensemble":
-        logits = ensemble_logits(logits)
-    curve = threshold_curve(logits, labels, costs, criterion, num_thresholds)
-    last = curve[-1]
-    if max_accuracy_drop is not None:
-        feasible = [p for p in curve if p["accuracy"] >= last["accuracy"] - max_accuracy_drop - 1e-12]
-        best = min(feasible, key=lambda p: (p["expected_macs"], -p["accuracy"]))
+    scores = exit_scores(model, data, costs, criterion, prediction)
+    grid = threshold_grid(num_thresholds)
+    curve = [_metrics(scores.evaluate([v] * (scores.num_exits - 1))) for v in grid]
+    cheapest = curve[0]["expected_macs"]
+    if macs_budget is not None and macs_budget < cheapest:
+        raise ValueError(
+            f"macs_budget {macs_budget:,.0f} is below the cheapest setting ({cheapest:,.0f} MACs per image, "
+            "every sample at exit 1): raise the budget"
+        )
+    choose = per_exit_thresholds if rule == "per_exit" else shared_thresholds
+    extra: dict[str, Any] = {}
+    if held_out is not None:
+        assert max_accuracy_drop is not None
+        cert = certified_thresholds(scores, exit_scores(model, held_out, costs, criterion, prediction), max_accuracy_drop,
+                                    rule=rule, confidence_level=confidence_level, grid=grid)
+        best = cert.learnt
+        extra = {"held_out_images": len(held_out), "drop_bound": cert.drop_bound, "confidence_level": confidence_level,
+                 "guarantee": cert.guarantee(),
+                 "held_out": {"accuracy": cert.held_out.accuracy, "drop": cert.held_out.drop,
+                              "expected_macs": cert.held_out.expected_cost, "exit_share": cert.held_out.exit_share}}
+        target = {"max_accuracy_drop": float(max_accuracy_drop)}
+    elif max_accuracy_drop is not None:
+        best = choose(scores, grid, max_accuracy_drop=max_accuracy_drop)
         target = {"max_accuracy_drop": float(max_accuracy_drop)}
     else:
-        cheapest = min(p["expected_macs"] for p in curve)
-        if macs_budget < cheapest:
-            raise ValueError(
-                f"macs_budget {macs_budget:,.0f} is below the cheapest setting ({cheapest:,.0f} MACs per image, "
-                "every sample at exit 1): raise the budget"
-            )
-        feasible = [p for p in curve if p["expected_macs"] <= macs_budget]
-        best = max(feasible, key=lambda p: (p["accuracy"], -p["expected_macs"]))
+        best = choose(scores, grid, cost_budget=macs_budget)
         target = {"macs_budget": float(macs_budget)}
-    model.thresholds = list(best["thresholds"])
+    model.thresholds = list(best.thresholds)
     model.criterion = criterion
     model.prediction = prediction
     return CalibrationResult(
-        thresholds=list(best["thresholds"]), accuracy=best["accuracy"], expected_macs=best["expected_macs"],
-        exit_share=best["exit_share"], target=target, last_exit_accuracy=last["accuracy"],
-        last_exit_macs=float(costs[-1].macs), curve=curve,
+        thresholds=list(best.thresholds), accuracy=best.accuracy, expected_macs=best.expected_cost,
+        exit_share=best.exit_share, target=target, last_exit_accuracy=curve[-1]["accuracy"],
+        last_exit_macs=float(costs[-1].macs), curve=curve, rule=rule, **extra,
     )
 
 
@@ -526,7 +547,7 @@ def export_branches(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     if onnx is None:
-        onnx = _onnx_available()
+        onnx = onnx_available()
     records = []
     for depth in range(1, model.num_exits + 1):
         branch = model.branch(depth).eval()
@@ -568,7 +589,8 @@ def _check_export(path: Path, want: torch.Tensor, got: torch.Tensor, atol: float
     return {"branch": depth, "format": fmt, "path": str(path), "max_abs_error": err}
 
 
-def _onnx_available() -> bool:
+def onnx_available() -> bool:
+    """Whether onnx, onnxruntime and onnxscript (the ``onnx`` extra) are installed."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401

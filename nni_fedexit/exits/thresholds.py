@@ -30,15 +30,36 @@ from statistics import NormalDist
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["RULES", "ExitScores", "ThresholdSetting", "CertifiedThresholds", "threshold_grid", "shared_thresholds",
+__all__ = ["CRITERIA", "RULES", "confidence", "ExitScores", "ThresholdSetting", "CertifiedThresholds", "threshold_grid", "shared_thresholds",
            "per_exit_thresholds", "drop_upper_bound", "certified_thresholds"]
 
 #: how thresholds are chosen: one for every exit, or one per exit
 RULES = ("shared", "per_exit")
 
+#: how an exit's confidence is measured
+CRITERIA = ("max_prob", "entropy")
+
 #: a threshold above every confidence: nothing leaves there (the last exit takes it)
 NEVER = 1.0 + 1e-6
+
+
+def confidence(logits: torch.Tensor, criterion: str = "max_prob") -> torch.Tensor:
+    """Per-sample confidence in [0, 1]: the max softmax probability, or 1 - normalised entropy."""
+    probs = F.softmax(logits.float(), dim=-1)
+    if criterion == "max_prob":
+        return probs.max(dim=-1).values
+    if criterion == "entropy":
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+        return 1.0 - ent / math.log(logits.shape[-1])
+    raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+
+
+def as_compared(thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Thresholds as early-exit inference compares them: a float32 confidence against a Python
+    float is compared in float32, so a threshold counts as its float32 value."""
+    return torch.as_tensor(thresholds, dtype=torch.float64).float().double()
 
 
 def threshold_grid(num_thresholds: int = 101) -> list[float]:
@@ -61,6 +82,12 @@ class ThresholdSetting:
     exit_share: list[float]
     #: the last exit's accuracy on the same images, minus ``accuracy``
     drop: float
+    #: upper confidence bound on the drop (:func:`drop_upper_bound`), where it was asked for
+    drop_bound: float | None = None
+
+    def within(self, max_accuracy_drop: float) -> bool:
+        """Whether the drop (its bound, where there is one) is within ``max_accuracy_drop``."""
+        return (self.drop if self.drop_bound is None else self.drop_bound) <= max_accuracy_drop + 1e-12
 
 
 @dataclass
@@ -88,8 +115,6 @@ class ExitScores:
     def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, cost: Sequence[float],
                     criterion: str = "max_prob") -> "ExitScores":
         """From :func:`~nni_fedexit.exits.exit_outputs`'s (L, N, C) logits (or ensemble log-probabilities)."""
-        from nni_fedexit.exits.network import confidence
-
         conf = torch.stack([confidence(z, criterion) for z in logits])
         return cls(conf, logits.argmax(dim=-1) == labels.unsqueeze(0), torch.as_tensor(cost, dtype=torch.float64))
 
@@ -103,7 +128,7 @@ class ExitScores:
 
     def exits_taken(self, thresholds: Sequence[float]) -> torch.Tensor:
         """(N,) 0-based exit each image leaves at."""
-        t = torch.as_tensor(list(thresholds)[: self.num_exits - 1], dtype=torch.float64).view(-1, 1)
+        t = as_compared(list(thresholds)[: self.num_exits - 1]).view(-1, 1)
         leaves = torch.cat([self.confidence[:-1] >= t, torch.ones(1, self.num_images, dtype=torch.bool)])
         return leaves.to(torch.int8).argmax(dim=0)  # the first exit that lets it leave
 
@@ -111,14 +136,18 @@ class ExitScores:
         """(N,) whether early-exit inference with ``thresholds`` gets each image right."""
         return self.correct[self.exits_taken(thresholds), torch.arange(self.num_images)]
 
-    def evaluate(self, thresholds: Sequence[float]) -> ThresholdSetting:
+    def evaluate(self, thresholds: Sequence[float], confidence_level: float | None = None) -> ThresholdSetting:
+        """What ``thresholds`` give on these images; with ``confidence_level``, the bound on the drop too."""
         t = [float(v) for v in list(thresholds)[: self.num_exits - 1]] + [0.0]
         taken = self.exits_taken(t)
         n = max(self.num_images, 1)
         share = torch.bincount(taken, minlength=self.num_exits).double() / n
-        accuracy = float(self.correct[taken, torch.arange(self.num_images)].double().sum() / n)
+        right = self.correct[taken, torch.arange(self.num_images)]
+        accuracy = float(right.double().sum() / n)
+        bound = None if confidence_level is None else drop_upper_bound(self.correct[-1], right, confidence_level)
         return ThresholdSetting(thresholds=t, accuracy=accuracy, expected_cost=float((share * self.cost).sum()),
-                                exit_share=share.tolist(), drop=float(self.correct[-1].double().sum() / n) - accuracy)
+                                exit_share=share.tolist(), drop=float(self.correct[-1].double().sum() / n) - accuracy,
+                                drop_bound=bound)
 
 
 def _target(max_accuracy_drop: float | None, cost_budget: float | None) -> None:
@@ -132,7 +161,7 @@ def _better(a: ThresholdSetting, b: ThresholdSetting | None, max_accuracy_drop: 
             cost_budget: float | None) -> bool:
     """Whether ``a`` is feasible and better than ``b`` for the target."""
     if max_accuracy_drop is not None:
-        if a.drop > max_accuracy_drop + 1e-12:
+        if not a.within(max_accuracy_drop):
             return False
         return b is None or (a.expected_cost, -a.accuracy) < (b.expected_cost - 1e-9, -b.accuracy)
     assert cost_budget is not None
@@ -142,15 +171,19 @@ def _better(a: ThresholdSetting, b: ThresholdSetting | None, max_accuracy_drop: 
 
 
 def shared_thresholds(scores: ExitScores, grid: Sequence[float] | None = None, *, max_accuracy_drop: float | None = None,
-                      cost_budget: float | None = None) -> ThresholdSetting:
+                      cost_budget: float | None = None, confidence_level: float | None = None) -> ThresholdSetting:
     """The best single threshold for every exit: cheapest within ``max_accuracy_drop`` of the last
-    exit, or most accurate within ``cost_budget``."""
+    exit (with ``confidence_level``: its upper confidence bound within it), or most accurate
+    within ``cost_budget``."""
     _target(max_accuracy_drop, cost_budget)
     best: ThresholdSetting | None = None
     for v in grid if grid is not None else threshold_grid():
-        setting = scores.evaluate([v] * (scores.num_exits - 1))
+        setting = scores.evaluate([v] * (scores.num_exits - 1), confidence_level)
         if _better(setting, best, max_accuracy_drop, cost_budget):
             best = setting
+    if best is None and max_accuracy_drop is not None:
+        raise ValueError(f"no setting of the grid keeps the drop's upper bound within {max_accuracy_drop:.4%} on "
+                         f"{scores.num_images:,} images: give a larger max_accuracy_drop, or more images")
     if best is None:
         cheapest = scores.evaluate([0.0] * (scores.num_exits - 1)).expected_cost
         raise ValueError(f"cost_budget {cost_budget:,.6g} is below the cheapest setting ({cheapest:,.6g} per image, "
@@ -158,31 +191,52 @@ def shared_thresholds(scores: ExitScores, grid: Sequence[float] | None = None, *
     return best
 
 
-def _sweep(scores: ExitScores, thresholds: Sequence[float], i: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(accuracy, expected cost) for every value of exit ``i``'s threshold, the others fixed: an
-    image that reaches exit i leaves there if confident enough, else where it would have without
-    exit i. One sort and two cumulative sums for the whole grid."""
+@dataclass
+class _Sweep:
+    """What every grid value of one exit's threshold gives, the others fixed: accuracy, expected
+    cost, and the images lost and gained against the last exit."""
+
+    accuracy: torch.Tensor
+    cost: torch.Tensor
+    lost: torch.Tensor
+    gained: torch.Tensor
+
+
+def _sweep(scores: ExitScores, thresholds: Sequence[float], i: int, values: torch.Tensor) -> _Sweep:
+    """An image that reaches exit i leaves there if confident enough, else where it would have
+    without exit i. One sort and cumulative sums for the whole grid."""
     t = list(thresholds)
     t[i] = NEVER
     cont = scores.exits_taken(t)
     images = torch.arange(scores.num_images)
-    right = scores.correct[cont, images].double()
+    right = scores.correct[cont, images]
+    reference = scores.correct[-1]
     cost = scores.cost[cont]
     reach = cont > i
     conf, order = torch.sort(scores.confidence[i, reach], descending=True)
-    zero = torch.zeros(1, dtype=torch.float64)
-    gain_right = torch.cat([zero, (scores.correct[i, reach].double() - right[reach])[order].cumsum(0)])
-    gain_cost = torch.cat([zero, (scores.cost[i] - cost[reach])[order].cumsum(0)])
-    leaving = conf.numel() - torch.searchsorted(conf.flip(0).contiguous(), values, side="left")  # confidence >= v
+    here, there, ref = scores.correct[i, reach], right[reach], reference[reach]
+
+    def gain(delta: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros(1, dtype=torch.float64), delta.double()[order].cumsum(0)])
+
+    gain_right = gain(here.double() - there.double())
+    gain_cost = gain(scores.cost[i] - cost[reach])
+    gain_lost = gain((ref & ~here).double() - (ref & ~there).double())
+    gain_gained = gain((~ref & here).double() - (~ref & there).double())
+    leaving = conf.numel() - torch.searchsorted(conf.flip(0).contiguous(), as_compared(values), side="left")
     n = max(scores.num_images, 1)
-    return (right.sum() + gain_right[leaving]) / n, (cost.sum() + gain_cost[leaving]) / n
+    return _Sweep(accuracy=(right.double().sum() + gain_right[leaving]) / n, cost=(cost.sum() + gain_cost[leaving]) / n,
+                  lost=float((reference & ~right).sum()) + gain_lost[leaving],
+                  gained=float((~reference & right).sum()) + gain_gained[leaving])
 
 
-def _pick(accuracy: torch.Tensor, cost: torch.Tensor, reference: float, best: ThresholdSetting,
-          max_accuracy_drop: float | None, cost_budget: float | None) -> int | None:
+def _pick(sweep: _Sweep, n: int, reference: float, best: ThresholdSetting, max_accuracy_drop: float | None,
+          cost_budget: float | None, confidence_level: float | None) -> int | None:
     """Index of the grid value that beats ``best`` most for the target, None if none does."""
+    accuracy, cost = sweep.accuracy, sweep.cost
     if max_accuracy_drop is not None:
-        feasible = reference - accuracy <= max_accuracy_drop + 1e-12
+        drop = reference - accuracy if confidence_level is None else _bound(sweep.lost, sweep.gained, n, confidence_level)
+        feasible = drop <= max_accuracy_drop + 1e-12
         key = torch.where(feasible, -cost + accuracy * 1e-9, torch.tensor(-math.inf, dtype=torch.float64))
         current = -best.expected_cost + best.accuracy * 1e-9
     else:
@@ -195,25 +249,27 @@ def _pick(accuracy: torch.Tensor, cost: torch.Tensor, reference: float, best: Th
 
 def per_exit_thresholds(scores: ExitScores, grid: Sequence[float] | None = None, *,
                         max_accuracy_drop: float | None = None, cost_budget: float | None = None,
-                        start: ThresholdSetting | None = None, sweeps: int = 8) -> ThresholdSetting:
+                        start: ThresholdSetting | None = None, sweeps: int = 8,
+                        confidence_level: float | None = None) -> ThresholdSetting:
     """The best threshold per exit for the target, by coordinate descent over ``grid`` from
     ``start`` (default: the best shared setting): moves of one exit's threshold, then of two at
-    once, until none improves (at most ``sweeps`` rounds). Never worse than ``start``."""
+    once, until none improves (at most ``sweeps`` rounds). Never worse than ``start``. With
+    ``confidence_level`` a setting is within the drop when its upper confidence bound is."""
     _target(max_accuracy_drop, cost_budget)
     values = torch.tensor(list(grid if grid is not None else threshold_grid()), dtype=torch.float64)
     best = start if start is not None else shared_thresholds(scores, values.tolist(), max_accuracy_drop=max_accuracy_drop,
-                                                              cost_budget=cost_budget)
+                                                              cost_budget=cost_budget, confidence_level=confidence_level)
     reference = float(scores.correct[-1].double().mean()) if scores.num_images else 0.0
     free = scores.num_exits - 1
 
     def improve(t: list[float], i: int) -> ThresholdSetting | None:
-        accuracy, cost = _sweep(scores, t, i, values)
-        index = _pick(accuracy, cost, reference, best, max_accuracy_drop, cost_budget)
+        index = _pick(_sweep(scores, t, i, values), scores.num_images, reference, best, max_accuracy_drop, cost_budget,
+                      confidence_level)
         if index is None:
             return None
         t = list(t)
         t[i] = float(values[index])
-        return scores.evaluate(t)
+        return scores.evaluate(t, confidence_level)
 
     for _ in range(sweeps):
         improved = False
@@ -236,21 +292,28 @@ def per_exit_thresholds(scores: ExitScores, grid: Sequence[float] | None = None,
     return best
 
 
+def _bound(lost: Any, gained: Any, n: int, confidence_level: float) -> Any:
+    """The normal upper bound of :func:`drop_upper_bound` from counts (floats or tensors)."""
+    if not 0.5 <= confidence_level < 1:
+        raise ValueError(f"confidence_level must be in [0.5, 1), got {confidence_level}")
+    z = NormalDist().inv_cdf(confidence_level)
+    lost = lost + z * z / 2
+    m = n + z * z
+    mean = (lost - gained) / m
+    variance = (lost + gained) / m - mean * mean
+    variance = variance.clamp_min(0.0) if isinstance(variance, torch.Tensor) else max(variance, 0.0)
+    return mean + z * (variance / m) ** 0.5
+
+
 def drop_upper_bound(reference_right: torch.Tensor, right: torch.Tensor, confidence_level: float = 0.95) -> float:
     """One-sided upper confidence bound on the mean accuracy drop of ``right`` against
     ``reference_right`` (per image, paired): normal approximation of the per-image difference
     (+1 lost, -1 gained), with z^2/2 pseudo-losses added (Agresti-Coull) so that few or no
     disagreements still leave a margin."""
-    if not 0.5 <= confidence_level < 1:
-        raise ValueError(f"confidence_level must be in [0.5, 1), got {confidence_level}")
     reference_right, right = torch.as_tensor(reference_right, dtype=torch.bool), torch.as_tensor(right, dtype=torch.bool)
-    z = NormalDist().inv_cdf(confidence_level)
-    lost = float((reference_right & ~right).sum()) + z * z / 2
+    lost = float((reference_right & ~right).sum())
     gained = float((~reference_right & right).sum())
-    n = reference_right.numel() + z * z
-    mean = (lost - gained) / n
-    variance = max((lost + gained) / n - mean * mean, 0.0)
-    return mean + z * math.sqrt(variance / n)
+    return float(_bound(lost, gained, reference_right.numel(), confidence_level))
 
 
 @dataclass
@@ -281,9 +344,11 @@ class CertifiedThresholds:
 
 def certified_thresholds(learn: ExitScores, held_out: ExitScores, max_accuracy_drop: float, *, rule: str = "per_exit",
                          confidence_level: float = 0.95, grid: Sequence[float] | None = None,
-                         steps: int = 20) -> CertifiedThresholds:
+                         steps: int = 20, learn_margin: bool = True) -> CertifiedThresholds:
     """Thresholds whose accuracy drop holds on unseen images: on ``learn``, the rule's best setting
-    for drops 0, target/steps, ..., target (a path of growing drop and falling cost); on
+    for drops target/steps, 2 target/steps, ..., target (a path of growing drop and falling
+    cost; with ``learn_margin``, the drop's upper confidence bound on ``learn`` must be within
+    each, which keeps settings whose losses are only offset by lucky gains off the path); on
     ``held_out``, each is tested in that order and kept while its upper confidence bound
     (:func:`drop_upper_bound`) is within ``max_accuracy_drop``. The all-at-the-last-exit setting
     comes first and always passes (it drops nothing)."""
@@ -293,13 +358,17 @@ def certified_thresholds(learn: ExitScores, held_out: ExitScores, max_accuracy_d
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     values = list(grid if grid is not None else threshold_grid())
-    path = [learn.evaluate([NEVER] * (learn.num_exits - 1))]
+    level = confidence_level if learn_margin else None
+    path = [learn.evaluate([NEVER] * (learn.num_exits - 1), level)]
     for k in range(1, steps + 1):
         drop = max_accuracy_drop * k / steps
-        setting = shared_thresholds(learn, values, max_accuracy_drop=drop)
+        try:
+            setting = shared_thresholds(learn, values, max_accuracy_drop=drop, confidence_level=level)
+        except ValueError:  # no shared setting's bound is within this drop yet (the grid's NEVER is only nearly so)
+            setting = path[-1]
         if rule == "per_exit":  # from the shared setting or the last step, whichever is cheaper: a path of small moves
             start = min(setting, path[-1], key=lambda s: s.expected_cost)
-            setting = per_exit_thresholds(learn, values, max_accuracy_drop=drop, start=start)
+            setting = per_exit_thresholds(learn, values, max_accuracy_drop=drop, start=start, confidence_level=level)
         if setting.expected_cost < path[-1].expected_cost - 1e-9:
             path.append(setting)
     reference = held_out.correct[-1]

@@ -22,7 +22,10 @@ Sections and their keys (defaults in brackets):
              $FLWR_HOME/config.toml; flower_home sets FLWR_HOME), with node_wait, round_timeout,
              client_threads
 ``exits``    max_accuracy_drop [0.01] or macs_budget [null], criterion [max_prob], prediction [exit]
-             (``ensemble``: each exit predicts with the mean probability of the exits up to it)
+             (``ensemble``: each exit predicts with the mean probability of the exits up to it),
+             rule [per_exit] (or shared: one threshold for every exit), margin [held_out] (the
+             drop holds on unseen images with confidence_level [0.95]; none: fitted to the
+             validation images only), latency_images [1000] (batch-1 latency of the export)
 ``nni``      port [8080]: the web UI of the federated stage (and of a trials search);
              host [127.0.0.1]: 127.0.0.1 or localhost (this machine only) or all (NNI's default:
              every interface, no authentication)
@@ -80,6 +83,10 @@ class SearchConfig:
     trial: dict = field(default_factory=dict)
 
 
+#: how the early-exit thresholds keep their accuracy target (ExitConfig.margin)
+MARGINS = ("held_out", "none")
+
+
 @dataclass
 class ExitConfig:
     max_accuracy_drop: float | None = 0.01
@@ -87,6 +94,13 @@ class ExitConfig:
     criterion: str = "max_prob"
     #: "exit" (each exit's own softmax) or "ensemble" (mean of the probabilities of exits 1..i)
     prediction: str = "exit"
+    #: "per_exit" (a threshold per exit) or "shared" (one for every exit)
+    rule: str = "per_exit"
+    #: "held_out" (certify the drop on the server's search-train images) or "none"
+    margin: str = "held_out"
+    confidence_level: float = 0.95
+    #: test images timed one at a time through the exported early-exit runtime (0: no timing)
+    latency_images: int = 1000
 
 
 @dataclass
@@ -424,6 +438,19 @@ def _check_exits(config: RunConfig) -> None:
 
     if e.prediction not in PREDICTIONS:
         raise ConfigError(f"exits.prediction: must be one of {list(PREDICTIONS)}, got {e.prediction!r}")
+    from nni_fedexit.exits import RULES
+
+    if e.rule not in RULES:
+        raise ConfigError(f"exits.rule: must be one of {list(RULES)}, got {e.rule!r}")
+    if e.margin not in MARGINS:
+        raise ConfigError(f"exits.margin: must be one of {list(MARGINS)}, got {e.margin!r}")
+    if e.margin == "held_out" and e.max_accuracy_drop is None:
+        raise ConfigError("exits.margin: held_out keeps an accuracy drop, and macs_budget is set: set margin: none "
+                          "with macs_budget, or give max_accuracy_drop instead")
+    if not (isinstance(e.confidence_level, (int, float)) and 0.5 <= e.confidence_level < 1):
+        raise ConfigError(f"exits.confidence_level: must be in [0.5, 1), got {e.confidence_level!r}")
+    if not (isinstance(e.latency_images, int) and e.latency_images >= 0):
+        raise ConfigError(f"exits.latency_images: must be a whole number >= 0, got {e.latency_images!r}")
 
 
 def _federated_settings(config: RunConfig) -> "FederatedSettings":

@@ -29,8 +29,9 @@ from nni_fedexit.nni_tools import compat  # noqa: F401
 from nni_fedexit.job.config import ConfigError, RunConfig
 from nni_fedexit.data import DataBundle, DataError, DataRoles, ImageData, load_dataset, split_roles
 from nni_fedexit.exits import (
-    PREDICTIONS, MultiExitNetwork, calibrate, early_exit_metrics, ensemble_accuracy, ensemble_logits, exit_accuracies,
-    exit_costs, exit_outputs, export_branches, threshold_curve,
+    PREDICTIONS, EarlyExitRuntime, LatencySettings, MultiExitNetwork, calibrate, early_exit_metrics, ensemble_accuracy,
+    ensemble_logits, exit_accuracies, exit_costs, exit_outputs, export_branches, export_early_exit, measure_latency,
+    onnx_available, threshold_curve,
 )
 from nni_fedexit.federated import FederatedData
 from nni_fedexit.federated.checkpoint import Checkpoint
@@ -456,8 +457,11 @@ class Run:
         val = self.data.train.subset(self.roles.search_val)
         test = self.federated_data().test  # the federated stage's test set (data.test_samples)
         costs = exit_costs(model, test.images[:1])
+        # the held-out split: the server's search-train images, whose labels the federated model never trained on
+        held_out = self.data.train.subset(self.roles.search_train) if c.exits.margin == "held_out" else None
         cal = calibrate(model, val, max_accuracy_drop=c.exits.max_accuracy_drop, macs_budget=c.exits.macs_budget,
-                        criterion=c.exits.criterion, costs=costs, prediction=c.exits.prediction)
+                        criterion=c.exits.criterion, costs=costs, prediction=c.exits.prediction, rule=c.exits.rule,
+                        held_out=held_out, confidence_level=c.exits.confidence_level)
         logits, labels = exit_outputs(model, test)
         test_acc = exit_accuracies(logits, labels)
         ensemble = ensemble_accuracy(logits, labels)
@@ -467,7 +471,9 @@ class Run:
         curve = threshold_curve(logits, labels, costs, c.exits.criterion)
         result = {
             "thresholds": cal.thresholds, "criterion": c.exits.criterion, "prediction": c.exits.prediction,
-            "target": cal.target, "ensemble_accuracy": ensemble,
+            "target": cal.target, "rule": cal.rule, "margin": c.exits.margin, "ensemble_accuracy": ensemble,
+            "guarantee": cal.guarantee, "drop_bound": cal.drop_bound, "confidence_level": cal.confidence_level,
+            "held_out": cal.held_out, "held_out_images": cal.held_out_images,
             "exits": [{"exit": x.exit, "params": x.params, "macs": x.macs, "early_exit_macs": x.early_exit_macs,
                        "test_accuracy": a} for x, a in zip(costs, test_acc)],
             "validation": {"accuracy": cal.accuracy, "last_exit_accuracy": cal.last_exit_accuracy,
@@ -486,7 +492,26 @@ class Run:
         records = export_branches(model, self.dir / "export", self.data.test.images[:2])
         write_json(self.dir / "export" / "exports.json", records)
         self.echo(f"[export] {len(records)} files in {self.dir / 'export'}")
+        if model.thresholds is not None:
+            self.export_early_exit(model)
         return records
+
+    def export_early_exit(self, model: MultiExitNetwork) -> None:
+        """The early-exit runtime's segments, and its batch-1 latency against the last exit alone."""
+        folder = self.dir / "export" / "early_exit"
+        formats = ("onnx", "torchscript") if onnx_available() else ("torchscript",)
+        manifest = export_early_exit(model, folder, self.data.test.images[:2], formats=formats)
+        n = self.config.exits.latency_images
+        timings = []
+        if n:
+            test = self.federated_data().test.images.numpy()
+            for fmt in formats:
+                timings.append(measure_latency(EarlyExitRuntime(folder, fmt), test, LatencySettings(images=n)))
+        write_json(folder / "latency.json", {"thresholds": manifest["thresholds"], "timings": timings,
+                                             "threads": 1, "images": min(n, len(self.federated_data().test))})
+        self.echo(f"[export] early-exit runtime in {folder}" + "".join(
+            f"; {t['format']} batch 1: {t['early_exit_s'] * 1e3:.2f} ms per image against {t['last_exit_s'] * 1e3:.2f} ms "
+            f"for the last exit alone ({t['latency_saved']:.1%} less)" for t in timings))
 
     def stage_report(self) -> Path:
         from nni_fedexit.job.report import write_report
