@@ -27,7 +27,8 @@ def test_run_writes_every_artifact(tiny_run):
     run_dir, output = tiny_run
     for name in ("config.yaml", "search/history.json", "search/architecture.json", "federated/metrics.json",
                  "federated/partition.json", "federated/state.json", "federated/best.safetensors", "model.safetensors",
-                 "model.json", "evaluation.json", "export/exports.json", "report.md", "plots/reward.png",
+                 "model.json", "evaluation.json", "export/exports.json", "export/early_exit/early_exit.json",
+                 "export/early_exit/latency.json", "report.md", "plots/reward.png",
                  "plots/accuracy_vs_params.png", "plots/rounds.png", "plots/early_exit.png", "plots/partition.png"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "stages.json").read_text())["done"] == ["search", "federate", "evaluate", "export", "report"]
@@ -54,6 +55,15 @@ def test_report_agrees_with_the_json_files(tiny_run):
     assert metrics["best_round"] == json.loads((run_dir / "model.json").read_text())["best_round"]
     for record in json.loads((run_dir / "export/exports.json").read_text()):
         assert Path(record["path"]).is_file() and record["max_abs_error"] <= 1e-5
+    # per-exit thresholds certified on the held-out split, the guarantee in words, the measured latency
+    assert evaluation["rule"] == "per_exit" and evaluation["margin"] == "held_out"
+    assert evaluation["drop_bound"] <= evaluation["target"]["max_accuracy_drop"]
+    assert f"Guarantee: {evaluation['guarantee']}" in report
+    latency = json.loads((run_dir / "export/early_exit/latency.json").read_text())
+    assert {t["format"] for t in latency["timings"]} == {"onnx", "torchscript"}
+    assert latency["thresholds"] == evaluation["thresholds"]
+    for t in latency["timings"]:
+        assert f"| {t['format']}, batch 1, 1 CPU thread | {t['early_exit_s'] * 1e3:.3f} ms | " in report
 
 
 def _accuracies(model, data, batch_size=64):

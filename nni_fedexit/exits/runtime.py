@@ -202,14 +202,20 @@ def _manifest(folder: Path, fmt: str) -> dict[str, Any]:
 class EarlyExitRuntime:
     """Early-exit inference on the files :func:`export_early_exit` wrote, in ``fmt`` ("onnx" or
     "torchscript"), with ``threads`` CPU threads per call (1: the small device; the same for the
-    last-exit network, so the two compare fairly)."""
+    last-exit network, so the two compare fairly), and the manifest's thresholds or ``thresholds``."""
 
-    def __init__(self, folder: str | Path, fmt: str = "onnx", threads: int = 1):
+    def __init__(self, folder: str | Path, fmt: str = "onnx", threads: int = 1, thresholds: Sequence[float] | None = None):
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
         self.folder, self.format = Path(folder), fmt
         m = _manifest(self.folder, fmt)
         self.num_exits, self.criterion, self.prediction = m["num_exits"], m["criterion"], m["prediction"]
+        if thresholds is not None:  # calibrated again since the export: the files do not change
+            t = [float(v) for v in thresholds][: self.num_exits - 1]
+            if len(t) != self.num_exits - 1 or not all(math.isfinite(v) for v in t):
+                raise ValueError(f"thresholds: need {self.num_exits - 1} finite values (one per exit but the last), "
+                                 f"got {list(thresholds)}")
+            m["thresholds"] = t + [0.0]
         self.thresholds = np.asarray(m["thresholds"], dtype=np.float32)  # compared as float32, as PyTorch does
         if fmt == "torchscript":
             torch.set_num_threads(threads)

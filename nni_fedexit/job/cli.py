@@ -141,6 +141,7 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
 def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
     from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
+    from nni_fedexit.nni_tools.compat import ctrl_c_not_lost  # a Ctrl-C in a finaliser still stops the run
 
     overrides: dict[str, Any] = {}
     if run_dir:
@@ -149,7 +150,8 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
         overrides["nni.port"] = port
     run = Run(load_config(config_path, overrides), echo=click.echo)  # checked once, here
     try:
-        run.run(resume=resume, stages=stages)
+        with ctrl_c_not_lost():
+            run.run(resume=resume, stages=stages)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished stages and federated rounds are kept in {run.dir}; "
                    f"continue with: nni-fedexit resume {run.dir}", err=True)
@@ -277,6 +279,7 @@ def resume(target: str, port: int | None) -> None:
     """Go on with a stopped run (TARGET: its run directory, or the id of one of its experiments):
     finished stages are kept, the interrupted stage's NNI experiment is resumed under its id."""
     from nni_fedexit.job.pipeline import STAGES
+    from nni_fedexit.nni_tools.compat import ctrl_c_not_lost
     from nni_fedexit.nni_tools.reopen import find_experiment
 
     run_dir = Path(target)
@@ -291,7 +294,8 @@ def resume(target: str, port: int | None) -> None:
         click.echo(f"every stage of {run.dir} has finished: `nni-fedexit view {run.dir}` opens its web UI")
         return
     try:
-        run.run(resume=True)
+        with ctrl_c_not_lost():
+            run.run(resume=True)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: continue with: nni-fedexit resume {run.dir}", err=True)
         sys.exit(130)

@@ -167,6 +167,8 @@ def write_report(run_dir: str | Path) -> Path:
     part = _load(run, "federated/partition.json")
     ev = _load(run, "evaluation.json")
     exports = _load(run, "export/exports.json") if (run / "export" / "exports.json").is_file() else []
+    latency_file = "export/early_exit/latency.json"
+    latency = _load(run, latency_file) if (run / latency_file).is_file() else {"timings": []}
     plots = _plots(run, search, arch, fed, part, ev)
     best = fed["rounds"][fed["best_round"] - 1]
     lines = [
@@ -215,12 +217,25 @@ def write_report(run_dir: str | Path) -> Path:
            f"| {ev['ensemble_accuracy']:.4f} |"] if ev.get("ensemble_accuracy") is not None else []),
         "",
         f"Early exits with thresholds {', '.join(f'{t:.2f}' for t in ev['thresholds'][:-1])} ({ev['criterion']}, "
-        f"{'each exit predicting with the mean probability of the exits up to it' if ev.get('prediction') == 'ensemble' else 'each exit on its own'}), "
+        f"{'each exit predicting with the mean probability of the exits up to it' if ev.get('prediction') == 'ensemble' else 'each exit on its own'}; "
+        f"{'one threshold per exit' if ev.get('rule') == 'per_exit' else 'one threshold for every exit'}), "
         f"calibrated on {ev['val_images']:,} validation images for {ev['target']}: test accuracy "
         f"{ev['test']['accuracy']:.4f} (last exit alone {ev['test']['last_exit_accuracy']:.4f}) at "
         f"{ev['test']['expected_macs'] / 1e6:.1f} M MACs per image, {ev['test']['macs_saved']:.1%} less than the last "
         f"exit alone; exits taken: " + ", ".join(f"{s:.1%}" for s in ev["test"]["exit_share"]) + ".",
         "",
+        *([f"Guarantee: {ev['guarantee']}; the held-out split is the server's {ev['held_out_images']:,} search-train "
+           "images, whose labels the federated model never trained on. On the test images the drop was "
+           f"{ev['test']['last_exit_accuracy'] - ev['test']['accuracy']:.2%}.", ""] if ev.get("guarantee") else
+          ["No margin (`exits.margin: none`): the target holds on the validation images; on unseen ones it may not.",
+           ""]),
+        *(["| early-exit runtime | per image, early exits | per image, last exit alone | latency saved |",
+           "|---|---|---|---|"]
+          + [f"| {t['format']}, batch {t['batch_size']}, 1 CPU thread | {t['early_exit_s'] * 1e3:.3f} ms | "
+             f"{t['last_exit_s'] * 1e3:.3f} ms | {t['latency_saved']:.1%} |" for t in latency["timings"]]
+          + ["", f"Timed on {latency.get('images', 0):,} test images, one at a time, with the exported segments "
+             f"in `export/early_exit/` (MACs saved: {ev['test']['macs_saved']:.1%}).", ""]
+          if latency["timings"] else []),
         f"![early exits]({plots['exits']})",
         "",
     ]

@@ -8,11 +8,18 @@ what we use; this module filters exactly that message and nothing else. Import i
 :func:`report_dispatcher_errors` (applied at import) makes a tuner's exception fail the experiment.
 An opt-in patch for resuming experiments: :func:`accept_import_data` (a resumed NAS experiment
 keeps its command listener). The one for reading their config is
-:func:`nni_fedexit.nni_tools.reopen.plain_json_checkpoint_config`.
+:func:`nni_fedexit.nni_tools.reopen.plain_json_checkpoint_config`. While an experiment runs in
+this process, :func:`ctrl_c_not_lost` keeps a Ctrl-C from vanishing in a finaliser.
 """
 
+import _thread
 import logging
+import sys
+import threading
+import time
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*")
 
@@ -132,3 +139,58 @@ def nas_channel_commands() -> frozenset:
     from nni.runtime.tuner_command_channel.command_type import TunerIncomingCommand
 
     return frozenset(cls.command_type for cls in TunerIncomingCommand.__subclasses__())
+
+
+@contextmanager
+def ctrl_c_not_lost() -> Iterator[None]:
+    """Inside, a Ctrl-C that lands in a finaliser still interrupts the main thread.
+
+    CPython runs a ``weakref.finalize`` callback (or a ``__del__``) wherever the last reference
+    to its object goes, and an exception raised in it is "unraisable": printed ("Exception ignored
+    in: <finalize object ...; dead>", a traceback through ``weakref.py`` ``__call__``) and dropped.
+    A KeyboardInterrupt is no exception to that: when SIGINT's handler runs inside such a callback,
+    the Ctrl-C is gone. While a NAS experiment runs, NNI 3.0's main thread polls its manager
+    twice a second (``TrainingServiceExecutionEngine.wait_models``: ``requests``, and urllib3 2.x
+    gives each connection pool a ``weakref.finalize``, run in the main thread as the request ends),
+    so now and then a Ctrl-C is lost: NNI never stops the experiment and the command waits on for
+    its trial (forever when the trial is stuck).
+
+    The hook hands such a KeyboardInterrupt of the main thread back to it, with one line on stderr:
+    a helper thread calls ``_thread.interrupt_main`` (as if Ctrl-C came again) once the main
+    thread is out of the hook (an interrupt raised in the hook itself would be dropped as well).
+    Every other unraisable exception goes to the hook before, unchanged; that hook is back on exit
+    (if nothing replaced ours meanwhile).
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:  # type: ignore[no-untyped-def]
+        if (isinstance(unraisable.exc_value, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+                and not sys.is_finalizing()):
+            print("Ctrl-C caught inside a finaliser (where Python drops it): passed on", file=sys.stderr, flush=True)
+            try:
+                threading.Thread(target=_interrupt_main_out_of, args=(hook.__code__,), name="fedexit-ctrl-c",
+                                 daemon=True).start()
+                return
+            except RuntimeError:  # no new thread (the interpreter is shutting down): as before
+                pass
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+def _interrupt_main_out_of(code: object, poll: float = 0.02) -> None:
+    """``_thread.interrupt_main()`` as soon as no frame of the main thread runs ``code``."""
+    main = threading.main_thread().ident
+    while True:
+        time.sleep(poll)
+        frame = sys._current_frames().get(main)
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        if frame is None:
+            _thread.interrupt_main()
+            return
