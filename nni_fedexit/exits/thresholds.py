@@ -32,8 +32,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CRITERIA", "RULES", "confidence", "ExitScores", "ThresholdSetting", "CertifiedThresholds", "threshold_grid", "shared_thresholds",
-           "per_exit_thresholds", "drop_upper_bound", "certified_thresholds"]
+__all__ = ["CRITERIA", "RULES", "confidence", "ExitScores", "ThresholdSetting", "CertifiedThresholds", "threshold_grid",
+           "shared_thresholds", "per_exit_thresholds", "drop_upper_bound", "certified_thresholds"]
 
 #: how thresholds are chosen: one for every exit, or one per exit
 RULES = ("shared", "per_exit")
@@ -56,7 +56,7 @@ def confidence(logits: torch.Tensor, criterion: str = "max_prob") -> torch.Tenso
     raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
 
 
-def as_compared(thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def _as_compared(thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Thresholds as early-exit inference compares them: a float32 confidence against a Python
     float is compared in float32, so a threshold counts as its float32 value."""
     return torch.as_tensor(thresholds, dtype=torch.float64).float().double()
@@ -128,7 +128,7 @@ class ExitScores:
 
     def exits_taken(self, thresholds: Sequence[float]) -> torch.Tensor:
         """(N,) 0-based exit each image leaves at."""
-        t = as_compared(list(thresholds)[: self.num_exits - 1]).view(-1, 1)
+        t = _as_compared(list(thresholds)[: self.num_exits - 1]).view(-1, 1)
         leaves = torch.cat([self.confidence[:-1] >= t, torch.ones(1, self.num_images, dtype=torch.bool)])
         return leaves.to(torch.int8).argmax(dim=0)  # the first exit that lets it leave
 
@@ -223,7 +223,7 @@ def _sweep(scores: ExitScores, thresholds: Sequence[float], i: int, values: torc
     gain_cost = gain(scores.cost[i] - cost[reach])
     gain_lost = gain((ref & ~here).double() - (ref & ~there).double())
     gain_gained = gain((~ref & here).double() - (~ref & there).double())
-    leaving = conf.numel() - torch.searchsorted(conf.flip(0).contiguous(), as_compared(values), side="left")
+    leaving = conf.numel() - torch.searchsorted(conf.flip(0).contiguous(), _as_compared(values), side="left")
     n = max(scores.num_images, 1)
     return _Sweep(accuracy=(right.double().sum() + gain_right[leaving]) / n, cost=(cost.sum() + gain_cost[leaving]) / n,
                   lost=float((reference & ~right).sum()) + gain_lost[leaving],
@@ -351,7 +351,7 @@ def certified_thresholds(learn: ExitScores, held_out: ExitScores, max_accuracy_d
     each, which keeps settings whose losses are only offset by lucky gains off the path); on
     ``held_out``, each is tested in that order and kept while its upper confidence bound
     (:func:`drop_upper_bound`) is within ``max_accuracy_drop``. The all-at-the-last-exit setting
-    comes first and always passes (it drops nothing)."""
+    comes first and is kept without a test (it drops nothing)."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
     _target(max_accuracy_drop, None)
