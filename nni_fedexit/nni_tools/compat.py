@@ -14,11 +14,12 @@ this process, :func:`ctrl_c_not_lost` keeps a Ctrl-C from vanishing in a finalis
 
 import _thread
 import logging
+import signal
 import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Iterator
 
 warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*")
@@ -156,7 +157,7 @@ def ctrl_c_not_lost() -> Iterator[None]:
     its trial (forever when the trial is stuck).
 
     The hook hands such a KeyboardInterrupt of the main thread back to it, with one line on stderr:
-    a helper thread calls ``_thread.interrupt_main`` (as if Ctrl-C came again) once the main
+    a helper thread sends SIGINT to the main thread again (as if Ctrl-C came again) once that
     thread is out of the hook (an interrupt raised in the hook itself would be dropped as well).
     Every other unraisable exception goes to the hook before, unchanged; that hook is back on exit
     (if nothing replaced ours meanwhile).
@@ -166,13 +167,16 @@ def ctrl_c_not_lost() -> Iterator[None]:
     def hook(unraisable) -> None:  # type: ignore[no-untyped-def]
         if (isinstance(unraisable.exc_value, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
                 and not sys.is_finalizing()):
-            print("Ctrl-C caught inside a finaliser (where Python drops it): passed on", file=sys.stderr, flush=True)
             try:
                 threading.Thread(target=_interrupt_main_out_of, args=(hook.__code__,), name="fedexit-ctrl-c",
                                  daemon=True).start()
-                return
             except RuntimeError:  # no new thread (the interpreter is shutting down): as before
                 pass
+            else:
+                with suppress(OSError, ValueError):  # stderr closed: the Ctrl-C goes on all the same
+                    print("Ctrl-C caught inside a finaliser (where Python drops it): passed on", file=sys.stderr,
+                          flush=True)
+                return
         previous(unraisable)
 
     sys.unraisablehook = hook
@@ -184,7 +188,9 @@ def ctrl_c_not_lost() -> Iterator[None]:
 
 
 def _interrupt_main_out_of(code: object, poll: float = 0.02) -> None:
-    """``_thread.interrupt_main()`` as soon as no frame of the main thread runs ``code``."""
+    """SIGINT to the main thread as soon as none of its frames runs ``code``: a real one where it
+    can be sent to that thread (it also cuts a ``time.sleep`` short, as Ctrl-C does), else
+    ``_thread.interrupt_main()``."""
     main = threading.main_thread().ident
     while True:
         time.sleep(poll)
@@ -192,5 +198,8 @@ def _interrupt_main_out_of(code: object, poll: float = 0.02) -> None:
         while frame is not None and frame.f_code is not code:
             frame = frame.f_back
         if frame is None:
-            _thread.interrupt_main()
-            return
+            break
+    if main is not None and hasattr(signal, "pthread_kill") and callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(main, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
