@@ -158,6 +158,13 @@ def _reward_words(search: dict) -> str:
             f"under T and {target['above']:.3g} over it")
 
 
+def _target(target: dict[str, float]) -> str:
+    """An early-exit target in words."""
+    if "max_accuracy_drop" in target:
+        return f"at most {target['max_accuracy_drop'] * 100:.2f} points of accuracy below the last exit"
+    return f"at most {target['macs_budget'] / 1e6:.2f} M MACs per image"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` of a finished run; returns the report's path."""
     run = Path(run_dir)
@@ -219,7 +226,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"Early exits with thresholds {', '.join(f'{t:.2f}' for t in ev['thresholds'][:-1])} ({ev['criterion']}, "
         f"{'each exit predicting with the mean probability of the exits up to it' if ev.get('prediction') == 'ensemble' else 'each exit on its own'}; "
         f"{'one threshold per exit' if ev.get('rule') == 'per_exit' else 'one threshold for every exit'}), "
-        f"calibrated on {ev['val_images']:,} validation images for {ev['target']}: test accuracy "
+        f"calibrated on {ev['val_images']:,} validation images for {_target(ev['target'])}: test accuracy "
         f"{ev['test']['accuracy']:.4f} (last exit alone {ev['test']['last_exit_accuracy']:.4f}) at "
         f"{ev['test']['expected_macs'] / 1e6:.1f} M MACs per image, {ev['test']['macs_saved']:.1%} less than the last "
         f"exit alone; exits taken: " + ", ".join(f"{s:.1%}" for s in ev["test"]["exit_share"]) + ".",
