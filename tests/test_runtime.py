@@ -91,6 +91,15 @@ def test_a_damaged_or_edited_export_is_refused_by_name(exported, tmp_path):
         EarlyExitRuntime(copy_, "onnx")
 
 
+def test_images_of_another_shape_are_one_error_naming_the_shape(exported, digits):
+    _, folder = exported["exit"]
+    runtime = EarlyExitRuntime(folder, "onnx")
+    with pytest.raises(ValueError, match=r"images must be \(N, 1, 8, 8\) as exported in .*early_exit\.json, got \(8, 8\)"):
+        runtime.predict(digits.test.images[0, 0].numpy())
+    with pytest.raises(ValueError, match=r"got \(2, 3, 8, 8\)"):
+        runtime.last_exit(np.zeros((2, 3, 8, 8), dtype=np.float32))
+
+
 def test_export_needs_calibrated_thresholds(trained, digits, tmp_path):
     model = copy.deepcopy(trained)
     model.thresholds = None

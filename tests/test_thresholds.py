@@ -131,3 +131,30 @@ def test_certification_tests_in_order_and_reports_its_guarantee():
     assert "95%" in cert.guarantee() and "1.00%" in cert.guarantee()
     with pytest.raises(ValueError, match="rule"):
         certified_thresholds(learn, held_out, 0.01, rule="mine")
+
+
+def _offsetting(n: int) -> ExitScores:
+    """Two exits (cost 1 and 4). 60 % easy images: both exits right, exit 1 sure (0.95). 20 % that
+    only the last exit gets right and 20 % that only exit 1 gets right, exit 1 unsure (0.6) of both:
+    letting the unsure ones out early loses exactly as many images as it gains."""
+    easy, lost = int(0.6 * n), int(0.2 * n)
+    gained = n - easy - lost
+    conf = torch.tensor([[0.95] * easy + [0.6] * (lost + gained), [1.0] * n])
+    correct = torch.tensor([[True] * easy + [False] * lost + [True] * gained,
+                            [True] * easy + [True] * lost + [False] * gained])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    return ExitScores(conf[:, order], correct[:, order], [1.0, 4.0])
+
+
+def test_the_learnt_path_keeps_to_settings_whose_drop_is_bounded_not_only_zero_on_average():
+    """Judged by its mean drop alone, letting every image out at exit 1 costs nothing here (as many
+    gained as lost), so the path jumps to it, the held-out bound rejects it, and nothing is saved.
+    With the bound on the learning split too, the path takes the easy images out first: that
+    passes the held-out test and saves 45 % of the cost at no drop."""
+    learn, held_out = _offsetting(2400), _offsetting(9600)
+    loose = certified_thresholds(learn, held_out, 0.005, rule="per_exit", grid=GRID, learn_margin=False)
+    assert loose.thresholds[0] > 1 and not loose.tested[1]["passed"]  # everything at the last exit
+    assert loose.tested[1]["learn_drop"] == 0.0 and loose.tested[1]["thresholds"][0] <= 0.6
+    bounded = certified_thresholds(learn, held_out, 0.005, rule="per_exit", grid=GRID)
+    assert 0.6 < bounded.thresholds[0] <= 0.95
+    assert bounded.held_out.drop == 0.0 and bounded.held_out.expected_cost == pytest.approx(0.6 * 1 + 0.4 * 4)

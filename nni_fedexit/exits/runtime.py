@@ -195,8 +195,12 @@ def _manifest(folder: Path, fmt: str) -> dict[str, Any]:
             raise ExportFolderError(f"{path} names the file {name!r}, which is not a plain file name with a SHA-256: {fix}")
         if not (folder / name).is_file() or sha256_file(folder / name) != hashes[name]:
             raise ExportFolderError(f"{folder / name} is missing or damaged (its SHA-256 is not the one in {path}): {fix}")
+    try:
+        shape = tuple(int(d) for d in m["input_shape"])
+    except (KeyError, TypeError, ValueError):
+        raise ExportFolderError(f"{path} has no input_shape (channels, height, width): {fix}") from None
     return {"num_exits": n, "thresholds": thresholds, "criterion": m["criterion"], "prediction": m["prediction"],
-            "names": names}
+            "names": names, "input_shape": shape}
 
 
 class EarlyExitRuntime:
@@ -217,6 +221,7 @@ class EarlyExitRuntime:
                                  f"got {list(thresholds)}")
             m["thresholds"] = t + [0.0]
         self.thresholds = np.asarray(m["thresholds"], dtype=np.float32)  # compared as float32, as PyTorch does
+        self.input_shape: tuple[int, ...] = m["input_shape"]
         if fmt == "torchscript":
             torch.set_num_threads(threads)
         load = _loader(fmt, threads)
@@ -226,7 +231,7 @@ class EarlyExitRuntime:
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(predicted class, 1-based exit taken) per image, running each segment only on the
         images still inside; equal to :func:`~nni_fedexit.exits.early_exit_predict`'s."""
-        h = np.ascontiguousarray(images, dtype=np.float32)
+        h = self._images(images)
         n = h.shape[0]
         preds, taken = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         alive = np.arange(n)
@@ -254,7 +259,14 @@ class EarlyExitRuntime:
 
     def last_exit(self, images: np.ndarray) -> np.ndarray:
         """Logits of the network without early exits (branch L), run the same way."""
-        return self.last_exit_run(np.ascontiguousarray(images, dtype=np.float32))[0]
+        return self.last_exit_run(self._images(images))[0]
+
+    def _images(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"images must be (N, {', '.join(map(str, self.input_shape))}) as exported in "
+                             f"{self.folder / MANIFEST}, got {tuple(x.shape)}: pass a batch of images of that shape")
+        return x
 
 
 @dataclass
