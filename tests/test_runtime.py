@@ -134,3 +134,28 @@ def test_a_segment_costs_what_the_calibration_and_the_search_count_for_its_exit(
         assert paid == exit_costs(model, digits.test.images[:1])[i - 1].early_exit_macs
     assert exit_path_macs(tiny_space(widths=(8, 16, 32)), TINY_SAMPLE, head=model.head) == [
         c.early_exit_macs for c in exit_costs(model, digits.test.images[:1])]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # what the bad stages are about
+def test_a_segment_that_cannot_be_exported_or_differs_is_one_error_naming_it(tmp_path):
+    from nni_fedexit.exits import MultiExitNetwork
+
+    class DataDependent(torch.nn.Module):  # Python control flow on a value: torch.export refuses it
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    class Noisy(torch.nn.Module):  # a random output: no exported copy reproduces it
+        def forward(self, x):
+            return x + torch.randn_like(x)
+
+    def network(stage):
+        model = MultiExitNetwork(torch.nn.Conv2d(1, 4, 3, padding=1), [torch.nn.Conv2d(4, 4, 3, padding=1), stage],
+                                 [4, 4], num_classes=10)
+        model.thresholds = [0.5, 0.0]
+        return model
+
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match=r"^could not export segment 2 to onnx .*/datadep/segment2\.onnx: TorchExportError"):
+        export_early_exit(network(DataDependent()), tmp_path / "datadep", x, formats=["onnx"])
+    with pytest.raises(ExportFolderError, match=r"^the torchscript early-exit runtime in .*/noisy disagrees with PyTorch"):
+        export_early_exit(network(Noisy()), tmp_path / "noisy", x, formats=["torchscript"])

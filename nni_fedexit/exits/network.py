@@ -58,6 +58,7 @@ __all__ = [
     "calibrate",
     "export_branches",
     "onnx_available",
+    "export_errors",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -553,7 +554,7 @@ def export_branches(
         branch = model.branch(depth).eval()
         want = branch(example)[0]
         path = out / f"branch{depth}.pt"
-        with _export_errors("torchscript", depth, path), warnings.catch_warnings():
+        with export_errors("torchscript", f"branch {depth}", path), warnings.catch_warnings():
             # torch 2.14 deprecates TorchScript; it is still what we ship
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
             torch.jit.trace(branch, example).save(str(path))
@@ -561,7 +562,7 @@ def export_branches(
         records.append(_check_export(path, want, got, atol, "torchscript", depth))
         if onnx:
             onnx_path = out / f"branch{depth}.onnx"
-            with _export_errors("onnx", depth, onnx_path):
+            with export_errors("onnx", f"branch {depth}", onnx_path):
                 torch.onnx.export(branch, (example,), str(onnx_path), input_names=["image"],
                                   output_names=[f"exit{depth}"], dynamo=True, external_data=False, verbose=False)
                 import onnxruntime
@@ -573,13 +574,14 @@ def export_branches(
 
 
 @contextlib.contextmanager
-def _export_errors(fmt: str, depth: int, path: Path) -> Iterator[None]:
-    """One error naming the branch and the file for whatever the exporter or the runtime raises."""
+def export_errors(fmt: str, part: str, path: Path) -> Iterator[None]:
+    """One error naming the part ("branch 2", "segment 1") and the file for whatever the exporter
+    or the runtime raises."""
     try:
         yield
     except Exception as err:
         first = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0]  # no terminal colours
-        raise RuntimeError(f"could not export branch {depth} to {fmt} {path}: {type(err).__name__}: {first}") from err
+        raise RuntimeError(f"could not export {part} to {fmt} {path}: {type(err).__name__}: {first}") from err
 
 
 def _check_export(path: Path, want: torch.Tensor, got: torch.Tensor, atol: float, fmt: str, depth: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ file is a program).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nni_fedexit.exits.network import PREDICTIONS, MultiExitNetwork, early_exit_predict
+from nni_fedexit.exits.network import PREDICTIONS, MultiExitNetwork, early_exit_predict, export_errors
 from nni_fedexit.exits.thresholds import CRITERIA
 from nni_fedexit.files import read_json, sha256_file, write_json
 
@@ -100,6 +101,8 @@ def export_early_exit(model: MultiExitNetwork, out_dir: str | Path, example: tor
         raise ValueError("example needs at least 2 images, so the exported batch size stays free")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if any(p.device.type != "cpu" for p in model.parameters()):  # the device runs it on its CPU
+        model = copy.deepcopy(model).cpu()
     model.eval()
     example = example.cpu()
     files: dict[str, dict[str, Any]] = {}
@@ -108,12 +111,14 @@ def export_early_exit(model: MultiExitNetwork, out_dir: str | Path, example: tor
         for i in range(1, model.num_exits + 1):
             name = f"segment{i}{_SUFFIX[fmt]}"
             segment = Segment(model, i).eval()
-            _export(segment, h, out / name, fmt, ["logits"] if segment.last else ["hidden", "logits"])
+            with export_errors(fmt, f"segment {i}", out / name):
+                _export(segment, h, out / name, fmt, ["logits"] if segment.last else ["hidden", "logits"])
             if not segment.last:
                 h = segment(h)[0]
             names.append(name)
         full = f"last_exit{_SUFFIX[fmt]}"
-        _export(_LastExit(model).eval(), example, out / full, fmt, ["logits"])
+        with export_errors(fmt, "the last-exit network", out / full):
+            _export(_LastExit(model).eval(), example, out / full, fmt, ["logits"])
         files[fmt] = {"segments": names, "last_exit": full}
     manifest = {
         "num_exits": model.num_exits, "num_classes": model.num_classes, "input_shape": list(example.shape[1:]),
@@ -130,7 +135,7 @@ def export_early_exit(model: MultiExitNetwork, out_dir: str | Path, example: tor
         err = float(np.abs(runtime.last_exit(example.numpy()) - want_full.numpy()).max())
         if not (np.array_equal(preds, want_preds.numpy()) and np.array_equal(taken, want_taken.numpy())) or not err <= atol:
             raise ExportFolderError(f"the {fmt} early-exit runtime in {out} disagrees with PyTorch on the example images "
-                                f"(last exit differs by {err:.2e}): the export is not faithful; report it with the model")
+                                    f"(last exit differs by {err:.2e}): the export is not faithful; report it with the model")
     return manifest
 
 
