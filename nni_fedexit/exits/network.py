@@ -410,8 +410,12 @@ def threshold_curve(
 ) -> list[dict[str, Any]]:
     """Early-exit metrics for one threshold shared by all exits, swept over ``num_thresholds``
     values in [0, 1] plus one above 1 (every sample to the last exit), in that order."""
-    scores = ExitScores.from_logits(logits, labels, [c.early_exit_macs for c in costs], criterion)
-    return [_metrics(scores.evaluate([v] * (scores.num_exits - 1))) for v in threshold_grid(num_thresholds)]
+    return _shared_curve(ExitScores.from_logits(logits, labels, [c.early_exit_macs for c in costs], criterion),
+                         threshold_grid(num_thresholds))
+
+
+def _shared_curve(scores: ExitScores, grid: Sequence[float]) -> list[dict[str, Any]]:
+    return [_metrics(scores.evaluate([v] * (scores.num_exits - 1))) for v in grid]
 
 
 @dataclass
@@ -493,7 +497,7 @@ def calibrate(
         costs = exit_costs(model, data.images[:1].to(next(model.parameters()).device))
     scores = exit_scores(model, data, costs, criterion, prediction)
     grid = threshold_grid(num_thresholds)
-    curve = [_metrics(scores.evaluate([v] * (scores.num_exits - 1))) for v in grid]
+    curve = _shared_curve(scores, grid)
     cheapest = curve[0]["expected_macs"]
     if macs_budget is not None and macs_budget < cheapest:
         raise ValueError(

@@ -211,7 +211,8 @@ def _manifest(folder: Path, fmt: str) -> dict[str, Any]:
 class EarlyExitRuntime:
     """Early-exit inference on the files :func:`export_early_exit` wrote, in ``fmt`` ("onnx" or
     "torchscript"), with ``threads`` CPU threads per call (1: the small device; the same for the
-    last-exit network, so the two compare fairly), and the manifest's thresholds or ``thresholds``."""
+    last-exit network, so the two compare fairly; for TorchScript that is torch's thread count, which
+    is the whole process's), and the manifest's thresholds or ``thresholds``."""
 
     def __init__(self, folder: str | Path, fmt: str = "onnx", threads: int = 1, thresholds: Sequence[float] | None = None):
         if fmt not in FORMATS:

@@ -176,11 +176,7 @@ def shared_thresholds(scores: ExitScores, grid: Sequence[float] | None = None, *
     exit (with ``confidence_level``: its upper confidence bound within it), or most accurate
     within ``cost_budget``."""
     _target(max_accuracy_drop, cost_budget)
-    best: ThresholdSetting | None = None
-    for v in grid if grid is not None else threshold_grid():
-        setting = scores.evaluate([v] * (scores.num_exits - 1), confidence_level)
-        if _better(setting, best, max_accuracy_drop, cost_budget):
-            best = setting
+    best = _best_shared(scores, grid, max_accuracy_drop, cost_budget, confidence_level)
     if best is None and max_accuracy_drop is not None:
         raise ValueError(f"no setting of the grid keeps the drop's upper bound within {max_accuracy_drop:.4%} on "
                          f"{scores.num_images:,} images: give a larger max_accuracy_drop, or more images")
@@ -188,6 +184,17 @@ def shared_thresholds(scores: ExitScores, grid: Sequence[float] | None = None, *
         cheapest = scores.evaluate([0.0] * (scores.num_exits - 1)).expected_cost
         raise ValueError(f"cost_budget {cost_budget:,.6g} is below the cheapest setting ({cheapest:,.6g} per image, "
                          "every image at exit 1): raise the budget")
+    return best
+
+
+def _best_shared(scores: ExitScores, grid: Sequence[float] | None, max_accuracy_drop: float | None,
+                 cost_budget: float | None, confidence_level: float | None) -> ThresholdSetting | None:
+    """The best single threshold for the target, None where no grid value meets it."""
+    best: ThresholdSetting | None = None
+    for v in grid if grid is not None else threshold_grid():
+        setting = scores.evaluate([v] * (scores.num_exits - 1), confidence_level)
+        if _better(setting, best, max_accuracy_drop, cost_budget):
+            best = setting
     return best
 
 
@@ -362,10 +369,8 @@ def certified_thresholds(learn: ExitScores, held_out: ExitScores, max_accuracy_d
     path = [learn.evaluate([NEVER] * (learn.num_exits - 1), level)]
     for k in range(1, steps + 1):
         drop = max_accuracy_drop * k / steps
-        try:
-            setting = shared_thresholds(learn, values, max_accuracy_drop=drop, confidence_level=level)
-        except ValueError:  # no shared setting's bound is within this drop yet (the grid's NEVER is only nearly so)
-            setting = path[-1]
+        # None: no shared setting's bound is within this drop yet (the grid's NEVER is only nearly so)
+        setting = _best_shared(learn, values, drop, None, level) or path[-1]
         if rule == "per_exit":  # from the shared setting or the last step, whichever is cheaper: a path of small moves
             start = min(setting, path[-1], key=lambda s: s.expected_cost)
             setting = per_exit_thresholds(learn, values, max_accuracy_drop=drop, start=start, confidence_level=level)

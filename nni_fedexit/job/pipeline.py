@@ -502,13 +502,11 @@ class Run:
         formats = ("onnx", "torchscript") if onnx_available() else ("torchscript",)
         manifest = export_early_exit(model, folder, self.data.test.images[:2], formats=formats)
         n = self.config.exits.latency_images
-        timings = []
-        if n:
-            test = self.federated_data().test.images.numpy()
-            for fmt in formats:
-                timings.append(measure_latency(EarlyExitRuntime(folder, fmt), test, LatencySettings(images=n)))
+        test = self.federated_data().test.images.numpy()
+        timings = [measure_latency(EarlyExitRuntime(folder, fmt), test, LatencySettings(images=n))
+                   for fmt in formats] if n else []
         write_json(folder / "latency.json", {"thresholds": manifest["thresholds"], "timings": timings,
-                                             "threads": 1, "images": min(n, len(self.federated_data().test))})
+                                             "threads": 1, "images": min(n, len(test))})
         self.echo(f"[export] early-exit runtime in {folder}" + "".join(
             f"; {t['format']} batch 1: {t['early_exit_s'] * 1e3:.2f} ms per image against {t['last_exit_s'] * 1e3:.2f} ms "
             f"for the last exit alone ({t['latency_saved']:.1%} less)" for t in timings))
