@@ -32,6 +32,9 @@ class TrainSettings:
     #: "cosine" anneals the learning rate to 0 over the run; "constant" keeps it (federated rounds
     #: schedule it across rounds instead)
     schedule: str = "cosine"
+    #: parts each batch is cut into, its gradient accumulated over them: the activations kept for
+    #: backward are those of one part (a memory-bound client, federated/depthwise.py)
+    micro_batches: int = 1
 
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -70,9 +73,17 @@ def train_classifier(
         for b in bar:
             idx = order[b * settings.batch_size : (b + 1) * settings.batch_size]
             x, y = data.images[idx].to(device, non_blocking=True), data.labels[idx].to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if settings.micro_batches == 1:
+                loss = loss_fn(model(x), y)
+                loss.backward()
+            else:  # the batch's mean loss, one part at a time
+                loss = x.new_zeros(())
+                for xs, ys in zip(x.tensor_split(settings.micro_batches), y.tensor_split(settings.micro_batches)):
+                    if len(ys):
+                        part = loss_fn(model(xs), ys) * (len(ys) / len(y))
+                        part.backward()
+                        loss = loss + part.detach()
             opt.step()
             if sched is not None:
                 sched.step()

@@ -180,33 +180,63 @@ class MultiExitNetwork(nn.Module):
         held = list(range(1, depth + 1)) if all_exits else [depth]
         return BranchModel(self, depth, held)
 
+    def segment(self, first: int, last: int) -> "BranchModel":
+        """Stages ``first..last`` (1-based) and their exits, trained on top of a frozen prefix.
+
+        The stem (when ``first > 1``) and stages ``1..first-1`` run in front of it without
+        gradients, so backward keeps no activation of theirs; they are not parameters of the
+        segment. ``segment(1, d)`` is ``branch(d, all_exits=True)``.
+        """
+        if not 1 <= first <= last <= self.num_exits:
+            raise ValueError(f"a segment needs 1 <= first <= last <= {self.num_exits}, got {first}..{last}")
+        return BranchModel(self, last, list(range(first, last + 1)), first=first)
+
     def exit_weights(self, exits: Iterable[int]) -> list[float]:
         """lambda_i of the given (1-based) exits."""
         return [self.loss_weights[i - 1] for i in exits]
 
 
 class BranchModel(nn.Module):
-    """A prefix of a MultiExitNetwork whose parameter names are the full model's names.
+    """A part of a MultiExitNetwork whose parameter and buffer names are the full model's names.
 
-    ``stages`` is a ModuleList of the first stages (``stages.0`` ...), ``exits`` a ModuleDict
-    keyed by the exits' indices in the full model (``exits.3`` ...), so ``state_dict()`` keys
-    are a subset of the full model's. ``forward`` returns the logits of the exits it holds.
+    Stages ``first..depth`` (``stages.<i-1>``) and the exits it holds (``exits.<i-1>``); the stem
+    too when ``first`` is 1, so its ``state_dict()`` keys are a subset of the full model's. With
+    ``first > 1`` the stem and the earlier stages are a frozen prefix: run without gradients, in
+    the segment's train/eval mode, and not registered (not in ``parameters()`` or the state
+    dict). ``forward`` returns the logits of the exits it holds, in order.
     """
 
-    def __init__(self, full: MultiExitNetwork, depth: int, exits: Sequence[int]):
+    def __init__(self, full: MultiExitNetwork, depth: int, exits: Sequence[int], first: int = 1):
         super().__init__()
-        self.stem = full.stem
-        self.stages = nn.ModuleList(list(full.stages)[:depth])
+        if first == 1:
+            self.stem = full.stem
+        self.stages = nn.ModuleDict(OrderedDict((str(i), full.stages[i]) for i in range(first - 1, depth)))
         self.exits = nn.ModuleDict(OrderedDict((str(i - 1), full.exits[i - 1]) for i in exits))
+        #: the frozen prefix (a tuple, so nn.Module does not register its modules)
+        self.prefix: tuple[nn.Module, ...] = (full.stem, *list(full.stages)[: first - 1]) if first > 1 else ()
         self.depth = depth
+        self.first = first
         self.loss_weights = tuple(full.exit_weights(exits))
+        #: the network it is part of (set past nn.Module, which would register it as a child)
+        self.full_model: MultiExitNetwork
+        object.__setattr__(self, "full_model", full)
+
+    def train(self, mode: bool = True) -> "BranchModel":
+        super().train(mode)
+        for module in self.prefix:
+            module.train(mode)
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.stem(x)
+        if self.prefix:
+            with torch.no_grad():
+                for module in self.prefix:
+                    x = module(x)
+        else:
+            x = self.stem(x)
         outputs = []
-        for i, stage in enumerate(self.stages):
+        for key, stage in self.stages.items():
             x = stage(x)
-            key = str(i)
             if key in self.exits:
                 outputs.append(self.exits[key](x))
         return tuple(outputs)

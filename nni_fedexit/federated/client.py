@@ -2,7 +2,9 @@
 
 E local epochs of SGD with momentum on the client's own partition, minimising the run's client
 objective (``multi_exit`` by default: the weighted sum of cross-entropies over the exits the
-branch holds). Returns only the branch's entries. Every backend calls :func:`train_local`.
+branch holds). In ``branch`` mode (the patent's) the client trains its branch and returns only
+its entries; in ``depthwise`` mode it trains every stage, in segments that fit its branch's
+memory (depthwise.py), and returns the whole model. Every backend calls :func:`train_local`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+import torch.nn as nn
 
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import BranchModel
 from nni_fedexit.federated.batchnorm import keep_local_bn, restore_local_bn
+from nni_fedexit.federated.depthwise import depthwise_segments
 from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext
 from nni_fedexit.training import TrainSettings, train_classifier
 
@@ -29,6 +33,8 @@ class LocalSettings:
     weight_decay: float = 5e-4
     #: FedBN: the client keeps its BatchNorm layers across rounds and does not send them
     local_bn: bool = False
+    #: "branch": train the branch model given; "depthwise": every stage, in segments within its memory
+    mode: str = "branch"
 
 
 @dataclass
@@ -52,29 +58,50 @@ def train_local(
     objective: ClientObjective | None = None, global_state: Mapping[str, torch.Tensor] | None = None,
     client_state: dict[str, torch.Tensor] | None = None, round: int = 0,
 ) -> ClientUpdate:
-    """Train ``branch`` in place on ``data``; return a copy of its state dict on the CPU.
+    """Train ``branch`` in place on ``data``; return a copy of what it trained on the CPU.
 
-    ``global_state`` is the round's global model as the server sent it (default: the branch's
-    weights before training); ``objective`` defaults to the multi-exit loss. With
-    ``settings.local_bn`` the client's own BatchNorm layers (kept in ``client_state``) replace the
-    global ones before training, and stay out of the update.
+    ``global_state`` is the round's global model as the server sent it (default: the weights
+    before training); ``objective`` defaults to the multi-exit loss. With ``settings.local_bn``
+    the client's own BatchNorm layers (kept in ``client_state``) replace the global ones before
+    training, and stay out of the update. With ``settings.mode == "depthwise"`` the parts
+    trained are the segments of :func:`~nni_fedexit.federated.depthwise.depthwise_segments`, one
+    after the other, each for ``settings.epochs`` epochs; the reported loss is the sum of their
+    last epochs' losses (every exit's loss once).
     """
     objective = objective or MultiExitObjective()
     client_state = dict(client_state or {})
+    model: nn.Module = branch
+    parts, micro = [branch], [1]
+    if settings.mode == "depthwise":
+        model = full = branch.full_model
+        device = next(full.parameters()).device
+        segments = depthwise_segments(full, branch.depth, data.images[: settings.batch_size].to(device))
+        parts = [full.segment(seg.first, seg.last) for seg in segments]
+        micro = [seg.micro_batches for seg in segments]
+    elif settings.mode != "branch":
+        raise ValueError(f"client training mode must be 'branch' or 'depthwise', got {settings.mode!r}")
     if settings.local_bn:
-        restore_local_bn(branch, client_state)
+        restore_local_bn(model, client_state)
+    state_before = {k: v for part in parts for k, v in part.state_dict().items()}
     if global_state is None:
-        global_state = {k: v.detach().clone() for k, v in branch.state_dict().items()}
-    ctx = ObjectiveContext(branch, global_state, client_state, round, client)
-    objective.begin(ctx)
-    losses = train_classifier(
-        branch, data,
-        TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=lr, momentum=settings.momentum,
-                      weight_decay=settings.weight_decay, seed=seed, schedule="constant"),
-        loss_fn=lambda outputs, y: objective.loss(ctx, outputs, y),
-    )
-    objective.end(ctx)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in branch.state_dict().items()}
+        global_state = {k: v.detach().clone() for k, v in state_before.items()}
+    num_classes = int(getattr(branch.full_model, "num_classes", 0)) or int(data.labels.max()) + 1
+    counts = torch.bincount(data.labels, minlength=num_classes)
+    loss = 0.0
+    for k, part in enumerate(parts):
+        ctx = ObjectiveContext(part, global_state, client_state, round, client, class_counts=counts)
+        objective.begin(ctx)
+        losses = train_classifier(
+            part, data,
+            TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=lr, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay, seed=seed + k, schedule="constant",
+                          micro_batches=micro[k]),
+            loss_fn=lambda outputs, y, ctx=ctx: objective.loss(ctx, outputs, y),
+        )
+        objective.end(ctx)
+        client_state = ctx.client_state
+        loss += losses[-1]
+    state = {k: v.detach().to("cpu", copy=True) for part in parts for k, v in part.state_dict().items()}
     if settings.local_bn:
-        keep_local_bn(branch, state, ctx.client_state)
-    return ClientUpdate(client, branch.depth, state, len(data), losses[-1], ctx.client_state)
+        keep_local_bn(model, state, client_state)
+    return ClientUpdate(client, branch.depth, state, len(data), loss, client_state)

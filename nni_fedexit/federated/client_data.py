@@ -27,8 +27,9 @@ class FederatedData:
                           classes_per_client=s.classes_per_client)
         self.clients = [train.subset(pool[p]) for p in parts]
         self.val = train.subset(roles.search_val[: s.val_samples])
-        #: the server's own training images (S2), for BatchNorm re-estimation (``bn_stats``)
-        self.server_train = train.subset(roles.search_train[: s.bn_samples])
+        #: the server's own training images (S2): BatchNorm re-estimation uses the first ``bn_samples``
+        #: (``bn_stats``), the server's training steps the first ``server_samples`` (``server_steps``)
+        self.server_train = train.subset(roles.search_train[: max(s.bn_samples, s.server_samples if s.server_steps else 0)])
         test = self.bundle.test
         self.test = test if s.test_samples is None else test.subset(np.arange(min(s.test_samples, len(test))))
         self.label_skew = label_skew(labels, parts)

@@ -8,9 +8,11 @@ server's split, records the round, keeps the best one and writes the checkpoint.
 backend calls these in this process, the Flower ServerApp from its strategy: a backend only
 moves weights to clients and replies back.
 
-Best round (claim 5, "minimum total loss and maximum accuracy"): the round whose validation total
-loss ``sum_i lambda_i * CE_i``, rounded to 4 decimals, is lowest; among equal losses the one with
-the higher last-exit validation accuracy; then the earlier round.
+Best round (claim 5, "minimum total loss and maximum accuracy"): with ``best_by: total_loss`` the
+round whose validation total loss ``sum_i lambda_i * CE_i``, rounded to 4 decimals, is lowest;
+among equal losses the one with the higher last-exit validation accuracy; then the earlier round.
+With ``best_by: last_exit`` the round with the highest last-exit validation accuracy (rounded to
+4 decimals), then the lower total loss, then the earlier round.
 
 Every random choice of round t comes from generators seeded by ``(seed, t, attempt)`` (and the
 client), so a run stopped after any round and resumed from its checkpoint ends with exactly the
@@ -37,6 +39,7 @@ from nni_fedexit.federated.batchnorm import reestimate_bn_statistics
 from nni_fedexit.federated.assign import assign_branches, client_profiles, select_clients
 from nni_fedexit.federated.checkpoint import Checkpoint, Resumed
 from nni_fedexit.federated.errors import FederatedError, UpdateRejected
+from nni_fedexit.federated.server_pass import server_pass
 from nni_fedexit.federated.settings import FederatedSettings
 
 __all__ = [
@@ -75,11 +78,21 @@ def validate(model: MultiExitNetwork, data: ImageData) -> dict[str, Any]:
     }
 
 
-def better(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
-    """Whether validation metrics ``new`` make a better round than ``old`` (see the module doc)."""
+def head(data: ImageData, n: int) -> ImageData:
+    """The first ``n`` examples of ``data`` (all of them if it holds fewer)."""
+    return ImageData(data.images[:n], data.labels[:n])
+
+
+def better(new: Mapping[str, Any], old: Mapping[str, Any] | None, by: str = "total_loss") -> bool:
+    """Whether validation metrics ``new`` make a better round than ``old`` under rule ``by`` (see the module doc)."""
     if old is None:
         return True
-    key = lambda m: (round(m["total_loss"], 4), -m["exit_accuracy"][-1])  # noqa: E731
+    if by == "total_loss":
+        key = lambda m: (round(m["total_loss"], 4), -m["exit_accuracy"][-1])  # noqa: E731
+    elif by == "last_exit":
+        key = lambda m: (-round(m["exit_accuracy"][-1], 4), m["total_loss"])  # noqa: E731
+    else:
+        raise ValueError(f"best_by must be 'total_loss' or 'last_exit', got {by!r}")
     return key(new) < key(old)
 
 
@@ -239,7 +252,9 @@ class RoundEngine:
     is set. A reply claiming more is rejected, so no client weighs more than its share.
 
     ``server_train`` is the server's own training split: with ``bn_stats`` ``server`` or
-    ``local`` the BatchNorm statistics of every new global model are re-estimated on it.
+    ``local`` the BatchNorm statistics of every new global model are re-estimated on its first
+    ``bn_samples`` images; with ``server_steps`` the server first trains the new global model on
+    its first ``server_samples`` images and their labels (server_pass.py).
     """
 
     def __init__(self, model: MultiExitNetwork, settings: FederatedSettings, costs: Sequence[ExitCost], val: ImageData,
@@ -258,6 +273,9 @@ class RoundEngine:
         if settings.bn_stats != "average" and (server_train is None or len(server_train) == 0):
             raise FederatedError(f"bn_stats={settings.bn_stats!r} re-estimates BatchNorm statistics on the server's "
                                  "training split, but none was given; pass server_train, or use bn_stats='average'")
+        if settings.server_steps and (server_train is None or len(server_train) == 0):
+            raise FederatedError(f"server_steps={settings.server_steps} trains the global model on the server's labelled "
+                                 "training split, but none was given; pass server_train, or set server_steps: 0")
         self.server_train = server_train
         self.aggregator: Aggregator = make_aggregator(settings)
         #: each client's objective state, kept across rounds and in the checkpoint (in-process clients)
@@ -404,15 +422,21 @@ class RoundEngine:
         """Load the new global state (None: keep the model), validate, record, keep the best, checkpoint."""
         s = self.settings
         t = results.plan.round
+        server_loss = None
         if new_state is not None:
             self.model.load_state_dict(new_state)
+            if s.server_steps:
+                assert self.server_train is not None
+                server_loss = server_pass(self.model, head(self.server_train, s.server_samples), s, results.plan.lr,
+                                          stable_seed(s.seed, t, -1))
             if s.bn_stats != "average":
-                reestimate_bn_statistics(self.model, self.server_train)
+                assert self.server_train is not None
+                reestimate_bn_statistics(self.model, head(self.server_train, s.bn_samples))
         metrics = validate(self.model, self.val)
         record = {"round": t, "lr": results.plan.lr, "seconds": time.time() - results.plan.started,
-                  **results.summary(), **metrics}
+                  **results.summary(), **metrics, **({"server_loss": server_loss} if server_loss is not None else {})}
         self.history.append(record)
-        improved = better(metrics, self.history[self.best_round - 1] if self.best_round else None)
+        improved = better(metrics, self.history[self.best_round - 1] if self.best_round else None, s.best_by)
         if improved:
             self.best_round = t
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}

@@ -20,9 +20,13 @@ from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, DEPTH_SAMPLING, Cl
 from nni_fedexit.federated.batchnorm import BN_STATS
 from nni_fedexit.federated.backends import backend_names
 from nni_fedexit.federated.client import LocalSettings
+from nni_fedexit.federated.depthwise import CLIENT_TRAINING
 from nni_fedexit.federated.objectives import objective_names
 
-__all__ = ["FederatedSettings", "OPERATIONAL"]
+__all__ = ["BEST_BY", "FederatedSettings", "OPERATIONAL"]
+
+#: the values of ``best_by``
+BEST_BY = ("total_loss", "last_exit")
 
 #: settings that do not change what a run computes: a checkpoint may be resumed with others
 OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "backend", "flower_superlink",
@@ -35,7 +39,8 @@ OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "back
 _ADDED_LATER = {
     "max_client_samples": None, "distill_weight": 0.0, "distill_temperature": 1.0, "prox_mu": 0.01, "dyn_alpha": 0.01,
     "server_lr": None, "server_momentum": 0.9, "server_beta2": 0.99, "server_tau": 0.001, "bn_stats": "average",
-    "bn_samples": 2000, "depth_sampling": "uniform",
+    "bn_samples": 2000, "depth_sampling": "uniform", "client_training": "branch", "logit_tau": 1.0, "server_steps": 0,
+    "server_samples": 4800, "best_by": "total_loss",
 }
 
 
@@ -81,6 +86,10 @@ class FederatedSettings:
     loss_weights: list | None = None
     #: True: a client trains every exit along its branch (deep supervision); False: exit i only
     branch_all_exits: bool = True
+    #: "branch" (the patent): a client trains its branch model, stages 1..d; "depthwise": it trains
+    #: every stage, the deeper ones in segments that save no more for backward than its branch
+    #: (federated/depthwise.py), so every client's data reaches every stage
+    client_training: str = "branch"
     #: the server's aggregation rule, by name (``federated.aggregators``): "fedavg" is the depth-aware mean
     aggregator: str = "fedavg"
     #: the clients' training objective, by name (``federated.objectives``): "multi_exit" is claim 6's
@@ -94,6 +103,8 @@ class FederatedSettings:
     prox_mu: float = 0.01
     #: objective "feddyn": alpha of FedDyn's regulariser (each client's gradient state is kept across rounds)
     dyn_alpha: float = 0.01
+    #: objective "logit_adjusted": tau of the shift ``tau * log p_client`` of every exit's logits
+    logit_tau: float = 1.0
     #: server optimisers ("fedavgm", "fedadam", "fedyogi"): step size on the depth-aware mean's
     #: pseudo-gradient (None: 1.0 for fedavgm, 0.01 for fedadam and fedyogi)
     server_lr: float | None = None
@@ -108,6 +119,16 @@ class FederatedSettings:
     bn_stats: str = "server"
     #: examples of the server's training split the re-estimation passes through the model
     bn_samples: int = 2000
+    #: SGD steps (of ``batch_size`` images) the server trains the new global model on its own
+    #: labelled images after every aggregation, every exit, the clients' objective without
+    #: client terms (0: the server does not train)
+    server_steps: int = 0
+    #: the server's labelled images those steps draw from: the first of its search-train split
+    #: (the early-exit guarantee is then certified on the others)
+    server_samples: int = 4800
+    #: how the best round is chosen: "total_loss" (claim 5: lowest validation total loss, then the
+    #: last exit's accuracy) or "last_exit" (highest last-exit validation accuracy, then total loss)
+    best_by: str = "total_loss"
     #: the most examples one client's update may count for in the weighted mean (None: the size of
     #: its partition; a device with its own images, the largest partition). Replies claiming more are rejected
     max_client_samples: int | None = None
@@ -150,7 +171,8 @@ class FederatedSettings:
             value = getattr(self, f.name)
             if str(f.type).startswith("float") and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
-        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client", "bn_samples"):
+        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client", "bn_samples",
+                    "server_samples"):
             positive_int(key, getattr(self, key))
         for key in ("client_samples", "val_samples", "test_samples", "head_width", "max_client_samples"):
             if getattr(self, key) is not None:
@@ -162,13 +184,15 @@ class FederatedSettings:
         for key, allowed in (("assignment", ("random", "capability")), ("partition", ("iid", "dirichlet", "shards")),
                              ("head", EXIT_HEADS), ("aggregator", aggregator_names()),
                              ("objective", objective_names()), ("backend", backend_names()),
-                             ("bn_stats", BN_STATS), ("depth_sampling", DEPTH_SAMPLING)):
+                             ("bn_stats", BN_STATS), ("depth_sampling", DEPTH_SAMPLING),
+                             ("client_training", CLIENT_TRAINING), ("best_by", BEST_BY)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.backend == "flower" and not self.flower_superlink:
             raise ValueError("flower_superlink: the flower backend needs the name of a SuperLink connection "
                              "([superlink.NAME] in $FLWR_HOME/config.toml), e.g. flower_superlink='local-deploy'")
-        for key in ("node_wait", "round_timeout", "lr", "lr_decay", "alpha", "distill_temperature", "server_tau"):
+        for key in ("node_wait", "round_timeout", "lr", "lr_decay", "alpha", "distill_temperature", "server_tau",
+                    "logit_tau"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
         for key in ("momentum", "weight_decay", "distill_weight", "prox_mu", "dyn_alpha"):
@@ -192,6 +216,8 @@ class FederatedSettings:
             raise ValueError("ray_address: empty; give the cluster's HOST:PORT (ray start --head prints it), or leave it out")
         if self.client_threads < 0:
             raise ValueError(f"client_threads: must be >= 0 (0: torch's default), got {self.client_threads}")
+        if self.server_steps < 0:
+            raise ValueError(f"server_steps: must be >= 0 (0: the server does not train), got {self.server_steps}")
         if self.round_retries < 0:
             raise ValueError(f"round_retries: must be >= 0, got {self.round_retries}")
         for key in ("server_fraction", "val_fraction"):
@@ -223,7 +249,7 @@ class FederatedSettings:
     def local_settings(self) -> LocalSettings:
         """What every client's local training takes from these settings (all backends)."""
         return LocalSettings(epochs=self.local_epochs, batch_size=self.batch_size, momentum=self.momentum,
-                             weight_decay=self.weight_decay, local_bn=self.bn_stats == "local")
+                             weight_decay=self.weight_decay, local_bn=self.bn_stats == "local", mode=self.client_training)
 
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (everything but rounds, paths and backend)."""

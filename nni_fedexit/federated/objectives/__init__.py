@@ -4,6 +4,7 @@ base.py        the ClientObjective interface, its context and registry
 multi_exit.py  ``multi_exit``: the weighted sum of the exits' cross-entropies (claim 6), with
                optional self-distillation between the exits (DepthFL)
 regularised.py ``fedprox`` and ``feddyn``: the same loss plus a drift-limiting term
+label_skew.py  ``logit_adjusted``: the same loss on logits shifted by the client's label prior (FedLC)
 """
 
 from nni_fedexit.federated.objectives.base import (
@@ -11,6 +12,8 @@ from nni_fedexit.federated.objectives.base import (
 )
 from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective, self_distillation
 from nni_fedexit.federated.objectives.regularised import FedDynObjective, FedProxObjective
+from nni_fedexit.federated.objectives.label_skew import LogitAdjusted, label_prior_shift
 
-__all__ = ["ClientObjective", "FedDynObjective", "FedProxObjective", "MultiExitObjective", "ObjectiveContext",
-           "make_objective", "objective_names", "register_objective", "self_distillation"]
+__all__ = ["ClientObjective", "FedDynObjective", "FedProxObjective", "LogitAdjusted", "MultiExitObjective",
+           "ObjectiveContext", "label_prior_shift", "make_objective", "objective_names", "register_objective",
+           "self_distillation"]

@@ -32,6 +32,8 @@ class ObjectiveContext:
     client: int | None = None
     #: the objective's working values for this one local training (e.g. the global weights on the device)
     scratch: dict[str, Any] = field(default_factory=dict)
+    #: how many examples of each class the client's data holds (None: not known)
+    class_counts: torch.Tensor | None = None
 
 
 class ClientObjective:

@@ -31,7 +31,7 @@ from nni_fedexit.exits import MultiExitNetwork
 from nni_fedexit.federated.client import train_local
 from nni_fedexit.federated.objectives import ClientObjective, make_objective
 from nni_fedexit.federated.settings import FederatedSettings
-from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict
+from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_branch_state, load_data, settings_from_config, task_keys, to_array_record, to_state_dict
 
 __all__ = ["app", "node_data", "node_partition", "query", "train_branch"]
 
@@ -140,7 +140,7 @@ def train_branch(msg: Message, context: Context, cfg: Mapping[str, Any],
     depth = int(task["depth"])
     all_exits = bool(task.get("all-exits", settings.branch_all_exits))
     state = {k: v.to(settings.device) for k, v in to_state_dict(msg.content.array_records["arrays"]).items()}
-    load_branch_state(model, state, depth, all_exits)
+    load_branch_state(model, state, depth, all_exits, keys=task_keys(model, depth, settings))
     branch = model.branch(depth, all_exits=all_exits)
     kept = context.state.array_records.get(STATE_RECORD)
     update = train_local(pid if pid is not None else -1, branch, local, settings.local_settings(), float(task["lr"]),

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # flwr is only needed by the apps themselves
 
 __all__ = [
     "DEFAULTS", "DataShape", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
-    "run_config", "settings_from_config", "space_from_config", "to_array_record", "to_state_dict",
+    "run_config", "settings_from_config", "space_from_config", "task_keys", "to_array_record", "to_state_dict",
     "write_app",
 ]
 
@@ -240,9 +240,18 @@ def branch_keys(model: MultiExitNetwork, depth: int, all_exits: bool = True) -> 
     return list(model.branch(depth, all_exits=all_exits).state_dict().keys())
 
 
-def load_branch_state(model: MultiExitNetwork, state: Mapping[str, torch.Tensor], depth: int, all_exits: bool = True) -> None:
-    """Load branch ``depth``'s entries into ``model``; ``state`` must hold exactly those keys."""
-    want = set(branch_keys(model, depth, all_exits))
+def task_keys(model: MultiExitNetwork, depth: int, settings: FederatedSettings) -> list[str]:
+    """The entries a node given branch ``depth`` receives and may send back: its branch's, or with
+    ``client_training: depthwise`` (it trains every stage) the whole model's."""
+    if settings.client_training == "depthwise":
+        return list(model.state_dict().keys())
+    return branch_keys(model, depth, settings.branch_all_exits)
+
+
+def load_branch_state(model: MultiExitNetwork, state: Mapping[str, torch.Tensor], depth: int, all_exits: bool = True,
+                      keys: Iterable[str] | None = None) -> None:
+    """Load branch ``depth``'s entries (or ``keys``) into ``model``; ``state`` must hold exactly those keys."""
+    want = set(branch_keys(model, depth, all_exits) if keys is None else keys)
     got = set(state)
     if got != want:
         missing, extra = sorted(want - got), sorted(got - want)

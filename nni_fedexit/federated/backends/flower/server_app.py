@@ -47,7 +47,7 @@ from nni_fedexit.exits import exit_costs
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.federated.errors import UpdateRejected
 from nni_fedexit.federated.rounds import ClientTask, Participant, RoundEngine, RoundPlan, RoundResults, validate
-from nni_fedexit.federated.backends.flower.common import DataShape, branch_keys, build_model, load_data, settings_from_config, to_array_record, to_state_dict
+from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_data, settings_from_config, task_keys, to_array_record, to_state_dict
 
 __all__ = ["app", "BranchStrategy", "NodeProfile", "admit_nodes", "discover_nodes", "main", "read_reply", "server_path"]
 
@@ -293,8 +293,7 @@ class BranchStrategy(Strategy):
         #: nodes left out of the run, with the reason (logged once); which node holds each partition
         self.refused: dict[int, str] = {}
         self.holders: dict[int, int] = {}
-        self._keys = {d: branch_keys(self.model, d, self.settings.branch_all_exits)
-                      for d in range(1, self.model.num_exits + 1)}
+        self._keys = {d: task_keys(self.model, d, self.settings) for d in range(1, self.model.num_exits + 1)}
         state = self.model.state_dict()
         #: what a reply for each branch must hold: its keys, with the global model's shapes and dtypes
         self._specs = {d: {k: (tuple(state[k].shape), str(state[k].dtype).removeprefix("torch.")) for k in keys}
