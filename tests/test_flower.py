@@ -50,8 +50,10 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
     """Two SuperNodes; node 1 runs a ClientApp that claims 1e18 training examples each round. Its
     updates are rejected (by node id), the round goes on with node 0 (min-clients=1), and the
     weights are the simulation's with client 1 dropped. The clients train with FedDyn and
-    self-distillation: node 0's FedDyn state from round 1 (kept in its ``context.state``) must
-    shape its round 2 exactly as the simulation's kept state does. In round 3 node 0 turns hostile
+    self-distillation, every stage (depth-wise, so node 0 receives and sends the whole model), and
+    the ServerApp trains on its own images after each aggregation: node 0's FedDyn state from
+    round 1 (kept in its ``context.state``) must shape its round 2 exactly as the simulation's
+    kept state does. In round 3 node 0 turns hostile
     too (hostile-from=3): no update is accepted (fewer than min-clients), so the round keeps the
     previous model: the weights after round 3 are those after round 2, and round 3 is not the best.
     (Two nodes aggregated against the simulation: the evaluator test below.)"""
@@ -64,7 +66,8 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
         for i in range(2):
             dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2" + (" hostile=1" if i else " hostile-from=3"))
         run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=1 objective="feddyn" '
-                               'dyn-alpha=0.05 distill-weight=0.5', app=hostile_flower_app(tmp_path / "hostile_app"))
+                               'dyn-alpha=0.05 distill-weight=0.5 client-training="depthwise" server-steps=3',
+                               app=hostile_flower_app(tmp_path / "hostile_app"))
         state = dep.wait_rounds(ckpt, run, 3, RUN_TIMEOUT)
         diag = dep.diag()
         assert state is not None and state["round"] == 3, f"the run did not complete 3 rounds in {RUN_TIMEOUT} s\n{diag}"
@@ -105,9 +108,11 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
                 raise ConnectionError("left out")
             return super().train_client(global_state, task)
 
-    config = flower_app_config(objective="feddyn", **{"dyn-alpha": 0.05, "distill-weight": 0.5})
+    config = flower_app_config(objective="feddyn", **{"dyn-alpha": 0.05, "distill-weight": 0.5,
+                                                      "client-training": "depthwise", "server-steps": 3})
     settings = settings_from_config(config, num_clients=2, min_clients=1, checkpoint_dir=str(tmp_path / "sim"))
     assert settings.objective == "feddyn" and settings.distill_weight == 0.5
+    assert settings.client_training == "depthwise" and settings.server_steps == 3
     # one torch thread, as the ClientApps ran (client-threads=1, OMP_NUM_THREADS=1): float32
     # reductions depend on the thread count, the data's normalisation statistics included
     with torch_threads(1):

@@ -130,6 +130,33 @@ def test_depthwise_client_trains_every_stage_and_a_branch_client_only_its_own(di
         train_local(0, tiny_model().branch(1), data, LocalSettings(mode="layerwise"), 0.05, 3)
 
 
+def test_split_segment_data_deals_each_image_to_one_segment(digits):
+    """segment_data="split": every image of the client trains exactly one segment in a pass (one
+    pass costs about one branch pass); "all": every segment trains on every image."""
+    data = FederatedData(FederatedSettings(dataset="digits", num_clients=4, partition="iid", seed=0), bundle=digits).clients[0]
+
+    class Counting(MultiExitObjective):
+        def __init__(self):
+            super().__init__(FederatedSettings(distill_weight=0.0))
+            self.seen = {}
+
+        def loss(self, ctx, outputs, labels):
+            self.seen[ctx.branch.first] = self.seen.get(ctx.branch.first, 0) + len(labels)
+            return super().loss(ctx, outputs, labels)
+
+    for how, expect in (("split", None), ("all", len(data))):
+        objective = Counting()
+        train_local(0, tiny_model().branch(1, all_exits=True), data, LocalSettings(mode="depthwise", segment_data=how),
+                    0.05, 5, objective)
+        assert sorted(objective.seen) == [1, 2, 3], how  # the three segments of branch 1 in this space
+        if expect is None:
+            assert sum(objective.seen.values()) == len(data) and max(objective.seen.values()) - min(objective.seen.values()) <= 1
+        else:
+            assert set(objective.seen.values()) == {expect}
+    with pytest.raises(ValueError, match="segment_data"):
+        FederatedSettings(segment_data="some")
+
+
 # ---- the label-skew objective ------------------------------------------------------------------------
 
 
@@ -225,3 +252,49 @@ def test_best_round_by_last_exit_accuracy():
         better(late, early, "accuracy")
     with pytest.raises(ValueError, match="best_by"):
         FederatedSettings(best_by="accuracy")
+
+
+# ---- each option on a tiny label-skewed run ----------------------------------------------------------
+
+#: the patent's training with every label-skew option off, and each option alone
+SKEW_OPTIONS = {
+    "branch": {"client_training": "branch", "objective": "multi_exit", "server_steps": 0},
+    "depthwise": {"client_training": "depthwise", "objective": "multi_exit", "server_steps": 0},
+    "logit_adjusted": {"client_training": "branch", "objective": "logit_adjusted", "server_steps": 0},
+    "server_steps": {"client_training": "branch", "objective": "multi_exit", "server_steps": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def skewed_runs(digits):
+    """Each option's tiny run on digits: 5 clients holding 2 classes each, every client every round."""
+    from nni_fedexit.federated import federate
+
+    out = {}
+    for name, options in SKEW_OPTIONS.items():
+        settings = FederatedSettings(dataset="digits", rounds=6, num_clients=5, partition="shards", classes_per_client=2,
+                                     local_epochs=2, head="conv", bn_samples=230, server_samples=230, seed=0, **options)
+        data = FederatedData(settings, bundle=digits)
+        torch.manual_seed(0)
+        out[name] = federate(tiny_space().build(SAMPLE), settings, data=data, report=False)
+    return out
+
+
+#: how far below the first exit the last one may end on the test images
+MARGIN = 0.02
+
+
+@pytest.mark.parametrize("option", ["depthwise", "logit_adjusted", "server_steps"])
+def test_each_label_skew_option_keeps_the_last_exit_level_with_the_first(skewed_runs, option):
+    """With two classes per client the patent's training ends with its last exit below its first
+    (the deep stage is trained by few clients, each with two classes); each option alone keeps
+    the last exit no more than MARGIN below the first, and beats the patent's last exit."""
+    base, result = skewed_runs["branch"].test_accuracy, skewed_runs[option].test_accuracy
+    assert base[-1] < base[0] - MARGIN, base  # the failure the options are for, on this split
+    assert result[-1] >= result[0] - MARGIN, (option, result)
+    assert result[-1] > base[-1] + 0.05, (option, result, base)
+
+
+def test_server_steps_are_recorded_per_round(skewed_runs):
+    assert all(h["server_loss"] > 0 for h in skewed_runs["server_steps"].history)
+    assert all("server_loss" not in h for h in skewed_runs["branch"].history)

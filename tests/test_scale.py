@@ -21,8 +21,10 @@ from nni_fedexit.federated import FederatedData, FederatedSettings
 from nni_fedexit.federated.backends import get_backend
 from nni_fedexit.federated.rounds import stable_seed
 
+#: FedDyn keeps client state across rounds; depth-wise clients train every stage; the server trains
+#: on its own images after each aggregation: all must come out the same on every backend
 BASE = dict(dataset="digits", rounds=2, num_clients=4, min_clients=2, batch_size=16, lr=0.05, seed=0, head="linear",
-            client_threads=1, objective="feddyn", dyn_alpha=0.05)
+            client_threads=1, objective="feddyn", dyn_alpha=0.05, client_training="depthwise", server_steps=3)
 
 
 def _model(settings: FederatedSettings) -> MultiExitNetwork:

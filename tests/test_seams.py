@@ -50,7 +50,8 @@ class ServerMomentum(Aggregator):
 
 @register_objective("test-proximal-counting")
 class ProximalCounting(ClientObjective):
-    """FedProx's proximal term on the multi-exit loss, and a per-client count of the rounds it trained."""
+    """FedProx's proximal term on the multi-exit loss (of the part being trained), and a per-client
+    count of the rounds it trained."""
 
     def begin(self, ctx):
         self.base = MultiExitObjective()
@@ -62,7 +63,8 @@ class ProximalCounting(ClientObjective):
         return self.base.loss(ctx, outputs, labels) + 0.5 * prox
 
     def end(self, ctx):
-        ctx.client_state["rounds"] = ctx.client_state.get("rounds", torch.tensor(0)) + 1
+        if ctx.part == ctx.parts - 1:  # a depth-wise client trains several parts a round: count the round once
+            ctx.client_state["rounds"] = ctx.client_state.get("rounds", torch.tensor(0)) + 1
 
 
 def settings(**overrides):

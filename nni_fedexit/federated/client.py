@@ -35,6 +35,9 @@ class LocalSettings:
     local_bn: bool = False
     #: "branch": train the branch model given; "depthwise": every stage, in segments within its memory
     mode: str = "branch"
+    #: depthwise: "all" (each segment trains on all the client's data: a pass costs more than the
+    #: branch's) or "split" (the data is dealt out among the segments: a pass costs about one branch pass)
+    segment_data: str = "all"
 
 
 @dataclass
@@ -65,8 +68,9 @@ def train_local(
     the client's own BatchNorm layers (kept in ``client_state``) replace the global ones before
     training, and stay out of the update. With ``settings.mode == "depthwise"`` the parts
     trained are the segments of :func:`~nni_fedexit.federated.depthwise.depthwise_segments`, one
-    after the other, each for ``settings.epochs`` epochs; the reported loss is the sum of their
-    last epochs' losses (every exit's loss once).
+    after the other, each for ``settings.epochs`` epochs on all of ``data`` or, with
+    ``segment_data="split"``, on its own share of it (a seeded split into equal parts); the
+    reported loss is the sum of their last epochs' losses (every exit's loss once).
     """
     objective = objective or MultiExitObjective()
     client_state = dict(client_state or {})
@@ -88,11 +92,18 @@ def train_local(
     num_classes = int(getattr(branch.full_model, "num_classes", 0)) or int(data.labels.max()) + 1
     counts = torch.bincount(data.labels, minlength=num_classes)
     loss = 0.0
+    shares = [data] * len(parts)
+    if settings.segment_data == "split" and len(parts) > 1:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        shares = [data.subset(idx) for idx in order.tensor_split(len(parts))]
+    elif settings.segment_data not in ("all", "split"):
+        raise ValueError(f"segment_data must be 'all' or 'split', got {settings.segment_data!r}")
     for k, part in enumerate(parts):
-        ctx = ObjectiveContext(part, global_state, client_state, round, client, class_counts=counts)
+        ctx = ObjectiveContext(part, global_state, client_state, round, client, class_counts=counts, part=k,
+                               parts=len(parts))
         objective.begin(ctx)
         losses = train_classifier(
-            part, data,
+            part, shares[k],
             TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, seed=seed + k, schedule="constant",
                           micro_batches=micro[k]),

@@ -26,11 +26,13 @@ import torch
 
 from nni_fedexit.exits import BranchModel, MultiExitNetwork, multi_exit_loss
 
-__all__ = ["CLIENT_TRAINING", "Segment", "depthwise_segments", "saved_bytes", "segment_schedule",
+__all__ = ["CLIENT_TRAINING", "SEGMENT_DATA", "Segment", "depthwise_segments", "saved_bytes", "segment_schedule",
            "training_step_bytes"]
 
 #: the values of ``federated.client_training``
 CLIENT_TRAINING = ("branch", "depthwise")
+#: the values of ``federated.segment_data``: each segment on all of a client's data, or on a share
+SEGMENT_DATA = ("all", "split")
 
 
 def saved_bytes(fn: Callable[..., Any], *args: Any, exclude: Sequence[torch.Tensor] = ()) -> tuple[int, Any]:

@@ -52,4 +52,5 @@ def server_pass(model: MultiExitNetwork, data: ImageData, settings: Any, lr: flo
         epochs=1, batch_size=settings.batch_size, lr=lr, momentum=settings.momentum,
         weight_decay=settings.weight_decay, seed=seed, schedule="constant"),
         loss_fn=lambda outputs, y: objective.loss(ctx, outputs, y))
+    model.zero_grad(set_to_none=True)  # the global model keeps no gradients between rounds
     return losses[-1]

@@ -20,7 +20,7 @@ from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, DEPTH_SAMPLING, Cl
 from nni_fedexit.federated.batchnorm import BN_STATS
 from nni_fedexit.federated.backends import backend_names
 from nni_fedexit.federated.client import LocalSettings
-from nni_fedexit.federated.depthwise import CLIENT_TRAINING
+from nni_fedexit.federated.depthwise import CLIENT_TRAINING, SEGMENT_DATA
 from nni_fedexit.federated.objectives import objective_names
 
 __all__ = ["BEST_BY", "FederatedSettings", "OPERATIONAL"]
@@ -39,7 +39,7 @@ OPERATIONAL = ("rounds", "checkpoint_dir", "resume", "data_dir", "device", "back
 _ADDED_LATER = {
     "max_client_samples": None, "distill_weight": 0.0, "distill_temperature": 1.0, "prox_mu": 0.01, "dyn_alpha": 0.01,
     "server_lr": None, "server_momentum": 0.9, "server_beta2": 0.99, "server_tau": 0.001, "bn_stats": "average",
-    "bn_samples": 2000, "depth_sampling": "uniform", "client_training": "branch", "logit_tau": 1.0, "server_steps": 0,
+    "bn_samples": 2000, "depth_sampling": "uniform", "client_training": "branch", "segment_data": "all", "logit_tau": 1.0, "server_steps": 0,
     "server_samples": 4800, "best_by": "total_loss",
 }
 
@@ -89,12 +89,17 @@ class FederatedSettings:
     #: "branch" (the patent): a client trains its branch model, stages 1..d; "depthwise": it trains
     #: every stage, the deeper ones in segments that save no more for backward than its branch
     #: (federated/depthwise.py), so every client's data reaches every stage
-    client_training: str = "branch"
+    client_training: str = "depthwise"
+    #: depthwise: "all" (each segment trains on all of a client's data: a local pass costs up to
+    #: about 1.5 x the full model's) or "split" (a client's data is split among its segments: a pass
+    #: costs about what its branch's did, each stage sees a share of the data)
+    segment_data: str = "split"
     #: the server's aggregation rule, by name (``federated.aggregators``): "fedavg" is the depth-aware mean
     aggregator: str = "fedavg"
-    #: the clients' training objective, by name (``federated.objectives``): "multi_exit" is claim 6's
-    #: loss; "fedprox" adds a proximal term (``prox_mu``); "feddyn" FedDyn's dynamic regulariser (``dyn_alpha``)
-    objective: str = "multi_exit"
+    #: the clients' training objective, by name (``federated.objectives``): "logit_adjusted" is claim 6's
+    #: loss on logits shifted by the client's own label prior (``logit_tau``), "multi_exit" claim 6's loss
+    #: as it stands; "fedprox" adds a proximal term (``prox_mu``); "feddyn" FedDyn's dynamic regulariser (``dyn_alpha``)
+    objective: str = "logit_adjusted"
     #: self-distillation between the exits a branch holds (DepthFL): weight of the mutual KL term (0: off)
     distill_weight: float = 1.0
     #: softmax temperature of that KL term
@@ -122,7 +127,7 @@ class FederatedSettings:
     #: SGD steps (of ``batch_size`` images) the server trains the new global model on its own
     #: labelled images after every aggregation, every exit, the clients' objective without
     #: client terms (0: the server does not train)
-    server_steps: int = 0
+    server_steps: int = 150
     #: the server's labelled images those steps draw from: the first of its search-train split
     #: (the early-exit guarantee is then certified on the others)
     server_samples: int = 4800
@@ -185,7 +190,8 @@ class FederatedSettings:
                              ("head", EXIT_HEADS), ("aggregator", aggregator_names()),
                              ("objective", objective_names()), ("backend", backend_names()),
                              ("bn_stats", BN_STATS), ("depth_sampling", DEPTH_SAMPLING),
-                             ("client_training", CLIENT_TRAINING), ("best_by", BEST_BY)):
+                             ("client_training", CLIENT_TRAINING), ("best_by", BEST_BY),
+                             ("segment_data", SEGMENT_DATA)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.backend == "flower" and not self.flower_superlink:
@@ -249,7 +255,8 @@ class FederatedSettings:
     def local_settings(self) -> LocalSettings:
         """What every client's local training takes from these settings (all backends)."""
         return LocalSettings(epochs=self.local_epochs, batch_size=self.batch_size, momentum=self.momentum,
-                             weight_decay=self.weight_decay, local_bn=self.bn_stats == "local", mode=self.client_training)
+                             weight_decay=self.weight_decay, local_bn=self.bn_stats == "local", mode=self.client_training,
+                             segment_data=self.segment_data)
 
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (everything but rounds, paths and backend)."""

@@ -58,6 +58,17 @@ class PipelineError(RuntimeError):
 
 
 
+#: the settings that decide how the federated stage trains, as the report states them
+TRAINING_OPTIONS = ("assignment", "depth_sampling", "client_training", "objective", "logit_tau", "distill_weight",
+                    "aggregator", "bn_stats", "server_steps", "server_samples", "best_by", "client_fraction",
+                    "local_epochs")
+
+
+def training_options(settings: Any) -> dict[str, Any]:
+    """The run's training options (``TRAINING_OPTIONS``), for ``federated/metrics.json`` and the report."""
+    return {k: getattr(settings, k) for k in TRAINING_OPTIONS}
+
+
 def _read_json(path: Path, fix: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """A JSON object the pipeline wrote, with ``keys`` in it; unreadable, corrupt (a truncated write,
     an edit) or of another shape: :class:`PipelineError` naming the file, with ``fix``."""
@@ -355,6 +366,8 @@ class Run:
         s = self.config.federated_settings()
         # a checkpoint this trial cannot go on from (other settings, damaged): say so here, not in the trial's log
         Checkpoint(s.checkpoint_dir).resume_point(s)
+        if s.server_steps and self.config.exits.margin == "held_out":
+            self.held_out_split()  # images left to certify the early exits on: checked before training
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
         # resumed: the experiment of the interrupted stage goes on under its id, and NNI runs its
         # interrupted trial again, which resumes the rounds from the federated checkpoint
@@ -383,6 +396,7 @@ class Run:
                                 f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
         write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
+            "options": training_options(s),
         })
         data = self.federated_data()
         write_json(self.dir / "federated" / "partition.json", {
@@ -451,19 +465,34 @@ class Run:
             model.prediction = prediction
         return model.eval()
 
+    def held_out_split(self) -> tuple[ImageData, str]:
+        """The images the early-exit guarantee is certified on, and their description: the server's
+        search-train images whose labels the federated model never trained on (all of them, or
+        those after the first ``server_samples`` when ``server_steps`` trained on those)."""
+        s = self.config.federated_settings()
+        used = s.server_samples if s.server_steps else 0
+        search_train = self.roles.search_train
+        if used >= len(search_train):
+            raise PipelineError(f"federated.server_samples: the server trained on {used:,} of its {len(search_train):,} "
+                                "search-train images, so none is left to certify the early exits on; lower "
+                                "federated.server_samples, or set exits.margin: none")
+        where = (f"the server's search-train images {used:,} to {len(search_train):,} (the first {used:,} trained the "
+                 "model in server_steps)" if used else "the server's search-train images")
+        return self.data.train.subset(search_train[used:]), where + ", whose labels the federated model never trained on"
+
     def stage_evaluate(self) -> dict[str, Any]:
         c = self.config
         model = self.model()
         val = self.data.train.subset(self.roles.search_val)
         test = self.federated_data().test  # the federated stage's test set (data.test_samples)
         costs = exit_costs(model, test.images[:1])
-        # the held-out split: the server's search-train images, whose labels the federated model never trained on
-        held_out = self.data.train.subset(self.roles.search_train) if c.exits.margin == "held_out" else None
+        held_out, held_out_split = self.held_out_split() if c.exits.margin == "held_out" else (None, None)
         cal = calibrate(model, val, max_accuracy_drop=c.exits.max_accuracy_drop, macs_budget=c.exits.macs_budget,
                         criterion=c.exits.criterion, costs=costs, prediction=c.exits.prediction, rule=c.exits.rule,
                         held_out=held_out, confidence_level=c.exits.confidence_level)
         logits, labels = exit_outputs(model, test)
         test_acc = exit_accuracies(logits, labels)
+        best = 1 + max(range(len(test_acc)), key=lambda i: (test_acc[i], -i))
         ensemble = ensemble_accuracy(logits, labels)
         if c.exits.prediction == "ensemble":
             logits = ensemble_logits(logits)
@@ -473,18 +502,24 @@ class Run:
             "thresholds": cal.thresholds, "criterion": c.exits.criterion, "prediction": c.exits.prediction,
             "target": cal.target, "rule": cal.rule, "margin": c.exits.margin, "ensemble_accuracy": ensemble,
             "guarantee": cal.guarantee, "drop_bound": cal.drop_bound, "confidence_level": cal.confidence_level,
-            "held_out": cal.held_out, "held_out_images": cal.held_out_images,
+            "held_out": cal.held_out, "held_out_images": cal.held_out_images, "held_out_split": held_out_split,
             "exits": [{"exit": x.exit, "params": x.params, "macs": x.macs, "early_exit_macs": x.early_exit_macs,
                        "test_accuracy": a} for x, a in zip(costs, test_acc)],
             "validation": {"accuracy": cal.accuracy, "last_exit_accuracy": cal.last_exit_accuracy,
                            "expected_macs": cal.expected_macs, "exit_share": cal.exit_share},
-            "test": {**on_test, "last_exit_accuracy": test_acc[-1], "macs_saved": 1 - on_test["expected_macs"] / costs[-1].macs},
+            "test": {**on_test, "last_exit_accuracy": test_acc[-1], "macs_saved": 1 - on_test["expected_macs"] / costs[-1].macs,
+                     # the exit to beat: the most accurate one alone (the shallowest among equals)
+                     "best_exit": best, "best_exit_accuracy": test_acc[best - 1],
+                     "macs_saved_vs_best_exit": 1 - on_test["expected_macs"] / costs[best - 1].macs},
             "test_curve": curve, "test_images": len(test), "val_images": len(val),
         }
         write_json(self.dir / "evaluation.json", result)
+        versus = (f" than the last exit" if best == len(test_acc) else
+                  f" than the last exit; exit {best} alone beats the last exit ({test_acc[best - 1]:.4f} vs "
+                  f"{test_acc[-1]:.4f}): {result['test']['macs_saved_vs_best_exit']:.1%} less compute than exit {best}")
         self.echo(f"[evaluate] test accuracy per exit {' '.join(f'{a:.4f}' for a in test_acc)}, ensemble of exits "
                   f"{ensemble:.4f}; early exits ({c.exits.prediction}): "
-                  f"{on_test['accuracy']:.4f} at {result['test']['macs_saved']:.1%} less compute")
+                  f"{on_test['accuracy']:.4f} at {result['test']['macs_saved']:.1%} less compute{versus}")
         return result
 
     def stage_export(self) -> list[dict[str, Any]]:

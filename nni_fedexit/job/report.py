@@ -165,6 +165,45 @@ def _target(target: dict[str, float]) -> str:
     return f"at most {target['macs_budget'] / 1e6:.2f} M MACs per image"
 
 
+def _best_rule(options: dict[str, Any]) -> str:
+    if options.get("best_by") == "last_exit":
+        return "highest last-exit validation accuracy"
+    return "lowest total validation loss"
+
+
+def _options_words(o: dict[str, Any]) -> str:
+    """The federated training options of a run, in one paragraph."""
+    if o.get("assignment") == "capability":
+        branches = "each client the deepest branch its device affords"
+    else:
+        branches = f"a random branch per client and round (depth drawn {o.get('depth_sampling', 'uniform')})"
+    training = ("each client trains every stage, the deeper ones in segments within its branch's memory (depthwise)"
+                if o.get("client_training") == "depthwise" else "each client trains its branch only")
+    objective = {"multi_exit": "the multi-exit loss", "logit_adjusted": f"the multi-exit loss on logits shifted by the "
+                 f"client's label prior (logit_adjusted, tau {o.get('logit_tau', 1.0):g})"}.get(o.get("objective", ""),
+                                                                                              f"objective {o.get('objective')}")
+    distill = f", self-distillation weight {o['distill_weight']:g}" if o.get("distill_weight") else ""
+    server = (f"After each aggregation the server trained the model for {o['server_steps']} steps on its own "
+              f"{o.get('server_samples', 0):,} labelled images (server_steps): the model is not trained on the "
+              "clients' data alone." if o.get("server_steps") else
+              "The server did not train the model: only the clients' data trained it.")
+    return (f"Training options: {o.get('client_fraction', 1):g} of the clients per round, {o.get('local_epochs', 1)} "
+            f"local epoch(s); {branches}; {training}; {objective}{distill}; aggregator {o.get('aggregator')}, "
+            f"BatchNorm statistics {o.get('bn_stats')}. {server}")
+
+
+def _best_exit_words(ev: dict[str, Any]) -> str:
+    """What early exits save against the best exit when a shallower one beats the last."""
+    t = ev["test"]
+    best = t["best_exit"]
+    saved = t["macs_saved_vs_best_exit"]
+    against = (f"{saved:.1%} less compute than exit {best} alone" if saved >= 0 else
+               f"{-saved:.1%} more compute than exit {best} alone")
+    return (f"A shallower exit beats the last one on the test images: exit {best} alone has {t['best_exit_accuracy']:.4f} "
+            f"(last exit {t['last_exit_accuracy']:.4f}). Against the best exit, early exits give {t['accuracy']:.4f} "
+            f"({(t['best_exit_accuracy'] - t['accuracy']) * 100:.2f} points below it) at {against}.")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` of a finished run; returns the report's path."""
     run = Path(run_dir)
@@ -201,9 +240,10 @@ def write_report(run_dir: str | Path) -> Path:
         "## Federated training (S4, S5)",
         "",
         f"{len(fed['rounds'])} rounds, {len(part['clients'])} clients, partition {part['scheme']} "
-        f"(label skew {part['label_skew']:.3f}); best round {fed['best_round']} (lowest total validation loss). "
-        f"NNI experiment `{fed['experiment_id']}`.",
+        f"(label skew {part['label_skew']:.3f}); best round {fed['best_round']} "
+        f"({_best_rule(fed.get('options', {}))}). NNI experiment `{fed['experiment_id']}`.",
         "",
+        *([_options_words(fed["options"]), ""] if fed.get("options") else []),
         "| round | " + " | ".join(f"exit {i + 1} val acc" for i in range(len(best["exit_accuracy"]))) + " | total loss | clients (accepted) |",
         "|---" * (len(best["exit_accuracy"]) + 3) + "|",
         *[
@@ -231,8 +271,10 @@ def write_report(run_dir: str | Path) -> Path:
         f"{ev['test']['expected_macs'] / 1e6:.1f} M MACs per image, {ev['test']['macs_saved']:.1%} less than the last "
         f"exit alone; exits taken: " + ", ".join(f"{s:.1%}" for s in ev["test"]["exit_share"]) + ".",
         "",
-        *([f"Guarantee: {ev['guarantee']}; the held-out split is the server's {ev['held_out_images']:,} search-train "
-           "images, whose labels the federated model never trained on. On the test images the drop was "
+        *([_best_exit_words(ev), ""] if ev["test"].get("best_exit", len(ev["exits"])) != len(ev["exits"]) else []),
+        *([f"Guarantee: {ev['guarantee']}; the held-out split is {ev['held_out_images']:,} images: "
+           + ev.get("held_out_split", "the server's search-train images, whose labels the federated model never "
+                    "trained on") + ". On the test images the drop was "
            f"{ev['test']['last_exit_accuracy'] - ev['test']['accuracy']:.2%}.", ""] if ev.get("guarantee") else
           ["No margin (`exits.margin: none`): the target holds on the validation images; on unseen ones it may not.",
            ""]),

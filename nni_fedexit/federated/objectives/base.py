@@ -1,7 +1,8 @@
 """The client-objective seam: what an edge client minimises when it trains its branch model.
 
-An objective sees the branch, its exit outputs, the labels, the round's global weights and the
-client's own state (kept from round to round: by the simulation backend, in its checkpoint; on a
+An objective sees the branch (or, in depth-wise training, each segment the client trains in
+turn: :meth:`ClientObjective.begin` and :meth:`ClientObjective.end` run once per part), its exit
+outputs, the labels, the round's global weights, the client's class counts and its own state (kept from round to round: by the simulation backend, in its checkpoint; on a
 Flower SuperNode, in the node's ``context.state``), so FedProx-, FedDyn- or distillation-style
 objectives are one file each. Register a new one with :func:`register_objective`.
 """
@@ -34,6 +35,10 @@ class ObjectiveContext:
     scratch: dict[str, Any] = field(default_factory=dict)
     #: how many examples of each class the client's data holds (None: not known)
     class_counts: torch.Tensor | None = None
+    #: which part of this local training ``branch`` is, of how many: a client trains its branch
+    #: (one part) or, depth-wise, its branch and then each deeper segment (federated/depthwise.py)
+    part: int = 0
+    parts: int = 1
 
 
 class ClientObjective:
@@ -43,14 +48,15 @@ class ClientObjective:
         self.settings = settings
 
     def begin(self, ctx: ObjectiveContext) -> None:
-        """Called once before the client's local epochs (e.g. to snapshot the global weights)."""
+        """Called before each part's local epochs (e.g. to snapshot the global weights of its parameters)."""
 
     def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """The loss of one batch: ``outputs`` are the logits of the branch's exits, in order."""
         raise NotImplementedError
 
     def end(self, ctx: ObjectiveContext) -> None:
-        """Called once after local training: update ``ctx.client_state`` for the next round."""
+        """Called after each part's local epochs: update ``ctx.client_state`` for the next round
+        (``ctx.part == ctx.parts - 1``: the client's last part of this round)."""
 
 
 OBJECTIVES = Registry("objective")
