@@ -292,11 +292,16 @@ def main() -> None:
                         help="small: the arguments above; demo: the demo's data, space, architecture and budget")
     parser.add_argument("--budget", choices=["equal_rounds", "equal_time"], nargs="+",
                         default=["equal_rounds", "equal_time"], help="demo scale: the peer's budgets")
+    parser.add_argument("--summary", action="store_true", help="print the demo-scale rows of --out as a Markdown "
+                        "table (mean over seeds) and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = {row_key(r): r for r in previous.get("rows", [])}
+    if args.summary:
+        print(summary([r for r in rows.values() if r.get("scale") == "demo"]))
+        return
     if args.merge:
         for path in args.merge:
             rows.update({row_key(r): r for r in json.loads(Path(path).read_text())["rows"]})
@@ -308,6 +313,30 @@ def main() -> None:
     else:
         run_small(args, rows, out)
     plot_all(list(rows.values()), out)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """The demo-scale rows as a Markdown table: per data setting and method, the mean over seeds of
+    each exit's test accuracy (the last exit per seed too), the ensemble, the rounds and seconds."""
+    lines = ["| data | method | seeds | test accuracy per exit (mean) | last exit per seed | ensemble | rounds | seconds (mean) |",
+             "|---|---|---|---|---|---|---|---|"]
+    names = {"iid": "IID", "dirichlet0.5": "Dirichlet(0.5)", "dirichlet0.1": "Dirichlet(0.1)", "shards2": "2 classes per client"}
+    for name, spec in DATA_SETTINGS.items():
+        alpha = spec.get("alpha") if spec["partition"] == "dirichlet" else None
+        mine = [r for r in rows if r["partition"] == spec["partition"] and r["alpha"] == alpha
+                and r["classes_per_client"] == spec.get("classes_per_client")]
+        for method in sorted({(method_order(r), r["method"], str(r.get("budget") or "")) for r in mine}):
+            group = sorted((r for r in mine if (r["method"], str(r.get("budget") or "")) == method[1:]), key=lambda r: r["seed"])
+            acc = np.mean([r["test_accuracy"] for r in group], axis=0)
+            ens = [r["ensemble_accuracy"] for r in group if r["ensemble_accuracy"] is not None]
+            label = f"`{method[1]}`" + (f" ({method[2].replace('_', ' ')})" if method[2] else "")
+            seeds = ",".join(str(r["seed"]) for r in group)
+            per_seed = ", ".join("%.4f" % r["test_accuracy"][-1] for r in group) if len(group) > 1 else ""
+            ensemble = "%.4f" % np.mean(ens) if ens else ""
+            rounds = "/".join(sorted({str(r["rounds"]) for r in group}))
+            lines.append(f"| {names[name]} | {label} | {seeds} | {' / '.join('%.4f' % a for a in acc)} | {per_seed} | "
+                         f"{ensemble} | {rounds} | {np.mean([r['seconds'] for r in group]):.0f} |")
+    return "\n".join(lines)
 
 
 def plot_all(rows: list[dict[str, Any]], out: Path) -> None:

@@ -49,6 +49,13 @@ def no_data(monkeypatch):
         ({"federated__lr": "0.1"}, "federated.lr: "),
         ({"federated__aggregator": "nope"}, "federated.aggregator: "),
         ({"federated__objective": "nope"}, "federated.objective: "),
+        ({"federated__client_training": "layerwise"}, "federated.client_training: "),
+        ({"federated__segment_data": "half"}, "federated.segment_data: "),
+        ({"federated__logit_tau": 0}, "federated.logit_tau: "),
+        ({"federated__server_steps": -1}, "federated.server_steps: "),
+        ({"federated__server_steps": 1.5}, "federated.server_steps: "),
+        ({"federated__server_samples": 0}, "federated.server_samples: "),
+        ({"federated__best_by": "accuracy"}, "federated.best_by: "),
         ({"federated__backend": "nope"}, "federated.backend: "),
         ({"federated__roundz": 3}, "federated.roundz: unknown key"),
         ({"federated__seed": 3}, "federated.seed: "),
@@ -189,3 +196,13 @@ def test_messages_start_with_the_key_not_a_file_path(tmp_path, no_data):
     with pytest.raises(ConfigError) as info:
         load_config(_config(tmp_path, search={"strategy": {"preset": "size_aware_pg", "final_samples": 0}}))
     assert re.match(r"^search\.strategy\.final_samples: ", str(info.value)), str(info.value)
+
+
+def test_the_label_skew_options_come_from_the_yaml(tmp_path, no_data):
+    config = load_config(_config(tmp_path, federated__client_training="branch", federated__segment_data="all",
+                                 federated__objective="multi_exit", federated__server_steps=0, federated__best_by="last_exit",
+                                 federated__logit_tau=0.5, federated__server_samples=1000))
+    s = config.federated_settings()
+    assert (s.client_training, s.segment_data, s.objective, s.server_steps, s.best_by, s.logit_tau, s.server_samples) == \
+        ("branch", "all", "multi_exit", 0, "last_exit", 0.5, 1000)
+    assert s.local_settings().mode == "branch" and s.local_settings().segment_data == "all"

@@ -273,7 +273,7 @@ def skewed_runs(digits):
     out = {}
     for name, options in SKEW_OPTIONS.items():
         settings = FederatedSettings(dataset="digits", rounds=6, num_clients=5, partition="shards", classes_per_client=2,
-                                     local_epochs=2, head="conv", bn_samples=230, server_samples=230, seed=0, **options)
+                                     local_epochs=2, head="conv", bn_samples=230, seed=0, **options)
         data = FederatedData(settings, bundle=digits)
         torch.manual_seed(0)
         out[name] = federate(tiny_space().build(SAMPLE), settings, data=data, report=False)
@@ -298,3 +298,41 @@ def test_each_label_skew_option_keeps_the_last_exit_level_with_the_first(skewed_
 def test_server_steps_are_recorded_per_round(skewed_runs):
     assert all(h["server_loss"] > 0 for h in skewed_runs["server_steps"].history)
     assert all("server_loss" not in h for h in skewed_runs["branch"].history)
+
+
+def test_a_run_with_the_label_skew_options_resumes_where_it_stopped(digits, tmp_path):
+    """Stopped after round 1 and resumed: rounds 2 and 3 are trained once each (counted), round 1
+    is not trained again, and the weights are those of the uninterrupted run: depth-wise clients,
+    the label-prior objective and the server's steps are all seeded by the round."""
+    import copy
+
+    from nni_fedexit.federated import SimulationBackend, federate
+
+    trained = []
+
+    class Counting(SimulationBackend):
+        def train_client(self, global_state, task):
+            trained.append(self.round)
+            return super().train_client(global_state, task)
+
+    def run(rounds, folder=None):
+        settings = FederatedSettings(dataset="digits", rounds=rounds, num_clients=4, client_fraction=0.5,
+                                     partition="shards", classes_per_client=3, server_steps=3, seed=0,
+                                     checkpoint_dir=str(folder) if folder else None)
+        assert settings.client_training == "depthwise" and settings.objective == "logit_adjusted"  # the defaults
+        torch.manual_seed(0)
+        net = tiny_space().build(SAMPLE)
+        return federate(copy.deepcopy(net), settings, data=FederatedData(settings, bundle=digits),
+                        backend_factory=Counting, report=False)
+
+    straight = run(3)
+    trained.clear()
+    run(1, tmp_path)
+    assert trained == [1, 1]
+    trained.clear()
+    resumed = run(3, tmp_path)
+    assert trained == [2, 2, 3, 3]  # two clients a round; round 1 is not trained again
+    assert [h["round"] for h in resumed.history] == [1, 2, 3] and resumed.best_round == straight.best_round
+    assert [h["server_loss"] for h in resumed.history] == [h["server_loss"] for h in straight.history]
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

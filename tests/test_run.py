@@ -59,6 +59,20 @@ def test_report_agrees_with_the_json_files(tiny_run):
     assert evaluation["rule"] == "per_exit" and evaluation["margin"] == "held_out"
     assert evaluation["drop_bound"] <= evaluation["target"]["max_accuracy_drop"]
     assert f"Guarantee: {evaluation['guarantee']}" in report
+    # the training options the run used, in words; the server trained, so the report says so, and
+    # the guarantee was certified on the search-train images its steps did not train on
+    options = metrics["options"]
+    assert (options["client_training"], options["objective"], options["server_steps"]) == ("depthwise", "logit_adjusted", 150)
+    assert "Training options:" in report and "each client trains every stage" in report
+    assert f"the server trained the model for 150 steps on its own {options['server_images']:,} labelled images" in report
+    assert "not trained on the clients' data alone" in report
+    assert evaluation["held_out_images"] + options["server_images"] == 230  # digits: 230 search-train images
+    assert f"images {options['server_images']:,} to 230" in evaluation["held_out_split"] in report
+    # the exit to beat: the most accurate alone; the report compares early exits with it when it is not the last
+    accuracies = [e["test_accuracy"] for e in evaluation["exits"]]
+    best = evaluation["test"]["best_exit"]
+    assert accuracies[best - 1] == max(accuracies) and best == 1 + accuracies.index(max(accuracies))
+    assert ("A shallower exit beats the last one on the test images: exit " in report) == (best < len(accuracies))
     latency = json.loads((run_dir / "export/early_exit/latency.json").read_text())
     assert {t["format"] for t in latency["timings"]} == {"onnx", "torchscript"}
     assert latency["thresholds"] == evaluation["thresholds"]

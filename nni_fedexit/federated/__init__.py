@@ -4,10 +4,13 @@ settings.py     FederatedSettings: every setting of a run, checked once
 client_data.py  FederatedData: the server's validation split, the test set, the clients' partitions
 assign.py       client selection and branch assignment (random, capability)
 client.py       one client's local training (every backend)
+depthwise.py    depth-wise training: the segments a client trains within its branch's memory
+server_pass.py  the server's own training steps on its labelled split after each aggregation
 rounds.py       the round engine every backend uses: plan, collect replies, aggregate, validate,
                 keep the best round, checkpoint
 aggregators/    server aggregation rules by name: fedavg (depth-aware weighted mean)
-objectives/     client objectives by name: multi_exit (claim 6's weighted loss)
+objectives/     client objectives by name: multi_exit (claim 6's weighted loss), logit_adjusted (the
+                same on logits shifted by the client's label prior), fedprox, feddyn
 checkpoint.py   state.json and the safetensors weights it names
 backends/       where clients train, by name: simulation (in-process), flower (SuperLink/SuperNodes)
 evaluator.py    FederatedEvaluator (an NNI evaluator) and federate()

@@ -1,8 +1,8 @@
 """S5: one edge client's local training of its branch model (claim 1, S5; claims 6 and 7).
 
 E local epochs of SGD with momentum on the client's own partition, minimising the run's client
-objective (``multi_exit`` by default: the weighted sum of cross-entropies over the exits the
-branch holds). In ``branch`` mode (the patent's) the client trains its branch and returns only
+objective (claim 6's weighted sum of cross-entropies over the exits trained, by default on logits
+shifted by the client's label prior). In ``branch`` mode (the patent's) the client trains its branch and returns only
 its entries; in ``depthwise`` mode it trains every stage, in segments that fit its branch's
 memory (depthwise.py), and returns the whole model. Every backend calls :func:`train_local`.
 """
@@ -18,7 +18,7 @@ import torch.nn as nn
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import BranchModel
 from nni_fedexit.federated.batchnorm import keep_local_bn, restore_local_bn
-from nni_fedexit.federated.depthwise import depthwise_segments
+from nni_fedexit.federated.depthwise import CLIENT_TRAINING, SEGMENT_DATA, depthwise_segments
 from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext
 from nni_fedexit.training import TrainSettings, train_classifier
 
@@ -82,22 +82,20 @@ def train_local(
         segments = depthwise_segments(full, branch.depth, data.images[: settings.batch_size].to(device))
         parts = [full.segment(seg.first, seg.last) for seg in segments]
         micro = [seg.micro_batches for seg in segments]
-    elif settings.mode != "branch":
-        raise ValueError(f"client training mode must be 'branch' or 'depthwise', got {settings.mode!r}")
-    if settings.local_bn:
-        restore_local_bn(model, client_state)
-    state_before = {k: v for part in parts for k, v in part.state_dict().items()}
-    if global_state is None:
-        global_state = {k: v.detach().clone() for k, v in state_before.items()}
-    num_classes = int(getattr(branch.full_model, "num_classes", 0)) or int(data.labels.max()) + 1
-    counts = torch.bincount(data.labels, minlength=num_classes)
-    loss = 0.0
+    elif settings.mode not in CLIENT_TRAINING:
+        raise ValueError(f"client training mode must be one of {list(CLIENT_TRAINING)}, got {settings.mode!r}")
+    if settings.segment_data not in SEGMENT_DATA:
+        raise ValueError(f"segment_data must be one of {list(SEGMENT_DATA)}, got {settings.segment_data!r}")
     shares = [data] * len(parts)
     if settings.segment_data == "split" and len(parts) > 1:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         shares = [data.subset(idx) for idx in order.tensor_split(len(parts))]
-    elif settings.segment_data not in ("all", "split"):
-        raise ValueError(f"segment_data must be 'all' or 'split', got {settings.segment_data!r}")
+    if settings.local_bn:
+        restore_local_bn(model, client_state)
+    if global_state is None:
+        global_state = {k: v.detach().clone() for part in parts for k, v in part.state_dict().items()}
+    counts = torch.bincount(data.labels, minlength=branch.full_model.num_classes)
+    loss = 0.0
     for k, part in enumerate(parts):
         ctx = ObjectiveContext(part, global_state, client_state, round, client, class_counts=counts, part=k,
                                parts=len(parts))

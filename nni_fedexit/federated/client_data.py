@@ -1,4 +1,4 @@
-"""S2 for S5: the server's validation split, the test set and every client's partition, loaded once."""
+"""S2 for S5: the server's validation and training splits, the test set and every client's partition, loaded once."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ class FederatedData:
                           classes_per_client=s.classes_per_client)
         self.clients = [train.subset(pool[p]) for p in parts]
         self.val = train.subset(roles.search_val[: s.val_samples])
-        #: the server's own training images (S2): BatchNorm re-estimation uses the first ``bn_samples``
-        #: (``bn_stats``), the server's training steps the first ``server_samples`` (``server_steps``)
-        self.server_train = train.subset(roles.search_train[: max(s.bn_samples, s.server_samples if s.server_steps else 0)])
+        #: the server's own training images (S2), for BatchNorm re-estimation (``bn_stats``)
+        self.server_train = train.subset(roles.search_train[: s.bn_samples])
+        #: the first of them, with their labels, for the server's training steps (``server_steps``)
+        self.server_labelled = train.subset(roles.search_train[: s.server_images(len(roles.search_train))])
         test = self.bundle.test
         self.test = test if s.test_samples is None else test.subset(np.arange(min(s.test_samples, len(test))))
         self.label_skew = label_skew(labels, parts)

@@ -78,11 +78,6 @@ def validate(model: MultiExitNetwork, data: ImageData) -> dict[str, Any]:
     }
 
 
-def head(data: ImageData, n: int) -> ImageData:
-    """The first ``n`` examples of ``data`` (all of them if it holds fewer)."""
-    return ImageData(data.images[:n], data.labels[:n])
-
-
 def better(new: Mapping[str, Any], old: Mapping[str, Any] | None, by: str = "total_loss") -> bool:
     """Whether validation metrics ``new`` make a better round than ``old`` under rule ``by`` (see the module doc)."""
     if old is None:
@@ -252,15 +247,15 @@ class RoundEngine:
     is set. A reply claiming more is rejected, so no client weighs more than its share.
 
     ``server_train`` is the server's own training split: with ``bn_stats`` ``server`` or
-    ``local`` the BatchNorm statistics of every new global model are re-estimated on its first
-    ``bn_samples`` images; with ``server_steps`` the server first trains the new global model on
-    its first ``server_samples`` images and their labels (server_pass.py).
+    ``local`` the BatchNorm statistics of every new global model are re-estimated on it.
+    ``server_labelled``: the server's labelled images; with ``server_steps`` the server first
+    trains the new global model on them (server_pass.py).
     """
 
     def __init__(self, model: MultiExitNetwork, settings: FederatedSettings, costs: Sequence[ExitCost], val: ImageData,
                  checkpoint: Checkpoint | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
                  checkpoint_extra: Callable[[], dict[str, Any]] | None = None, client_sizes: Sequence[int] | None = None,
-                 server_train: ImageData | None = None):
+                 server_train: ImageData | None = None, server_labelled: ImageData | None = None):
         self.model = model
         self.settings = settings
         self.costs = list(costs)
@@ -273,10 +268,11 @@ class RoundEngine:
         if settings.bn_stats != "average" and (server_train is None or len(server_train) == 0):
             raise FederatedError(f"bn_stats={settings.bn_stats!r} re-estimates BatchNorm statistics on the server's "
                                  "training split, but none was given; pass server_train, or use bn_stats='average'")
-        if settings.server_steps and (server_train is None or len(server_train) == 0):
+        if settings.server_steps and (server_labelled is None or len(server_labelled) == 0):
             raise FederatedError(f"server_steps={settings.server_steps} trains the global model on the server's labelled "
-                                 "training split, but none was given; pass server_train, or set server_steps: 0")
+                                 "images, but none were given; pass server_labelled, or set server_steps: 0")
         self.server_train = server_train
+        self.server_labelled = server_labelled
         self.aggregator: Aggregator = make_aggregator(settings)
         #: each client's objective state, kept across rounds and in the checkpoint (in-process clients)
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}
@@ -426,12 +422,10 @@ class RoundEngine:
         if new_state is not None:
             self.model.load_state_dict(new_state)
             if s.server_steps:
-                assert self.server_train is not None
-                server_loss = server_pass(self.model, head(self.server_train, s.server_samples), s, results.plan.lr,
-                                          stable_seed(s.seed, t, -1))
+                assert self.server_labelled is not None
+                server_loss = server_pass(self.model, self.server_labelled, s, results.plan.lr, stable_seed(s.seed, t, -1))
             if s.bn_stats != "average":
-                assert self.server_train is not None
-                reestimate_bn_statistics(self.model, head(self.server_train, s.bn_samples))
+                reestimate_bn_statistics(self.model, self.server_train)
         metrics = validate(self.model, self.val)
         record = {"round": t, "lr": results.plan.lr, "seconds": time.time() - results.plan.started,
                   **results.summary(), **metrics, **({"server_loss": server_loss} if server_loss is not None else {})}

@@ -40,7 +40,7 @@ _ADDED_LATER = {
     "max_client_samples": None, "distill_weight": 0.0, "distill_temperature": 1.0, "prox_mu": 0.01, "dyn_alpha": 0.01,
     "server_lr": None, "server_momentum": 0.9, "server_beta2": 0.99, "server_tau": 0.001, "bn_stats": "average",
     "bn_samples": 2000, "depth_sampling": "uniform", "client_training": "branch", "segment_data": "all", "logit_tau": 1.0, "server_steps": 0,
-    "server_samples": 4800, "best_by": "total_loss",
+    "server_samples": None, "best_by": "total_loss",
 }
 
 
@@ -129,8 +129,8 @@ class FederatedSettings:
     #: client terms (0: the server does not train)
     server_steps: int = 150
     #: the server's labelled images those steps draw from: the first of its search-train split
-    #: (the early-exit guarantee is then certified on the others)
-    server_samples: int = 4800
+    #: (None: half of it); the early-exit guarantee is certified on the others
+    server_samples: int | None = None
     #: how the best round is chosen: "total_loss" (claim 5: lowest validation total loss, then the
     #: last exit's accuracy) or "last_exit" (highest last-exit validation accuracy, then total loss)
     best_by: str = "total_loss"
@@ -176,10 +176,9 @@ class FederatedSettings:
             value = getattr(self, f.name)
             if str(f.type).startswith("float") and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
-        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client", "bn_samples",
-                    "server_samples"):
+        for key in ("rounds", "num_clients", "min_clients", "local_epochs", "batch_size", "classes_per_client", "bn_samples"):
             positive_int(key, getattr(self, key))
-        for key in ("client_samples", "val_samples", "test_samples", "head_width", "max_client_samples"):
+        for key in ("client_samples", "val_samples", "test_samples", "head_width", "max_client_samples", "server_samples"):
             if getattr(self, key) is not None:
                 positive_int(key, getattr(self, key))
         if self.min_clients > self.num_clients:
@@ -247,6 +246,13 @@ class FederatedSettings:
         if not mix or any(share < 0 for _, share in mix) or sum(share for _, share in mix) <= 0:
             raise ValueError(f"profile_mix: shares must be non-negative with a positive sum, got {self.profile_mix!r}")
         return mix
+
+    def server_images(self, available: int) -> int:
+        """How many of the server's ``available`` search-train images its steps train on: the
+        first ``server_samples`` (None: half), 0 without ``server_steps``."""
+        if not self.server_steps:
+            return 0
+        return available // 2 if self.server_samples is None else min(self.server_samples, available)
 
     def round_lr(self, t: int) -> float:
         """The clients' learning rate in round ``t`` (1-based): ``lr * lr_decay ** (t - 1)``."""

@@ -396,7 +396,7 @@ class Run:
                                 f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
         write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
-            "options": training_options(s),
+            "options": {**training_options(s), "server_images": s.server_images(len(self.roles.search_train))},
         })
         data = self.federated_data()
         write_json(self.dir / "federated" / "partition.json", {
@@ -468,10 +468,10 @@ class Run:
     def held_out_split(self) -> tuple[ImageData, str]:
         """The images the early-exit guarantee is certified on, and their description: the server's
         search-train images whose labels the federated model never trained on (all of them, or
-        those after the first ``server_samples`` when ``server_steps`` trained on those)."""
+        those after the ones ``server_steps`` trained on: ``FederatedSettings.server_images``)."""
         s = self.config.federated_settings()
-        used = s.server_samples if s.server_steps else 0
         search_train = self.roles.search_train
+        used = s.server_images(len(search_train))
         if used >= len(search_train):
             raise PipelineError(f"federated.server_samples: the server trained on {used:,} of its {len(search_train):,} "
                                 "search-train images, so none is left to certify the early exits on; lower "

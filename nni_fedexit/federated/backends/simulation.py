@@ -125,7 +125,7 @@ def run_simulation(
     s = settings
     ckpt = Checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
     engine = RoundEngine(model, s, costs, data.val, ckpt, on_record, client_sizes=[len(c) for c in data.clients],
-                         server_train=data.server_train)
+                         server_train=data.server_train, server_labelled=data.server_labelled)
     engine.resume()
     factory = clients or SimulationBackend
     backend = factory(model, data.clients, s.local_settings(), s.branch_all_exits, make_objective(s),

@@ -459,7 +459,8 @@ def main(grid: Grid, context: Context) -> None:
     costs = exit_costs(model, data.val.images[:1].to(settings.device))
     ckpt_dir = str(server_path(settings.checkpoint_dir, "checkpoint-dir")) if settings.checkpoint_dir else None
     engine = RoundEngine(model, settings, costs, data.val, Checkpoint(ckpt_dir) if ckpt_dir else None,
-                         client_sizes=[len(c) for c in data.clients], server_train=data.server_train)
+                         client_sizes=[len(c) for c in data.clients], server_train=data.server_train,
+                         server_labelled=data.server_labelled)
     strategy = BranchStrategy(engine, profiles, node_wait=settings.node_wait, query_timeout=settings.round_timeout,
                               data_shape=DataShape.of(data.bundle).to_config())
     engine.checkpoint_extra = strategy.checkpoint_extra

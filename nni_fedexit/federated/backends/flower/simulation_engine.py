@@ -214,7 +214,7 @@ def run_on_flower_simulation(
 
     ckpt = Checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
     engine = RoundEngine(model, s, costs, data.val, ckpt, on_record, client_sizes=[len(c) for c in data.clients],
-                         server_train=data.server_train)
+                         server_train=data.server_train, server_labelled=data.server_labelled)
     engine.resume()
     if s.rounds > engine.done:
         cfg = run_config(s, model.arch, model.spec)
