@@ -423,7 +423,7 @@ def server(digits):
     from nni_fedexit.federated.rounds import RoundEngine
     from helpers import flower_app_config
 
-    config = flower_app_config()
+    config = flower_app_config(**{"server-steps": 3})
     settings = settings_from_config(config, num_clients=3, min_clients=2)
     data = load_data(settings)
     model = build_model(config, settings, data.bundle)
@@ -433,7 +433,7 @@ def server(digits):
 
     def strategy():
         engine = RoundEngine(copy.deepcopy(model), settings, costs, data.val, client_sizes=sizes,
-                             server_train=data.server_train)
+                             server_train=data.server_train, server_labelled=data.server_labelled)
         return BranchStrategy(engine, profiles)
 
     return strategy, sizes

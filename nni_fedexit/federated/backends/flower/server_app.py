@@ -16,7 +16,8 @@ Round t, as :func:`~nni_fedexit.federated.federate` runs it in simulation:
    node trained keep their values;
 4. ``evaluate_fn`` has the engine validate the new global model on the server's split, record the
    round, keep the best one and write ``last.safetensors`` / ``best.safetensors`` /
-   ``state.json`` to ``checkpoint-dir``.
+   ``state.json`` to ``checkpoint-dir``. The engine's model, after the server's own steps and
+   BatchNorm re-estimation, is what the next round sends (not Flower's last aggregate).
 
 Steps 1, 3 and 4 are :class:`~nni_fedexit.federated.rounds.RoundEngine`'s, the same code as the
 simulation backend's.
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -303,6 +305,8 @@ class BranchStrategy(Strategy):
         self.tasks: dict[int, ClientTask] = {}
         #: the current round's messages (the grid sets their message ids when it pushes them)
         self.sent: list[Message] = []
+        #: the current round's new global state (None: the round keeps the model)
+        self.new_state: dict[str, torch.Tensor] | None = None
 
     def summary(self) -> None:
         s = self.settings
@@ -316,7 +320,10 @@ class BranchStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         s = self.settings
         t = self.engine.done + 1
-        global_state = to_state_dict(arrays)
+        # the engine's model, not Flower's ``arrays``: those are the last aggregate, before the
+        # server's own steps and BatchNorm re-estimation (and the pre-pass aggregate again after a
+        # round that kept the model)
+        global_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.tasks, self.sent = {}, []
         self.profiles = discover_nodes(grid, s.min_clients, self.node_wait, self.query_timeout, self.profiles)
         admitted = admit_nodes(self.profiles, s.num_clients, self.refused, self.holders)
@@ -376,7 +383,7 @@ class BranchStrategy(Strategy):
                                 "failed": len(results.failed)})
         if results.losses:
             metrics["train-loss"] = float(np.mean(results.losses))
-        new_state = self.engine.close(results)
+        new_state = self.new_state = self.engine.close(results)
         if new_state is None:
             log(WARNING, "Round %d: only %d update(s) accepted (min_clients=%d); the global model is kept",
                 results.plan.round, results.accepted, self.settings.min_clients)
@@ -393,13 +400,14 @@ class BranchStrategy(Strategy):
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """``evaluate_fn``: round 0 validates the initial model; round r finishes the engine's round."""
-        state = to_state_dict(arrays)
         if server_round == 0 or self.results is None:
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(to_state_dict(arrays))
             metrics = validate(self.model, self.engine.val)
         else:
-            metrics = self.engine.finish(self.results, state)
-            self.results = None
+            # Flower passes the previous aggregate when this round kept the model: the round's own
+            # outcome is the engine's, so a kept model is not trained on the server a second time
+            metrics = self.engine.finish(self.results, self.new_state)
+            self.results, self.new_state = None, None
         out = MetricRecord({"val-total-loss": metrics["total_loss"]})
         for i, a in enumerate(metrics["exit_accuracy"]):
             out[f"val-exit{i + 1}"] = float(a)
