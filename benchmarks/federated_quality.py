@@ -27,7 +27,8 @@ widths 16..128, the demo's searched architecture); every row there carries ``"sc
 of the ``defaults`` row of the same data, measured in the same run); ``full_model_fedavg``;
 ``previous_defaults`` (the method before the label-skew options: FederatedSettings' defaults
 until then); each new option alone on top of it (``depthwise``, ``logit_adjusted``,
-``server_steps``, ``best_last_exit``, ``fedavgm``); ``defaults`` (``FederatedSettings()`` as
+``server_steps``, ``best_last_exit``, ``fedavgm``); ``clients_only`` (the defaults with
+``server_steps: 0``: the clients' data alone, as the peer has); ``defaults`` (``FederatedSettings()`` as
 shipped); ``central`` (the union of the clients' images for as many images as the defaults' 12
 rounds train: 4 epochs).
 
@@ -110,7 +111,10 @@ DEMO_OPTIONS: dict[str, dict[str, Any]] = {
     "best_last_exit": {"best_by": "last_exit"},
     "fedavgm": {"aggregator": "fedavgm", "server_lr": 1.0, "server_momentum": 0.5},
 }
-DEMO_METHODS = ["peer_cnn_fedavg", "full_model_fedavg", "previous_defaults", *DEMO_OPTIONS, "defaults", "central"]
+#: the new defaults trained on the clients' data alone (no server steps): what the peer is also given
+CLIENTS_ONLY = {"server_steps": 0}
+DEMO_METHODS = ["peer_cnn_fedavg", "full_model_fedavg", "previous_defaults", *DEMO_OPTIONS, "clients_only", "defaults",
+                "central"]
 #: the settings the small-scale rows' defaults were measured with (before the label-skew options)
 OPTIONS_BEFORE = ("objective", "aggregator", "distill_weight", "bn_stats", "depth_sampling")
 #: the settings whose values the JSON lists for the defaults (FederatedSettings() as shipped)
@@ -263,7 +267,7 @@ def write(out: Path, args: argparse.Namespace, rows: dict[tuple, dict[str, Any]]
            "defaults": {k: v for k, v in asdict(FederatedSettings()).items() if k in REPORTED},
            "small_scale_defaults": {k: v for k, v in PREVIOUS_DEFAULTS.items() if k in OPTIONS_BEFORE},
            "demo": {"config": str(DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])), "architecture": DEMO_ARCHITECTURE,
-                    "previous_defaults": PREVIOUS_DEFAULTS, "options": DEMO_OPTIONS},
+                    "previous_defaults": PREVIOUS_DEFAULTS, "options": DEMO_OPTIONS, "clients_only": CLIENTS_ONLY},
            "rows": sorted(rows.values(), key=lambda r: (r.get("scale", "small"), r["partition"], str(r["alpha"]),
                                                          r["seed"], method_order(r), str(r.get("budget"))))}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -439,7 +443,8 @@ def run_demo(args: argparse.Namespace, rows: dict[tuple, dict[str, Any]], out: P
             base = demo_settings(name, seed, args)
             data = FederatedData(FederatedSettings(**base))
             for method in methods:
-                if method in DEMO_OPTIONS and (name not in args.option_partitions or seed != seeds[0]):
+                if (method in DEMO_OPTIONS or method == "clients_only") and (name not in args.option_partitions
+                                                                            or seed != seeds[0]):
                     continue
                 if method in ("full_model_fedavg", "central") and seed != seeds[0]:
                     continue
@@ -477,6 +482,8 @@ def run_demo(args: argparse.Namespace, rows: dict[tuple, dict[str, Any]], out: P
                             options = dict(PREVIOUS_DEFAULTS)
                         elif method in DEMO_OPTIONS:
                             options = {**PREVIOUS_DEFAULTS, **DEMO_OPTIONS[method]}
+                        elif method == "clients_only":
+                            options = dict(CLIENTS_ONLY)
                         result = federated_row(space, FederatedSettings(**{**base, **options}), data,
                                                single_exit=method == "full_model_fedavg", architecture=DEMO_ARCHITECTURE,
                                                as_the_demo=True)

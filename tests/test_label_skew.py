@@ -223,6 +223,24 @@ def test_server_batches_use_every_image_once_before_any_twice():
         server_batches(0, 1, 4, 0)
 
 
+def test_the_server_makes_one_pass_over_its_labelled_images_unless_told_a_step_count():
+    from nni_fedexit.federated.backends.flower.common import settings_from_config
+
+    default = FederatedSettings()
+    assert default.server_steps is None
+    assert default.server_images(9_600) == 4_800 and default.server_step_count(4_800) == 150  # the demo
+    assert default.server_step_count(115) == 3 and default.server_step_count(5) == 1  # digits; never none
+    off = FederatedSettings(server_steps=0)
+    assert off.server_images(9_600) == 0 and off.server_step_count(4_800) == 0
+    assert FederatedSettings(server_steps=7).server_step_count(4_800) == 7
+    # a Flower run config: "" is the default, 0 turns the steps off (not "None", as for counts)
+    assert settings_from_config({"server-steps": ""}).server_steps is None
+    assert settings_from_config({"server-steps": 0}).server_steps == 0
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="server_steps"):
+            FederatedSettings(server_steps=bad)
+
+
 def test_server_pass_trains_every_exit_on_the_server_images_and_is_seeded(digits):
     settings = FederatedSettings(dataset="digits", server_steps=5, batch_size=16, distill_weight=0.0)
     data = digits.train

@@ -62,9 +62,12 @@ def test_report_agrees_with_the_json_files(tiny_run):
     # the training options the run used, in words; the server trained, so the report says so, and
     # the guarantee was certified on the search-train images its steps did not train on
     options = metrics["options"]
-    assert (options["client_training"], options["objective"], options["server_steps"]) == ("depthwise", "logit_adjusted", 150)
+    assert (options["client_training"], options["objective"], options["server_steps"]) == ("depthwise", "logit_adjusted", None)
+    # the default: one pass over the server's labelled images a round
+    assert options["server_step_count"] == max(1, options["server_images"] // 32) and options["server_images"] > 0
     assert "Training options:" in report and "each client trains every stage" in report
-    assert f"the server trained the model for 150 steps on its own {options['server_images']:,} labelled images" in report
+    steps = options["server_step_count"]
+    assert f"the server trained the model for {steps} steps on its own {options['server_images']:,} labelled images" in report
     assert "not trained on the clients' data alone" in report
     assert evaluation["held_out_images"] + options["server_images"] == 230  # digits: 230 search-train images
     assert f"images {options['server_images']:,} to 230" in evaluation["held_out_split"] in report

@@ -268,7 +268,7 @@ class RoundEngine:
         if settings.bn_stats != "average" and (server_train is None or len(server_train) == 0):
             raise FederatedError(f"bn_stats={settings.bn_stats!r} re-estimates BatchNorm statistics on the server's "
                                  "training split, but none was given; pass server_train, or use bn_stats='average'")
-        if settings.server_steps and (server_labelled is None or len(server_labelled) == 0):
+        if settings.server_steps != 0 and (server_labelled is None or len(server_labelled) == 0):
             raise FederatedError(f"server_steps={settings.server_steps} trains the global model on the server's labelled "
                                  "images, but none were given; pass server_labelled, or set server_steps: 0")
         self.server_train = server_train
@@ -421,7 +421,7 @@ class RoundEngine:
         server_loss = None
         if new_state is not None:
             self.model.load_state_dict(new_state)
-            if s.server_steps:
+            if s.server_steps != 0:
                 assert self.server_labelled is not None
                 server_loss = server_pass(self.model, self.server_labelled, s, results.plan.lr, stable_seed(s.seed, t, -1))
             if s.bn_stats != "average":

@@ -38,8 +38,9 @@ def server_batches(size: int, steps: int, batch_size: int, seed: int) -> torch.T
 
 
 def server_pass(model: MultiExitNetwork, data: ImageData, settings: Any, lr: float, seed: int) -> float:
-    """``settings.server_steps`` SGD steps of the full model on ``data`` (see the module doc); the mean loss."""
-    steps = int(settings.server_steps)
+    """``settings.server_step_count(len(data))`` SGD steps of the full model on ``data`` (see the
+    module doc); the last step's loss."""
+    steps = settings.server_step_count(len(data))
     if steps <= 0:
         return float("nan")
     idx = server_batches(len(data), steps, settings.batch_size, seed)

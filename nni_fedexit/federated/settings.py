@@ -126,8 +126,8 @@ class FederatedSettings:
     bn_samples: int = 2000
     #: SGD steps (of ``batch_size`` images) the server trains the new global model on its own
     #: labelled images after every aggregation, every exit, the clients' objective without
-    #: client terms (0: the server does not train)
-    server_steps: int = 150
+    #: client terms (None: one pass over those images, 150 steps in the demo; 0: the server does not train)
+    server_steps: int | None = None
     #: the server's labelled images those steps draw from: the first of its search-train split
     #: (None: half of it); the early-exit guarantee is certified on the others
     server_samples: int | None = None
@@ -221,8 +221,10 @@ class FederatedSettings:
             raise ValueError("ray_address: empty; give the cluster's HOST:PORT (ray start --head prints it), or leave it out")
         if self.client_threads < 0:
             raise ValueError(f"client_threads: must be >= 0 (0: torch's default), got {self.client_threads}")
-        if self.server_steps < 0:
-            raise ValueError(f"server_steps: must be >= 0 (0: the server does not train), got {self.server_steps}")
+        if self.server_steps is not None and (isinstance(self.server_steps, bool) or not isinstance(self.server_steps, int)
+                                              or self.server_steps < 0):
+            raise ValueError(f"server_steps: must be an integer >= 0 (0: the server does not train; leave it out for one "
+                             f"pass over the server's labelled images), got {self.server_steps!r}")
         if self.round_retries < 0:
             raise ValueError(f"round_retries: must be >= 0, got {self.round_retries}")
         for key in ("server_fraction", "val_fraction"):
@@ -249,10 +251,17 @@ class FederatedSettings:
 
     def server_images(self, available: int) -> int:
         """How many of the server's ``available`` search-train images its steps train on: the
-        first ``server_samples`` (None: half), 0 without ``server_steps``."""
-        if not self.server_steps:
+        first ``server_samples`` (None: half), 0 with ``server_steps: 0``."""
+        if self.server_steps == 0:
             return 0
         return available // 2 if self.server_samples is None else min(self.server_samples, available)
+
+    def server_step_count(self, labelled: int) -> int:
+        """The server's SGD steps a round on ``labelled`` images: ``server_steps``, or one pass
+        over them (at least one step) when it is None."""
+        if self.server_steps is not None:
+            return self.server_steps
+        return max(1, labelled // self.batch_size) if labelled > 0 else 0
 
     def round_lr(self, t: int) -> float:
         """The clients' learning rate in round ``t`` (1-based): ``lr * lr_decay ** (t - 1)``."""

@@ -69,6 +69,12 @@ def training_options(settings: Any) -> dict[str, Any]:
     return {k: getattr(settings, k) for k in TRAINING_OPTIONS}
 
 
+def server_training(settings: Any, search_train: int) -> dict[str, int]:
+    """How much the server trained each round: its labelled images and its steps on them."""
+    images = settings.server_images(search_train)
+    return {"server_images": images, "server_step_count": settings.server_step_count(images)}
+
+
 def _read_json(path: Path, fix: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """A JSON object the pipeline wrote, with ``keys`` in it; unreadable, corrupt (a truncated write,
     an edit) or of another shape: :class:`PipelineError` naming the file, with ``fix``."""
@@ -366,7 +372,7 @@ class Run:
         s = self.config.federated_settings()
         # a checkpoint this trial cannot go on from (other settings, damaged): say so here, not in the trial's log
         Checkpoint(s.checkpoint_dir).resume_point(s)
-        if s.server_steps and self.config.exits.margin == "held_out":
+        if s.server_steps != 0 and self.config.exits.margin == "held_out":
             self.held_out_split()  # images left to certify the early exits on: checked before training
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
         # resumed: the experiment of the interrupted stage goes on under its id, and NNI runs its
@@ -396,7 +402,7 @@ class Run:
                                 f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
         write_json(self.dir / "federated" / "metrics.json", {
             "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
-            "options": {**training_options(s), "server_images": s.server_images(len(self.roles.search_train))},
+            "options": {**training_options(s), **server_training(s, len(self.roles.search_train))},
         })
         data = self.federated_data()
         write_json(self.dir / "federated" / "partition.json", {

@@ -183,9 +183,10 @@ def _options_words(o: dict[str, Any]) -> str:
                  f"client's label prior (logit_adjusted, tau {o.get('logit_tau', 1.0):g})"}.get(o.get("objective", ""),
                                                                                               f"objective {o.get('objective')}")
     distill = f", self-distillation weight {o['distill_weight']:g}" if o.get("distill_weight") else ""
-    server = (f"After each aggregation the server trained the model for {o['server_steps']} steps on its own "
+    steps = o.get("server_step_count", o.get("server_steps"))
+    server = (f"After each aggregation the server trained the model for {steps} steps on its own "
               f"{o.get('server_images', 0):,} labelled images (server_steps): the model is not trained on the "
-              "clients' data alone." if o.get("server_steps") else
+              "clients' data alone." if steps else
               "The server did not train the model: only the clients' data trained it.")
     return (f"Training options: {o.get('client_fraction', 1):g} of the clients per round, {o.get('local_epochs', 1)} "
             f"local epoch(s); {branches}; {training}; {objective}{distill}; aggregator {o.get('aggregator')}, "

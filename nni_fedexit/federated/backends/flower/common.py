@@ -5,7 +5,7 @@ strings: ``architecture`` is a JSON object (``{"stage1": "resnet18", ...}``), ``
 and ``space-sources`` are comma-separated, ``loss-weights`` and ``profile-mix`` are JSON lists.
 Every :class:`~nni_fedexit.federated.settings.FederatedSettings` field can be set under its name with
 hyphens (``local-epochs``, ``client-samples`` ...); for a field whose default is None, ``""``
-(and ``0`` for counts and widths) means None.
+(and ``0`` for counts and widths, not for ``server-steps``, where 0 turns the steps off) means None.
 
 Both sides build the same :class:`~nni_fedexit.exits.MultiExitNetwork` (the space is sized from
 the data set, the initial weights are seeded as in :func:`~nni_fedexit.federated.federate`),
@@ -58,6 +58,10 @@ _LIST_FIELDS = ("profile_mix", "loss_weights")
 _SKIP_FIELDS = ("backend", "flower_superlink", "flower_home")
 
 
+#: None-default fields whose 0 is a value of its own, not None
+_ZERO_IS_A_VALUE = frozenset({"server_steps"})
+
+
 def _get(run_config: Mapping[str, Any], key: str) -> Any:
     return run_config.get(key, DEFAULTS.get(key))
 
@@ -74,7 +78,8 @@ def settings_from_config(run_config: Mapping[str, Any], **overrides: Any) -> Fed
         if f.name in _LIST_FIELDS:
             value = None if value in ("", None) else (json.loads(value) if isinstance(value, str) else value)
         elif default is None:
-            value = None if value in ("", 0, None) else value
+            # 0 means None for counts and widths; for server-steps 0 is a value (the server does not train)
+            value = None if value in ("", None) or (value == 0 and f.name not in _ZERO_IS_A_VALUE) else value
         elif isinstance(default, bool):
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
