@@ -39,7 +39,7 @@ def server_batches(size: int, steps: int, batch_size: int, seed: int) -> torch.T
 
 def server_pass(model: MultiExitNetwork, data: ImageData, settings: Any, lr: float, seed: int) -> float:
     """``settings.server_step_count(len(data))`` SGD steps of the full model on ``data`` (see the
-    module doc); the last step's loss."""
+    module doc); their mean loss."""
     steps = settings.server_step_count(len(data))
     if steps <= 0:
         return float("nan")
