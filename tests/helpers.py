@@ -569,6 +569,13 @@ def hostile_flower_app(folder: Path) -> Path:
     return folder
 
 
+def sigint_default() -> None:
+    """``preexec_fn`` of a child a test stops with SIGINT: Python's Ctrl-C handling in it even
+    where the tests run with SIGINT ignored (a background job of a non-interactive shell inherits
+    SIG_IGN, and Python keeps it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def flower_app_config(**overrides) -> dict:
     """The run config of the example Flower app (its pyproject.toml), with ``overrides``."""
     config = tomllib.loads((FLOWER_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

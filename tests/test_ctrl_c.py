@@ -12,6 +12,10 @@ import os, signal, sys, time, weakref
 from contextlib import nullcontext
 from nni_fedexit.nni_tools.compat import ctrl_c_not_lost
 
+# Python's own Ctrl-C handler, also when this test runs where SIGINT is ignored (a background job
+# of a non-interactive shell inherits SIG_IGN, and Python keeps it)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class Pool: pass
 
 def close(_):

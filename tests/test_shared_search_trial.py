@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from nni_fedexit.job.cli import main
 from nni_fedexit.space import architecture_label
-from helpers import BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, trial_processes, wait_until
+from helpers import (BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, sigint_default, trial_processes,
+                     wait_until)
 
 EPOCHS = 3
 
@@ -167,7 +168,7 @@ def resumed(searched, tmp_path_factory):
     state = run_dir / "search" / "checkpoint" / "state.json"
     proc = subprocess.Popen([str(BIN / "nni-fedexit"), "search", str(config), "--run-dir", str(run_dir)],
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=sigint_default)
     frozen: list[int] = []
     try:
         wait_until(lambda: state.exists() or proc.poll() is not None, 600, "no search epoch saved", poll=0.05)

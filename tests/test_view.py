@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from nni_fedexit.job.cli import main
 from helpers import (ALL_INTERFACES, BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, other_address,
-                     reachable, trial_processes, wait_until)
+                     reachable, sigint_default, trial_processes, wait_until)
 
 ROUNDS = 8  # of the federated stage: enough that round 1's checkpoint comes well before the last
 
@@ -122,7 +122,8 @@ def resumed(searched):
     run_dir, config = searched
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([str(BIN / "nni-fedexit"), "federate", str(config), "--run-dir", str(run_dir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=sigint_default)
     state = run_dir / "federated" / "state.json"
 
     def saved_round():
