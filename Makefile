@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nni-fedexit-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data browser demo test docs clean
+.PHONY: install data browser demo test mutation docs clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ demo: install data
 
 test: install data browser
 	$(PY) -m pytest -q
+
+# Mutation testing of the core (not part of `make test`): one mutmut shard per module, results in
+# benchmarks/results/mutation.json; docs/testing.md says what it covers and how long it takes.
+mutation: install data
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	$(PY) benchmarks/mutation.py
 
 # The documentation site (mkdocs.yml, docs/) built into site/; open site/index.html.
 docs: install

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (CI: a skip fails)
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(2)
+# benchmarks/mutation.py runs one test process per core with OMP_NUM_THREADS=1
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
