@@ -167,8 +167,9 @@ class SizeTarget:
                 raise ValueError(f"target.{key} must be a number <= 0 (the exponent of cost / T), got {v!r}")
         if self.exit_shares is not None:
             shares = self.exit_shares
-            if (not isinstance(shares, (list, tuple)) or not shares or sum(shares) <= 0
-                    or any(isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 for q in shares)):
+            if (not isinstance(shares, (list, tuple)) or not shares
+                    or any(isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 for q in shares)
+                    or sum(shares) <= 0):
                 raise ValueError(f"target.exit_shares must list non-negative shares, one per exit, got {shares!r}")
             object.__setattr__(self, "exit_shares", tuple(float(q) for q in shares))
 

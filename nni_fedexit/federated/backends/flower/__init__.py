@@ -3,6 +3,7 @@
 common.py      run config -> settings, data and model; state dicts <-> ArrayRecords
 server_app.py  the ServerApp: branch-aware strategy (one message per node with only its
                branch's arrays), depth-aware aggregation, server-side validation, checkpoints
+replies.py     the checks of a node's training reply (untrusted: checked and bounded before decoding)
 client_app.py  the ClientApp: loads its partition, trains its branch, replies with the branch
 
 Importing this package does not import flwr; import ``server_app`` / ``client_app`` for the apps.
