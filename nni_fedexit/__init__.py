@@ -10,15 +10,19 @@ One subpackage per step: space (S1), data (S2), search (S3), exits (S4), federat
 the main job (config, pipeline, report, CLI), nni_tools the NNI tooling and workarounds.
 """
 
-from nni_fedexit.nni_tools import compat  # noqa: F401  (must come before anything imports nni)
-from nni_fedexit.data import DataBundle, DataError, ImageData, load_dataset, partition, split_roles
-from nni_fedexit.space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
-from nni_fedexit.search import (
-    ControllerSettings, HardBudgetReward, LinearPenaltyReward, PolicyGradient, SizeAwarePGTuner, SizeAwarePolicyGradient,
-    SizeAwareReward, size_aware_reward,
-)
-from nni_fedexit.exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
-from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, aggregate
+from typing import TYPE_CHECKING
+
+from nni_fedexit.lazy import lazy_exports
+
+if TYPE_CHECKING:  # the public names; each module is imported when one of its names is first used
+    from nni_fedexit.data import DataBundle, DataError, ImageData, load_dataset, partition, split_roles
+    from nni_fedexit.space import ResNetBlockPoolSpace, SpaceSpec, SpecError, load_space_spec
+    from nni_fedexit.search import (
+        ControllerSettings, HardBudgetReward, LinearPenaltyReward, PolicyGradient, SizeAwarePGTuner, SizeAwarePolicyGradient,
+        SizeAwareReward, size_aware_reward,
+    )
+    from nni_fedexit.exits import BranchModel, MultiExitNetwork, calibrate, multi_exit_loss
+    from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, aggregate
 
 __version__ = "0.1.0"
 
@@ -49,3 +53,5 @@ __all__ = [
     "partition",
     "split_roles",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

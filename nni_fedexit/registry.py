@@ -2,23 +2,48 @@
 
 A :class:`Registry` maps names to classes or functions, or to ``"module:attribute"`` strings that
 are imported on first use (so a backend's heavy dependency, e.g. flwr, loads only when a run
-uses it). An unknown name is a ``ValueError`` that names the settings key and the choices.
+uses it). Three sources, in this order of precedence:
+
+1. :meth:`Registry.register` in this process (a notebook, a script that runs the stages itself);
+2. the package's own implementations (by path, imported when a run names them);
+3. the installed distributions' entry points in the registry's group (``nni_fedexit.aggregators``,
+   ``nni_fedexit.objectives``, ``nni_fedexit.backends``), read from ``importlib.metadata`` the
+   first time a name is looked up, so a plugin is found in every process where training runs (an
+   NNI trial, a Flower SuperNode or ServerApp, a Ray actor) without anyone importing it first.
+
+An unknown name is a ``ValueError`` that names the settings key and the choices. A plugin that
+takes a built-in name is ignored with a warning (the built-in keeps its meaning).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "ENTRY_POINT_GROUPS"]
+
+log = logging.getLogger(__name__)
+
+#: the entry-point group of each kind of component a plugin distribution can add
+ENTRY_POINT_GROUPS = {
+    "aggregator": "nni_fedexit.aggregators",
+    "objective": "nni_fedexit.objectives",
+    "backend": "nni_fedexit.backends",
+}
 
 
 class Registry:
     """Names -> implementations of one kind; ``key`` is the settings field that picks one."""
 
-    def __init__(self, key: str, entries: dict[str, Any] | None = None):
+    def __init__(self, key: str, entries: dict[str, Any] | None = None, group: str | None = None):
         self.key = key
+        self.group = group
         self.entries: dict[str, Any] = dict(entries or {})
+        self.builtin = frozenset(self.entries)
+        #: entry points of ``group``, by name (read once, on the first lookup)
+        self.plugins: dict[str, EntryPoint] | None = None
 
     def register(self, name: str, value: Any = None) -> Any:
         """``register(name, value)``, or ``@register(name)`` as a class or function decorator."""
@@ -32,17 +57,42 @@ class Registry:
 
         return decorator
 
+    def discover(self) -> dict[str, EntryPoint]:
+        """The installed plugins of this kind (entry points of :attr:`group`), read once."""
+        if self.plugins is None:
+            found: dict[str, EntryPoint] = {}
+            for point in entry_points(group=self.group) if self.group else ():
+                if point.name in self.builtin:
+                    log.warning("%s %r from entry point %s (%s) ignored: %r is built in", self.key, point.name,
+                                point.value, self.group, point.name)
+                elif point.name in found and found[point.name].value != point.value:
+                    log.warning("%s %r: two plugins give it (%s, %s); the first is used", self.key, point.name,
+                                found[point.name].value, point.value)
+                else:
+                    found.setdefault(point.name, point)
+            self.plugins = found
+        return self.plugins
+
     def names(self) -> list[str]:
-        return sorted(self.entries)
+        return sorted(set(self.entries) | set(self.discover()))
 
     def get(self, name: str) -> Any:
-        """The implementation registered as ``name`` (imported now if it was registered by path)."""
-        try:
-            value = self.entries[name]
-        except KeyError:
-            raise ValueError(f"{self.key}: must be one of {self.names()}, got {name!r}") from None
+        """The implementation registered as ``name`` (imported now if it was registered by path or
+        comes from a plugin's entry point)."""
+        if name not in self.entries:
+            point = self.discover().get(name) if isinstance(name, str) else None
+            if point is None:
+                raise ValueError(f"{self.key}: must be one of {self.names()}, got {name!r}")
+            try:
+                self.entries[name] = point.load()
+            except Exception as err:
+                dist = point.dist.name if point.dist is not None else "?"
+                raise ValueError(f"{self.key}: {name!r} comes from the plugin {dist!r} (entry point {point.value} in "
+                                 f"{self.group}), which failed to load: {type(err).__name__}: {err}; fix or "
+                                 f"uninstall that distribution") from err
+            return self.entries[name]
+        value = self.entries[name]
         if isinstance(value, str):
             module, _, attr = value.partition(":")
             value = self.entries[name] = getattr(importlib.import_module(module), attr)
         return value
-

@@ -50,3 +50,12 @@ def trained(digits):
     train_classifier(model, digits.train, TrainSettings(epochs=4, batch_size=32, lr=0.05, seed=0),
                      loss_fn=lambda outs, y: multi_exit_loss(outs, y, model.loss_weights))
     return model
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory):
+    """A third-party plugin distribution (aggregator ``logged_fedavg``, objective ``logged_multi_exit``)
+    built and installed with pip into a folder of its own: put it on PYTHONPATH to use it."""
+    from helpers import install_plugin_distribution
+
+    return install_plugin_distribution(tmp_path_factory.mktemp("plugin"))

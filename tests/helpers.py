@@ -638,3 +638,80 @@ def ssh_key(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)], check=True,
                    capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     return path
+
+
+# ---- a third-party plugin distribution -------------------------------------------------------
+
+#: the plugin's module: an aggregator and an objective (FedAvg's and the multi-exit loss's maths)
+#: that write one JSON line per use to $FEDEXIT_PLUGIN_LOG, saying in which process they ran
+PLUGIN_MODULE = '''"""A third-party nni-fedexit plugin, as a user would write one."""
+import json
+import os
+import sys
+
+from nni_fedexit.federated.aggregators import FedAvg
+from nni_fedexit.federated.objectives import MultiExitObjective
+
+
+def log_use(kind, **extra):
+    path = os.environ.get("FEDEXIT_PLUGIN_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "pid": os.getpid(), "argv0": os.path.basename(sys.argv[0]),
+                                "nni_trial": os.environ.get("NNI_TRIAL_JOB_ID"), **extra}) + "\\n")
+
+
+class LoggedFedAvg(FedAvg):
+    """FedAvg that says where it ran."""
+
+    def begin(self, global_state):
+        log_use("aggregator")
+        return super().begin(global_state)
+
+
+class LoggedMultiExit(MultiExitObjective):
+    """The multi-exit loss, saying where it ran."""
+
+    def begin(self, ctx):
+        log_use("objective", client=ctx.client)
+        super().begin(ctx)
+'''
+
+PLUGIN_PYPROJECT = '''[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedexit-plugin-demo"
+version = "0.1"
+
+[project.entry-points."nni_fedexit.aggregators"]
+logged_fedavg = "fedexit_plugin_demo:LoggedFedAvg"
+
+[project.entry-points."nni_fedexit.objectives"]
+logged_multi_exit = "fedexit_plugin_demo:LoggedMultiExit"
+
+[tool.setuptools]
+py-modules = ["fedexit_plugin_demo"]
+'''
+
+
+def install_plugin_distribution(folder: Path) -> Path:
+    """Build the plugin from its source (a pyproject with entry points) and install it with pip into
+    ``folder/site`` (``pip install --target``): that folder on PYTHONPATH is a site where
+    ``importlib.metadata`` finds it, in this process and in every process started with it."""
+    source = folder / "src"
+    source.mkdir(parents=True)
+    (source / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
+    (source / "fedexit_plugin_demo.py").write_text(PLUGIN_MODULE)
+    site = folder / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert list(site.glob("fedexit_plugin_demo-0.1.dist-info/entry_points.txt")), sorted(p.name for p in site.iterdir())
+    return site
+
+
+def plugin_uses(log: Path) -> list[dict]:
+    """The plugin's log lines (one per use)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []

@@ -26,6 +26,7 @@ from helpers import (
     Deployment,
     needs_flwr,
     needs_ssh_keygen,
+    plugin_uses,
     flower_app_config,
     flwr_cli,
     flwr_runs,
@@ -332,21 +333,29 @@ REFUSED = "Failed to activate SuperNode"
 FAULT_TIMEOUT = 600  # seconds: 3 rounds, one of which waits for the SuperLink to report the killed node
 
 
-def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path):
+def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path, plugin_site):
     """Three SuperNodes; the one with partition 2 (the victim) trains round 1, then, when round 2's
     message arrives, writes a file and never replies (HOSTILE_CLIENT's hold-at-round): the test
     kills it on that event, so it cannot have replied to round 2. The round timeout (120 s) is
-    above the SuperLink's ~60 s of missed heartbeats before it reports a node lost."""
+    above the SuperLink's ~60 s of missed heartbeats before it reports a node lost.
+
+    The run's aggregator and objective come from a third-party plugin (entry points, installed by pip
+    into a folder on the processes' PYTHONPATH), named in the run config: the ServerApp aggregates
+    with it and every SuperNode's ClientApp trains with it."""
     ckpt = tmp_path / "checkpoint"
     held = tmp_path / "victim_holds_round_2"
+    uses_log = tmp_path / "plugin_uses.jsonl"
     dep = Deployment(tmp_path)
+    dep.env.update(PYTHONPATH=os.pathsep.join([str(plugin_site), dep.env.get("PYTHONPATH", "")]),
+                   FEDEXIT_PLUGIN_LOG=str(uses_log))
     try:
         dep.superlink()
         nodes = {p: dep.supernode(f"supernode{p}", f"partition-id={p} num-partitions=3" + (
             f' hold-at-round=2 hold-file="{held}"' if p == 2 else ""))[0] for p in range(3)}
         dep.wait_online(3, 90)
         run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=2 '
-                               'round-timeout=120.0 node-wait=60.0', app=hostile_flower_app(tmp_path / "app"))
+                               'round-timeout=120.0 node-wait=60.0 aggregator="logged_fedavg" '
+                               'objective="logged_multi_exit"', app=hostile_flower_app(tmp_path / "app"))
         deadline = time.time() + FAULT_TIMEOUT
         wait_until(lambda: held.is_file() or run.poll() is not None, FAULT_TIMEOUT,
                    lambda: f"round 2 never reached the victim\n{dep.diag()}", poll=0.2)
@@ -378,6 +387,14 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
     named = [line for line in text.splitlines() if "WARNING" in line and f"node {victim['node']} " in line
              and ("failed" in line or "did not reply" in line)]
     assert named, f"no warning names node {victim['node']}:\n{text[-4000:]}"
+    # the plugin ran where the work runs: aggregation in the ServerApp's process (once per round),
+    # local training in the SuperNodes' ClientApp processes (7 client rounds: 3 + 2 + 2)
+    uses = plugin_uses(uses_log)
+    aggregations = [u for u in uses if u["kind"] == "aggregator"]
+    trainings = [u for u in uses if u["kind"] == "objective"]
+    assert len(aggregations) == 3 and len({u["pid"] for u in aggregations}) == 1, uses
+    assert len(trainings) >= 7 and aggregations[0]["pid"] not in {u["pid"] for u in trainings}, uses
+    assert len({u["pid"] for u in trainings}) >= 2, uses
 
 
 @needs_ssh_keygen

@@ -14,7 +14,6 @@ from nni_fedexit.search.reward import (
     DEFAULT_BETA,
     HardBudgetReward,
     LinearPenaltyReward,
-    ParamsProfiler,
     SizeAwareReward,
     SizeTarget,
     TargetReward,
@@ -25,6 +24,7 @@ from nni_fedexit.search.reward import (
     size_aware_reward,
     target_reward,
 )
+from nni_fedexit.search.profiler import ParamsProfiler
 from helpers import TINY_SAMPLE, tiny_space
 
 
@@ -326,7 +326,7 @@ def test_profiler_uses_the_space_count_params_and_says_when_there_is_nothing_to_
     assert type(ParamsProfiler(space).profile(TINY_SAMPLE)) is int
     profiler = ParamsProfiler(nni.choice("x", [1, 2]))
     message = ["Categorical has no parameters to count: the reward is the accuracy alone"]
-    with caplog.at_level(logging.INFO, logger="nni_fedexit.search.reward"):
+    with caplog.at_level(logging.INFO, logger="nni_fedexit.search.profiler"):
         assert profiler.profile({"x": 1}) is None
         assert [r.getMessage() for r in caplog.records] == message
         assert profiler.profile({"x": 2}) is None and profiler.profile({"x": 1}) is None

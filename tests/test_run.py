@@ -1,7 +1,9 @@
 """The main job from the command line: `nni-fedexit run` end to end, its artifacts (bad configs: test_config.py)."""
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from nni_fedexit.job.cli import main
-from helpers import EXAMPLES, free_port
+import yaml
+
+from helpers import BIN, EXAMPLES, free_port, plugin_uses, venv_env
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +152,33 @@ def test_stages_continue_an_interrupted_run(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "[search] done already: skipped" in result.output and (partial / "report.md").is_file()
     assert json.loads((partial / "search/architecture.json").read_text()) == json.loads((run_dir / "search/architecture.json").read_text())
+
+
+def test_a_plugin_chosen_in_the_yaml_runs_inside_the_nni_trial(tiny_run, tmp_path, plugin_site):
+    """A third-party distribution's aggregator and objective (entry points; installed by pip into a
+    folder on PYTHONPATH), named in the run config: the federated stage's NNI trial, a process NNI's
+    manager starts, finds and runs them; nothing imported them before."""
+    run_dir, _ = tiny_run
+    partial = tmp_path / "plugin_run"
+    (partial / "search").mkdir(parents=True)
+    for name in ("search/history.json", "search/architecture.json"):
+        shutil.copy(run_dir / name, partial / name)
+    (partial / "stages.json").write_text(json.dumps({"done": ["search"]}))
+    config = yaml.safe_load((EXAMPLES / "tiny_digits.yaml").read_text())
+    config["federated"].update(aggregator="logged_fedavg", objective="logged_multi_exit")
+    (tmp_path / "plugin.yaml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "uses.jsonl"
+    env = venv_env(PYTHONPATH=os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")]),
+                   FEDEXIT_PLUGIN_LOG=str(log))
+    out = subprocess.run([str(BIN / "nni-fedexit"), "federate", str(tmp_path / "plugin.yaml"), "--run-dir", str(partial),
+                          "--resume", "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    uses = plugin_uses(log)
+    trial = {u["nni_trial"] for u in uses}
+    assert len(trial) == 1 and None not in trial, uses  # every use inside the one NNI trial of the stage
+    assert [u["kind"] for u in uses].count("aggregator") == config["federated"]["rounds"]
+    assert any(u["kind"] == "objective" for u in uses)
+    assert json.loads((partial / "federated" / "metrics.json").read_text())["rounds"]
 
 
 def test_help_of_every_command():

@@ -5,16 +5,21 @@ thresholds.py  per-exit thresholds and the held-out margin that keeps an accurac
 runtime.py     early-exit inference on exported segments (ONNX Runtime, TorchScript) and its latency
 """
 
-from nni_fedexit.exits.network import (
-    EXIT_HEADS, PREDICTIONS, BranchModel, CalibrationResult, ExitCost, MultiExitNetwork, calibrate, early_exit_metrics,
-    early_exit_predict, ensemble_accuracy, ensemble_logits, exit_accuracies, exit_costs, exit_outputs, exit_path_macs,
-    exit_scores, expected_exit_macs, export_branches, multi_exit_loss, onnx_available, threshold_curve,
-)
-from nni_fedexit.exits.runtime import EarlyExitRuntime, LatencySettings, export_early_exit, measure_latency
-from nni_fedexit.exits.thresholds import (
-    CRITERIA, RULES, CertifiedThresholds, ExitScores, ThresholdSetting, certified_thresholds, confidence,
-    per_exit_thresholds, shared_thresholds,
-)
+from typing import TYPE_CHECKING
+
+from nni_fedexit.lazy import lazy_exports
+
+if TYPE_CHECKING:  # the public names; each module is imported when one of its names is first used
+    from nni_fedexit.exits.network import (
+        EXIT_HEADS, PREDICTIONS, BranchModel, CalibrationResult, ExitCost, MultiExitNetwork, calibrate, early_exit_metrics,
+        early_exit_predict, ensemble_accuracy, ensemble_logits, exit_accuracies, exit_costs, exit_outputs, exit_path_macs,
+        exit_scores, expected_exit_macs, export_branches, multi_exit_loss, onnx_available, threshold_curve,
+    )
+    from nni_fedexit.exits.runtime import EarlyExitRuntime, LatencySettings, export_early_exit, measure_latency
+    from nni_fedexit.exits.thresholds import (
+        CRITERIA, RULES, CertifiedThresholds, ExitScores, ThresholdSetting, certified_thresholds, confidence,
+        per_exit_thresholds, shared_thresholds,
+    )
 
 __all__ = ["CRITERIA", "EXIT_HEADS", "PREDICTIONS", "RULES", "BranchModel", "CalibrationResult", "CertifiedThresholds",
            "EarlyExitRuntime", "ExitCost", "ExitScores", "LatencySettings", "MultiExitNetwork", "ThresholdSetting",
@@ -22,3 +27,5 @@ __all__ = ["CRITERIA", "EXIT_HEADS", "PREDICTIONS", "RULES", "BranchModel", "Cal
            "ensemble_accuracy", "ensemble_logits", "exit_accuracies", "exit_costs", "exit_outputs", "exit_path_macs",
            "exit_scores", "expected_exit_macs", "export_branches", "export_early_exit", "measure_latency",
            "multi_exit_loss", "onnx_available", "per_exit_thresholds", "shared_thresholds", "threshold_curve"]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

@@ -16,22 +16,27 @@ backends/       where clients train, by name: simulation (in-process), flower (S
 evaluator.py    FederatedEvaluator (an NNI evaluator) and federate()
 """
 
-from nni_fedexit.federated.errors import FederatedError, UpdateRejected
-from nni_fedexit.federated.settings import FederatedSettings
-from nni_fedexit.federated.assign import (
-    DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients,
-)
-from nni_fedexit.federated.aggregators import (
-    Aggregator, FedAvg, RoundAggregate, WeightedMean, aggregate, check_update, register_aggregator,
-)
-from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext, register_objective
-from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_local
-from nni_fedexit.federated.client_data import FederatedData
-from nni_fedexit.federated.checkpoint import Checkpoint
-from nni_fedexit.federated.rounds import ClientTask, RoundEngine, RoundResults, RunOutcome, stable_seed, validate
-from nni_fedexit.federated.backends import register_backend
-from nni_fedexit.federated.backends.simulation import SimulationBackend
-from nni_fedexit.federated.evaluator import FederatedEvaluator, FederatedResult, federate
+from typing import TYPE_CHECKING
+
+from nni_fedexit.lazy import lazy_exports
+
+if TYPE_CHECKING:  # the public names; each module is imported when one of its names is first used
+    from nni_fedexit.federated.errors import FederatedError, UpdateRejected
+    from nni_fedexit.federated.settings import FederatedSettings
+    from nni_fedexit.federated.assign import (
+        DEFAULT_PROFILE_MIX, ClientProfile, assign_branches, client_profiles, select_clients,
+    )
+    from nni_fedexit.federated.aggregators import (
+        Aggregator, FedAvg, RoundAggregate, WeightedMean, aggregate, check_update, register_aggregator,
+    )
+    from nni_fedexit.federated.objectives import ClientObjective, MultiExitObjective, ObjectiveContext, register_objective
+    from nni_fedexit.federated.client import ClientUpdate, LocalSettings, train_local
+    from nni_fedexit.federated.client_data import FederatedData
+    from nni_fedexit.federated.checkpoint import Checkpoint
+    from nni_fedexit.federated.rounds import ClientTask, RoundEngine, RoundResults, RunOutcome, stable_seed, validate
+    from nni_fedexit.federated.backends import register_backend
+    from nni_fedexit.federated.backends.simulation import SimulationBackend
+    from nni_fedexit.federated.evaluator import FederatedEvaluator, FederatedResult, federate
 
 __all__ = [
     "Aggregator", "Checkpoint", "ClientObjective", "ClientProfile", "ClientTask", "ClientUpdate", "DEFAULT_PROFILE_MIX",
@@ -41,3 +46,5 @@ __all__ = [
     "check_update", "client_profiles", "federate", "register_aggregator", "register_backend", "register_objective",
     "select_clients", "stable_seed", "train_local", "validate",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

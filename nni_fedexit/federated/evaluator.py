@@ -18,9 +18,10 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
-import nni
-from nni.nas.evaluator import MutableEvaluator
+from nni_fedexit.nni_tools.compat import import_nni
+
+nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+from nni.nas.evaluator import MutableEvaluator  # noqa: E402
 
 from nni_fedexit.exits import ExitCost, MultiExitNetwork, ensemble_accuracy, exit_accuracies, exit_costs, exit_outputs
 from nni_fedexit.federated.backends import get_backend

@@ -10,17 +10,29 @@ from typing import Any, Callable
 
 import click
 
-from nni_fedexit.job.config import ConfigError
-from nni_fedexit.data import DataError
-from nni_fedexit.federated.errors import FederatedError
-from nni_fedexit.job.pipeline import PipelineError
-from nni_fedexit.presets import PresetError
-from nni_fedexit.nni_tools.reopen import ReopenError
-from nni_fedexit.space import SpecError
+#: what bad input, a damaged run directory or a run that cannot go on raise (the message says what to
+#: do), by module: ``nni-fedexit --help`` imports none of them (their modules load torch and NNI)
+_USER_ERRORS = {
+    "nni_fedexit.job.config": "ConfigError",
+    "nni_fedexit.data.datasets": "DataError",
+    "nni_fedexit.space.block_pool": "SpecError",
+    "nni_fedexit.presets": "PresetError",
+    "nni_fedexit.nni_tools.reopen": "ReopenError",
+    "nni_fedexit.federated.errors": "FederatedError",
+    "nni_fedexit.job.pipeline": "PipelineError",
+}
 
-#: what bad input, a damaged run directory or a run that cannot go on raise: the message says what to do
-_USER_ERRORS = (ConfigError, DataError, SpecError, PresetError, ReopenError, FederatedError, PipelineError,
-                FileExistsError, FileNotFoundError)
+
+def is_user_error(err: BaseException) -> bool:
+    """``err`` is one of :data:`_USER_ERRORS` (or a missing or existing file). A class whose module
+    was never imported cannot have raised, so only the loaded modules are looked at."""
+    if isinstance(err, (FileExistsError, FileNotFoundError)):
+        return True
+    for module, name in _USER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(err, getattr(loaded, name)):
+            return True
+    return False
 
 
 def _one_line(message: str) -> str:
@@ -39,7 +51,9 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _USER_ERRORS as err:
+        except Exception as err:
+            if not is_user_error(err):
+                raise
             click.echo(f"error: {_one_line(str(err)) or type(err).__name__}", err=True)
             sys.exit(2)
 
@@ -280,7 +294,7 @@ def resume(target: str, port: int | None) -> None:
     finished stages are kept, the interrupted stage's NNI experiment is resumed under its id."""
     from nni_fedexit.job.pipeline import STAGES
     from nni_fedexit.nni_tools.compat import ctrl_c_not_lost
-    from nni_fedexit.nni_tools.reopen import find_experiment
+    from nni_fedexit.nni_tools.reopen import ReopenError, find_experiment
 
     run_dir = Path(target)
     if not run_dir.is_dir():
@@ -306,7 +320,9 @@ def resume(target: str, port: int | None) -> None:
 @_user_errors
 def register() -> None:
     """Register SizeAwarePGTuner with nnictl as tuner "SizeAwarePG"; running it again updates it."""
-    import nni
+    from nni_fedexit.nni_tools.compat import import_nni
+
+    nni = import_nni()
     from nni.runtime.config import get_config_file
     from nni.tools import package_utils
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
+from nni_fedexit.nni_tools.compat import accept_import_data
 from nni_fedexit.job.config import ConfigError, RunConfig
 from nni_fedexit.data import DataBundle, DataError, DataRoles, ImageData, load_dataset, split_roles
 from nni_fedexit.exits import (
@@ -341,7 +341,7 @@ class Run:
         attempt = int(before.get("attempts", 1)) + 1 if resumed else 1
         if resumed:
             check_own_run(self.dir)
-            compat.accept_import_data()
+            accept_import_data()
             plain_json_checkpoint_config()  # NNI's resume reads config.json again: not with nni.load
         exp = NasExperiment(space, evaluator, strategy, id=old if resumed else None)
         exp.config.experiment_working_directory = str(self.experiments_dir())

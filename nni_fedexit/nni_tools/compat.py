@@ -1,11 +1,17 @@
-"""Importing NNI 3.0 on today's torch, narrowly patched.
+"""Importing NNI 3.0 on today's torch, narrowly patched, applied where NNI is used.
 
-On torch >= 2.1 NNI warns at import for every torch object it cannot trace ("... is found to be
-not a nn.Module ... your PyTorch version might not be supported"). The warning is harmless for
-what we use; this module filters exactly that message and nothing else. Import it before nni.
+Nothing here runs on import: every module of ours that uses NNI calls :func:`import_nni` first,
+so ``import nni_fedexit`` costs nothing and the workarounds hold whatever the import order
+(NNI imported by the user before us, or after).
 
-:func:`patient_manager_start` (applied at import) gives a new NNI manager a minute to come up;
-:func:`report_dispatcher_errors` (applied at import) makes a tuner's exception fail the experiment.
+- On torch >= 2.1 NNI warns at import for every torch object it cannot trace ("... is found to be
+  not a nn.Module ... your PyTorch version might not be supported"). The warning is harmless for
+  what we use; :func:`import_nni` filters exactly that message and nothing else before it imports
+  NNI (where the user imported ``nni.nas`` first, NNI has printed it already: two lines).
+- :func:`patient_manager_start` gives a new NNI manager a minute to come up;
+  :func:`report_dispatcher_errors` makes a tuner's exception fail the experiment. Both are
+  applied by :func:`import_nni`, idempotently.
+
 An opt-in patch for resuming experiments: :func:`accept_import_data` (a resumed NAS experiment
 keeps its command listener). The one for reading their config is
 :func:`nni_fedexit.nni_tools.reopen.plain_json_checkpoint_config`. While an experiment runs in
@@ -20,14 +26,26 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, suppress
+from types import ModuleType
 from typing import Iterator
 
-warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*")
-
-import nni  # noqa: E402,F401
+#: NNI 3.0's import-time warning on torch >= 2.1 (one line per torch object it cannot wrap)
+NNI_TORCH_WARNING = r".*is found to be not a nn\.Module.*"
 
 #: seconds an experiment waits for the NNI manager's REST server (NNI 3.0: 3)
 MANAGER_START_SECONDS = 60
+
+
+def import_nni() -> ModuleType:
+    """``nni``, imported quietly on today's torch, with :func:`patient_manager_start` and
+    :func:`report_dispatcher_errors` applied. Call it before importing anything from NNI;
+    idempotent and cheap after the first call."""
+    warnings.filterwarnings("ignore", message=NNI_TORCH_WARNING, category=RuntimeWarning)
+    import nni
+
+    patient_manager_start()
+    report_dispatcher_errors()
+    return nni
 
 
 def patient_manager_start() -> None:
@@ -38,7 +56,7 @@ def patient_manager_start() -> None:
     machine) takes longer, and the experiment then fails with "Create experiment failed ...
     Connection refused" although the manager comes up a moment later (seen on the first
     ``make demo`` after a heavy benchmark). The patch only raises the retry count; each retry is
-    NNI's own. Idempotent; applied when this module is imported.
+    NNI's own. Idempotent; applied by :func:`import_nni`.
     """
     from nni.experiment import launcher
 
@@ -54,8 +72,6 @@ def patient_manager_start() -> None:
     launcher._check_rest_server = check_rest_server
 
 
-patient_manager_start()
-
 
 def report_dispatcher_errors() -> None:
     """Make an experiment fail at once when its tuner raises, with the tuner's message in NNI's log.
@@ -66,8 +82,8 @@ def report_dispatcher_errors() -> None:
     with no trials until ``maxExperimentDuration`` runs out. The patched ``process_command``
     first sends the error to the manager (``report_error``, NNI's own call for this, command
     'ER'), which logs "Dispatcher error: <message>" in nnimanager.log and sets the experiment to
-    ERROR; then it raises as before. Idempotent; applied when this module is imported (the
-    dispatcher imports it with our tuner).
+    ERROR; then it raises as before. Idempotent; applied by :func:`import_nni` (the dispatcher's
+    process calls it when it imports our tuner).
     """
     from nni.runtime.msg_dispatcher_base import MsgDispatcherBase
 
@@ -86,8 +102,6 @@ def report_dispatcher_errors() -> None:
     process_command.reports_errors = True  # type: ignore[attr-defined]
     MsgDispatcherBase.process_command = process_command
 
-
-report_dispatcher_errors()
 
 
 def accept_import_data() -> None:

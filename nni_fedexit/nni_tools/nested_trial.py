@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-import nni
-import nni.trial
+from nni_fedexit.nni_tools.compat import import_nni
+
+nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+import nni.trial  # noqa: E402
 from nni.runtime.trial_command_channel import get_default_trial_command_channel, set_default_trial_command_channel
 
 __all__ = ["OuterTrial"]

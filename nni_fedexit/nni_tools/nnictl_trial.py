@@ -25,9 +25,11 @@ import time
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
-import nni
 import torch
+
+from nni_fedexit.nni_tools.compat import import_nni
+
+nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 
 from nni_fedexit.data import DataBundle, load_dataset
 from nni_fedexit.space import ResNetBlockPoolSpace, architecture_label

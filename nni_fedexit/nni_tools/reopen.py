@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nni_fedexit.files import read_json
-from nni_fedexit.nni_tools import compat  # noqa: F401  (before nni)
+from nni_fedexit.nni_tools.compat import import_nni
 
 __all__ = ["ExperimentRef", "ReopenError", "check_own_run", "experiment_manifest", "find_experiment", "plain_json_checkpoint_config", "read_nas_config",
            "run_experiments", "view_experiment"]
@@ -93,6 +93,7 @@ def read_nas_config(path: Path) -> Any:
     is not a NAS experiment's config. The trial command and code directory are NNI's defaults here
     (this Python, the current directory), the working directory the one that holds the file.
     """
+    import_nni()
     from nni.nas.experiment.config import NasExperimentConfig
 
     path = Path(path)
@@ -161,6 +162,7 @@ def plain_json_checkpoint_config() -> None:
     (log only) and, once the engine exists, load the strategy's state (NNI's torch serializer;
     torch's ``weights_only`` default applies). Idempotent.
     """
+    import_nni()
     from nni.nas.experiment import NasExperiment
 
     original = NasExperiment.load_checkpoint
@@ -247,6 +249,7 @@ def check_own_run(run_dir: str | Path) -> None:
 
 def experiment_manifest() -> dict[str, dict[str, Any]]:
     """NNI's experiment manifest (what ``nnictl experiment list --all`` reads), by experiment id."""
+    import_nni()
     from nni.tools.nnictl.config_utils import Experiments
 
     return Experiments().get_all_experiments()
@@ -293,6 +296,7 @@ def view_experiment(ref: ExperimentRef, port: int) -> Any:
             "search in trials mode (search.strategy: size_aware_pg_trials) for one web UI trial per network"
         )
     _check_port(port)
+    import_nni()
     if config is None:  # a classic (HPO) experiment: NNI's own view works
         from nni.experiment import Experiment
 

@@ -1,6 +1,6 @@
 """S3: what a sample costs, for the reward's size term and the report's trade-off plots.
 
-p_h comes from :class:`~nni_fedexit.search.reward.ParamsProfiler` (any NNI space). MACs and the
+p_h comes from :class:`~nni_fedexit.search.profiler.ParamsProfiler` (any NNI space). MACs and the
 expected MACs of early-exit inference come from the space's own counts when it has them
 (:class:`~nni_fedexit.ResNetBlockPoolSpace`: ``count_macs``, ``stage_path_macs``): no network is
 built. A space without them has no MACs; a MACs target on it is an error that says so.
@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from nni_fedexit.exits.network import expected_exit_macs
-from nni_fedexit.search.reward import ParamsProfiler, SizeTarget
+from nni_fedexit.search.profiler import ParamsProfiler
+from nni_fedexit.search.reward import SizeTarget
 
 __all__ = ["CostModel"]
 

@@ -26,11 +26,11 @@ strategy checks a sample against them and resamples (see ``reward_for_invalid``)
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-from nni.mutable import Categorical, CategoricalMultiple, MutableAnnotation, Numerical
+if TYPE_CHECKING:  # imported where used: the nnictl tuner parses a search space before torch and nni.mutable load
+    import torch
+    from nni.mutable import Numerical
 
 __all__ = ["Decision", "Choice", "Subset", "Bins", "DEFAULT_BINS", "check_bins", "decisions_of_space", "LABEL_KINDS"]
 
@@ -77,6 +77,8 @@ class Decision:
         return self.value([0] * len(self.sizes) if not self.exclusive else list(range(len(self.sizes))), None)
 
     def uniform_actions(self, generator: torch.Generator) -> list[int]:
+        import torch
+
         if self.exclusive:
             return [int(i) for i in torch.randperm(self.sizes[0], generator=generator)[: len(self.sizes)]]
         return [int(torch.randint(n, (1,), generator=generator)) for n in self.sizes]
@@ -189,6 +191,8 @@ class Bins(Decision):
         self.sizes = [len(self.grid) if self.grid is not None else bins]
 
     def value(self, actions: Sequence[int], generator: torch.Generator | None) -> float | int:
+        import torch
+
         a = actions[0]
         if self.grid is not None:
             return self.grid[a]
@@ -230,6 +234,11 @@ def decisions_of_space(space: Any, numerical_bins: int = DEFAULT_BINS, *,
     ``allow`` names the label kinds the caller can run (the shared mode's supernet cannot take a
     continuous value): any other kind is an error naming the label, its kind and what to do.
     """
+    from nni_fedexit.nni_tools.compat import import_nni
+
+    import_nni()
+    from nni.mutable import Categorical, CategoricalMultiple, MutableAnnotation, Numerical
+
     decisions: dict[str, Decision] = {}
     for label, mutable in space.simplify().items():
         kind = type(mutable).__name__

@@ -30,12 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch.nn as nn
-
-from nni_fedexit.nni_tools import compat  # noqa: F401
 from nni_fedexit.checks import positive_int
-from nni.nas.profiler import Profiler
-from nni.nas.space import RawFormatModelSpace, SimplifiedModelSpace
 
 __all__ = [
     "Reward",
@@ -49,7 +44,6 @@ __all__ = [
     "target_reward",
     "HardBudgetReward",
     "LinearPenaltyReward",
-    "ParamsProfiler",
     "DEFAULT_BETA",
     "check_beta",
     "parse_metric",
@@ -209,51 +203,6 @@ class LinearPenaltyReward:
 
     def __call__(self, accuracy: float, params: int) -> float:
         return linear_penalty_reward(accuracy, params, self.baseline_params, self.weight)
-
-
-class ParamsProfiler(Profiler):
-    """p_h of a sample, exactly, for any NNI model space (an ``nni.nas.profiler.Profiler``).
-
-    Accepts a model space, or the executable form an NNI experiment hands to a strategy
-    (raw or simplified). Uses the space's own ``count_params(sample)`` when it has one
-    (ResNetBlockPoolSpace: nothing is built); otherwise freezes the sample and counts
-    ``sum(p.numel())`` of the module, cached per sample. A space whose frozen samples are not
-    ``nn.Module`` s has no size: ``profile`` returns None and the reward treats p_h as P.
-    """
-
-    def __init__(self, model_space: Any):
-        self._given = model_space
-        self._space: Any = None
-        self._cache: dict[tuple, int | None] = {}
-
-    @property
-    def space(self) -> Any:
-        """The plain model space behind what was given, built once on first use."""
-        if self._space is None:
-            given = self._given
-            if isinstance(given, RawFormatModelSpace):
-                self._space = given.model_space
-            elif isinstance(given, SimplifiedModelSpace):
-                self._space = given.model.trace_copy().get(traceable=False)
-            else:
-                self._space = given
-        return self._space
-
-    def profile(self, sample: Mapping[str, Any]) -> int | None:
-        count = getattr(self.space, "count_params", None)
-        if callable(count):
-            return int(count(sample))
-        key = tuple(sorted((k, repr(v)) for k, v in sample.items()))
-        if key not in self._cache:
-            frozen = self.space.freeze(dict(sample))
-            if isinstance(frozen, nn.Module):
-                self._cache[key] = sum(p.numel() for p in frozen.parameters())
-            else:
-                if not self._cache:
-                    _logger.info("%s has no parameters to count: the reward is the accuracy alone",
-                                 type(self.space).__name__)
-                self._cache[key] = None
-        return self._cache[key]
 
 
 def parse_metric(value: Any) -> tuple[float | None, int | None]:

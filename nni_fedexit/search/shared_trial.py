@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
-import nni
-from nni.nas.evaluator import MutableEvaluator
+from nni_fedexit.nni_tools.compat import import_nni
+
+nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+from nni.nas.evaluator import MutableEvaluator  # noqa: E402
 
 from nni_fedexit.data import DataBundle, ImageData, load_dataset, split_roles
 from nni_fedexit.files import read_json, sha256_file, write_atomic, write_json

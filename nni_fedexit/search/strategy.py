@@ -40,14 +40,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
+from nni_fedexit.nni_tools.compat import import_nni
 from nni_fedexit.checks import positive_int
 from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
 from nni_fedexit.presets import PresetError, load_preset
 from nni_fedexit.search.cost import CostModel
 from nni_fedexit.search.decisions import DEFAULT_BINS, LABEL_KINDS, Choice, Decision, check_bins, decisions_of_space
-from nni_fedexit.search.reward import DEFAULT_BETA, ParamsProfiler, Reward, SizeAwareReward, SizeTarget, check_beta, parse_metric
-from nni.mutable import SampleValidationError
+from nni_fedexit.search.profiler import ParamsProfiler
+from nni_fedexit.search.reward import DEFAULT_BETA, Reward, SizeAwareReward, SizeTarget, check_beta, parse_metric
+import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+from nni.mutable import SampleValidationError  # noqa: E402
 from nni.nas.execution.event import FinalMetricEvent, ModelEventType, TrainingEndEvent
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
 from nni.nas.oneshot.pytorch.strategy import RandomOneShot

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from nni_fedexit.nni_tools import compat  # noqa: F401
-import nni
-from nni.nas.evaluator import FunctionalEvaluator
+from nni_fedexit.nni_tools.compat import import_nni
+
+nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+from nni.nas.evaluator import FunctionalEvaluator  # noqa: E402
 
 from nni_fedexit.data import DataBundle, ImageData, load_dataset, split_roles
 from nni_fedexit.space import architecture_label

@@ -43,21 +43,24 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+from nni_fedexit.nni_tools.compat import import_nni
 
-from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings)
-from nni.common.hpo_utils import format_search_space
-from nni.mutable import Numerical
-from nni.tuner import Tuner
+import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+from nni.common.hpo_utils import format_search_space  # noqa: E402
+from nni.mutable import Numerical  # noqa: E402
+from nni.tuner import Tuner  # noqa: E402
 
-from nni_fedexit.checks import positive_int
-from nni_fedexit.files import write_atomic, write_json
-from nni_fedexit.search.controller import ControllerSettings, PolicyGradient, RewardBatch
-from nni_fedexit.search.decisions import DEFAULT_BINS, Bins, Choice, Decision, check_bins
-from nni_fedexit.space import architecture_label
-from nni_fedexit.search.reward import DEFAULT_BETA, SizeTarget, check_beta, parse_metric, size_aware_reward
+from nni_fedexit.checks import positive_int  # noqa: E402
+from nni_fedexit.files import write_atomic, write_json  # noqa: E402
+from nni_fedexit.search.controller_settings import ControllerSettings, RewardBatch  # noqa: E402
+from nni_fedexit.search.decisions import DEFAULT_BINS, Bins, Choice, Decision, check_bins  # noqa: E402
+from nni_fedexit.space.architecture import architecture_label  # noqa: E402
+from nni_fedexit.search.reward import DEFAULT_BETA, SizeTarget, check_beta, parse_metric, size_aware_reward  # noqa: E402
+
+if TYPE_CHECKING:  # torch and the controller load when the search space arrives, after the dispatcher connected
+    from nni_fedexit.search.controller import PolicyGradient
 
 __all__ = ["SizeAwarePGTuner", "TunerSettings", "parse_search_space", "to_parameters", "from_parameters", "NNICTL_META", "SUPPORTED_TYPES"]
 
@@ -373,6 +376,8 @@ class SizeAwarePGTuner(Tuner):
             if self.learner is not None:
                 _logger.warning("The search space changed: the controller starts over on the new one")
             self.space, self.search_space = space, plain
+            from nni_fedexit.search.controller import PolicyGradient  # torch: after the dispatcher connected
+
             self.learner = PolicyGradient(space, self.settings.controller_settings())
             self.pending.clear()
             self._batch.clear()
@@ -464,6 +469,8 @@ class SizeAwarePGTuner(Tuner):
         if path is None or not path.is_file():
             _logger.info("No SizeAwarePGTuner state in %s: the search starts fresh", folder)
             return
+        import torch
+
         with self._lock:
             self._saved_state = torch.load(path, map_location="cpu", weights_only=True)
             _logger.info("SizeAwarePGTuner state loaded from %s", path)
@@ -583,6 +590,8 @@ class SizeAwarePGTuner(Tuner):
         folder = self.state_dir
         if folder is None or self.learner is None:
             return
+        import torch  # loaded already: the learner is a torch module
+
         write_atomic(folder / STATE_FILE, lambda tmp: torch.save(self.state_dict(), tmp))
         summary = {
             "settings": asdict(self.settings),

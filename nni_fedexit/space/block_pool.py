@@ -22,12 +22,15 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from nni_fedexit.nni_tools import compat  # noqa: F401  (quiets NNI's import-time warnings before nni is imported)
 from nni_fedexit.checks import positive_int
 from nni_fedexit.presets import load_preset
 from nni_fedexit.macs import forward_macs
-from nni.nas.nn.pytorch import LayerChoice, ModelSpace
-from nni.nas.space import current_model, model_context
+from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.space.architecture import architecture_label  # noqa: F401  (also here, where it always was)
+
+import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
+from nni.nas.nn.pytorch import LayerChoice, ModelSpace  # noqa: E402
+from nni.nas.space import current_model, model_context  # noqa: E402
 
 __all__ = ["SpaceSpec", "SpecError", "ResNetBlockPoolSpace", "BlockCrop", "load_space_spec", "architecture_label"]
 
@@ -127,11 +130,6 @@ class SpaceSpec:
         d = asdict(self)
         d["sources"], d["widths"], d["depth_crops"] = list(self.sources), list(self.widths), list(self.depth_crops)
         return d
-
-
-def architecture_label(sample: Mapping[str, Any]) -> str:
-    """``stage1=resnet34 stage2=resnet50-d1 ...``: an architecture as people read it (web UI, logs)."""
-    return " ".join(f"{label}={value}" for label, value in sample.items())
 
 
 def _positive_int(key: str, value: Any) -> None:

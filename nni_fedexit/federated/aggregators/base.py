@@ -12,7 +12,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from nni_fedexit.registry import Registry
+from nni_fedexit.registry import ENTRY_POINT_GROUPS, Registry
 
 __all__ = ["AGGREGATORS", "Aggregator", "RoundAggregate", "register_aggregator", "make_aggregator", "aggregator_names"]
 
@@ -51,7 +51,12 @@ class Aggregator:
             raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint holds {sorted(state)[:3]}")
 
 
-AGGREGATORS = Registry("aggregator")
+AGGREGATORS = Registry("aggregator", {
+    "fedavg": "nni_fedexit.federated.aggregators.fedavg:FedAvg",
+    "fedavgm": "nni_fedexit.federated.aggregators.server_opt:FedAvgM",
+    "fedadam": "nni_fedexit.federated.aggregators.server_opt:FedAdam",
+    "fedyogi": "nni_fedexit.federated.aggregators.server_opt:FedYogi",
+}, group=ENTRY_POINT_GROUPS["aggregator"])
 #: class decorator: ``@register_aggregator("name")`` makes an Aggregator subclass ``federated.aggregator: name``
 register_aggregator = AGGREGATORS.register
 aggregator_names = AGGREGATORS.names

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from nni_fedexit.federated.aggregators.base import Aggregator, register_aggregator
+from nni_fedexit.federated.aggregators.base import Aggregator
 from nni_fedexit.federated.errors import UpdateRejected
 
 __all__ = ["FedAvg", "check_update", "WeightedMean", "aggregate"]
@@ -84,7 +84,6 @@ class WeightedMean:
         return out
 
 
-@register_aggregator("fedavg")
 class FedAvg(Aggregator):
     """``fedavg``: each round's new global model is the :class:`WeightedMean` of the accepted updates."""
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from nni_fedexit.federated.aggregators.base import Aggregator, register_aggregator
+from nni_fedexit.federated.aggregators.base import Aggregator
 from nni_fedexit.federated.aggregators.fedavg import WeightedMean
 from nni_fedexit.federated.batchnorm import is_bn_statistic
 
@@ -93,7 +93,6 @@ class ServerOptimizer(Aggregator):
         self.state = loaded
 
 
-@register_aggregator("fedavgm")
 class FedAvgM(ServerOptimizer):
     """``fedavgm``: server momentum on the depth-aware mean (beta = ``server_momentum``)."""
 
@@ -105,7 +104,6 @@ class FedAvgM(ServerOptimizer):
         return self.lr * v
 
 
-@register_aggregator("fedadam")
 class FedAdam(ServerOptimizer):
     """``fedadam``: Adam on the server's pseudo-gradient (Reddi et al.; lr 0.01 unless ``server_lr``)."""
 
@@ -122,7 +120,6 @@ class FedAdam(ServerOptimizer):
         return self.lr * m / (v.sqrt() + self.tau)
 
 
-@register_aggregator("fedyogi")
 class FedYogi(FedAdam):
     """``fedyogi``: FedAdam with Yogi's additive second moment (slower to grow under noisy deltas)."""
 

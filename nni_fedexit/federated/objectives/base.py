@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from nni_fedexit.exits import BranchModel
-from nni_fedexit.registry import Registry
+from nni_fedexit.registry import ENTRY_POINT_GROUPS, Registry
 
 __all__ = ["OBJECTIVES", "ClientObjective", "ObjectiveContext", "register_objective", "make_objective", "objective_names"]
 
@@ -59,7 +59,12 @@ class ClientObjective:
         (``ctx.part == ctx.parts - 1``: the client's last part of this round)."""
 
 
-OBJECTIVES = Registry("objective")
+OBJECTIVES = Registry("objective", {
+    "multi_exit": "nni_fedexit.federated.objectives.multi_exit:MultiExitObjective",
+    "logit_adjusted": "nni_fedexit.federated.objectives.label_skew:LogitAdjusted",
+    "fedprox": "nni_fedexit.federated.objectives.regularised:FedProxObjective",
+    "feddyn": "nni_fedexit.federated.objectives.regularised:FedDynObjective",
+}, group=ENTRY_POINT_GROUPS["objective"])
 #: class decorator: ``@register_objective("name")`` makes a ClientObjective subclass ``federated.objective: name``
 register_objective = OBJECTIVES.register
 objective_names = OBJECTIVES.names

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nni_fedexit.federated.objectives.base import ObjectiveContext, register_objective
+from nni_fedexit.federated.objectives.base import ObjectiveContext
 from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
 
 __all__ = ["LogitAdjusted", "label_prior_shift"]
@@ -29,7 +29,6 @@ def label_prior_shift(class_counts: torch.Tensor, tau: float = 1.0) -> torch.Ten
     return (tau * torch.log(counts / counts.sum())).to(torch.float32)
 
 
-@register_objective("logit_adjusted")
 class LogitAdjusted(MultiExitObjective):
     """``logit_adjusted``: :class:`MultiExitObjective` on ``z + logit_tau * log p_client`` at every exit."""
 

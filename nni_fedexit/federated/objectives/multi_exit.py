@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nni_fedexit.exits import multi_exit_loss
-from nni_fedexit.federated.objectives.base import ClientObjective, ObjectiveContext, register_objective
+from nni_fedexit.federated.objectives.base import ClientObjective, ObjectiveContext
 
 __all__ = ["MultiExitObjective", "self_distillation"]
 
@@ -34,7 +34,6 @@ def self_distillation(outputs: Sequence[torch.Tensor], temperature: float = 1.0)
     return total
 
 
-@register_objective("multi_exit")
 class MultiExitObjective(ClientObjective):
     """The weighted multi-exit cross-entropy with the branch's ``loss_weights``, plus
     ``distill_weight`` times :func:`self_distillation` (stateless)."""

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nni_fedexit.federated.objectives.base import ObjectiveContext, register_objective
+from nni_fedexit.federated.objectives.base import ObjectiveContext
 from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
 
 __all__ = ["DriftRegularised", "FedProxObjective", "FedDynObjective"]
@@ -55,7 +55,6 @@ class DriftRegularised(MultiExitObjective):
         return total + self.penalty(ctx) if self.strength > 0 else total
 
 
-@register_objective("fedprox")
 class FedProxObjective(DriftRegularised):
     """The multi-exit loss plus FedProx's proximal term ``prox_mu / 2 * ||w - w_global||^2``."""
 
@@ -67,7 +66,6 @@ class FedProxObjective(DriftRegularised):
         return self.strength / 2 * _squared_distance(ctx.scratch["anchor"])
 
 
-@register_objective("feddyn")
 class FedDynObjective(DriftRegularised):
     """The multi-exit loss plus FedDyn's dynamic regulariser, with per-client gradient state."""
 
