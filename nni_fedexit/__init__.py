@@ -7,7 +7,7 @@ MultiExitNetwork (exits after every stage, branch models, early exits), S5 Feder
 SuperNodes). SizeAwarePGTuner is the S3 search as a classic NNI tuner for nnictl experiments.
 
 One subpackage per step: space (S1), data (S2), search (S3), exits (S4), federated (S5); job is
-the main job (config, pipeline, report, CLI), nni_tools the NNI tooling and workarounds.
+the main job (config, pipeline, report, CLI), nni_tools the NNI tooling (web UI, view/resume, nnictl trial), nni_compat NNI 3.0's workarounds.
 """
 
 from typing import TYPE_CHECKING

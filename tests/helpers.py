@@ -661,6 +661,11 @@ def log_use(kind, **extra):
                                 "nni_trial": os.environ.get("NNI_TRIAL_JOB_ID"), **extra}) + "\\n")
 
 
+#: a search-space preset (``nni_fedexit.search_spaces``): two ResNets' blocks at tiny widths
+PLUGIN_POOL = {"sources": ["resnet18", "resnet50"], "in_chans": 1, "image_size": 8, "num_classes": 10,
+               "widths": [8, 16, 16]}
+
+
 class LoggedFedAvg(FedAvg):
     """FedAvg that says where it ran."""
 
@@ -690,6 +695,9 @@ logged_fedavg = "fedexit_plugin_demo:LoggedFedAvg"
 
 [project.entry-points."nni_fedexit.objectives"]
 logged_multi_exit = "fedexit_plugin_demo:LoggedMultiExit"
+
+[project.entry-points."nni_fedexit.search_spaces"]
+plugin_pool = "fedexit_plugin_demo:PLUGIN_POOL"
 
 [tool.setuptools]
 py-modules = ["fedexit_plugin_demo"]

@@ -10,7 +10,7 @@ import pytest
 PROGRAM = """
 import os, signal, sys, time, weakref
 from contextlib import nullcontext
-from nni_fedexit.nni_tools.compat import ctrl_c_not_lost
+from nni_fedexit.nni_compat import ctrl_c_not_lost
 
 # Python's own Ctrl-C handler, also when this test runs where SIGINT is ignored (a background job
 # of a non-interactive shell inherits SIG_IGN, and Python keeps it)
@@ -51,7 +51,7 @@ def test_a_ctrl_c_inside_a_finaliser_interrupts_the_main_thread_only_with_the_gu
 
 
 def test_other_unraisable_exceptions_reach_the_previous_hook():
-    from nni_fedexit.nni_tools.compat import ctrl_c_not_lost
+    from nni_fedexit.nni_compat import ctrl_c_not_lost
 
     seen = []
     before = sys.unraisablehook

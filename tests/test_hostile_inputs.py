@@ -45,7 +45,7 @@ from nni_fedexit.federated import FederatedData, FederatedError, FederatedSettin
 from nni_fedexit.federated.aggregators import Aggregator, WeightedMean, register_aggregator
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.job.cli import main
-from nni_fedexit.nni_tools import compat
+from nni_fedexit import nni_compat as compat
 from nni_fedexit.nni_tools.reopen import (
     ExperimentRef, ReopenError, find_experiment, plain_json_checkpoint_config, read_nas_config,
 )
@@ -284,7 +284,7 @@ def test_resumed_channel_skips_unknown_commands_undecoded_and_keeps_listening(tm
     from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
     from nni.runtime.tuner_command_channel.command_type import CommandType
 
-    caplog.set_level(logging.INFO, logger="nni_fedexit.nni_tools.compat")
+    caplog.set_level(logging.INFO, logger="nni_fedexit.nni_compat")
     compat.accept_import_data()
     compat.accept_import_data()  # idempotent
     assert not hasattr(TunerCommandChannel.receive.__wrapped__, "__wrapped__")
@@ -318,7 +318,7 @@ def test_resumed_channel_skips_unknown_commands_undecoded_and_keeps_listening(tm
         manager.close()
     assert [type(c).__name__ for c in heard] == ["RequestTrialJobs", "UpdateSearchSpace", "Terminate"]
     assert heard[0].count == 2 and stop.is_set()
-    skipped = [r.getMessage() for r in caplog.records if r.name == "nni_fedexit.nni_tools.compat"]
+    skipped = [r.getMessage() for r in caplog.records if r.name == "nni_fedexit.nni_compat"]
     assert [m.split(" command skipped")[0].rsplit(" ", 1)[1] for m in skipped] == [
         "ImportData", "AddCustomizedTrialJob", "Ping"]
     assert not pwned.exists()  # a skipped command's content is never decoded

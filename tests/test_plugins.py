@@ -84,6 +84,17 @@ def test_plugins_are_read_only_when_a_name_is_looked_up():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_a_plugin_search_space_preset_is_found_by_name(with_plugin):
+    from nni_fedexit.presets import list_presets, load_preset
+    from nni_fedexit.space import ResNetBlockPoolSpace
+
+    assert "plugin_pool" in list_presets("search_spaces") and "resnet_pool" in list_presets("search_spaces")
+    spec, where = load_preset("search_spaces", "plugin_pool")
+    assert spec["widths"] == [8, 16, 16] and "fedexit_plugin_demo:PLUGIN_POOL" in where and "fedexit-plugin-demo" in where
+    space = ResNetBlockPoolSpace.from_preset("plugin_pool")
+    assert list(space.spec.sources) == ["resnet18", "resnet50"] and list(space.spec.widths) == [8, 16, 16]
+
+
 def test_a_federated_run_uses_the_plugin(with_plugin, digits, tmp_path, monkeypatch):
     log = tmp_path / "uses.jsonl"
     monkeypatch.setenv("FEDEXIT_PLUGIN_LOG", str(log))

@@ -118,7 +118,7 @@ def resumed(searched):
     frozen (SIGSTOP), so no later round can finish; the round last saved is read; then Ctrl-C
     (SIGINT) stops `nni-fedexit federate`, which stops the experiment (NNI's manager kills the
     frozen trial). Returns (run dir, experiment id, the round saved at the stop, the resume's
-    output, what nni_fedexit.nni_tools.compat logged during the resume)."""
+    output, what nni_fedexit.nni_compat logged during the resume)."""
     run_dir, config = searched
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([str(BIN / "nni-fedexit"), "federate", str(config), "--run-dir", str(run_dir)], env=env,
@@ -156,7 +156,7 @@ def resumed(searched):
     first = json.loads((run_dir / "federated" / "experiment.json").read_text())
     assert first["experiment_id"] == exp_id and first["attempts"] == 1
 
-    logger = logging.getLogger("nni_fedexit.nni_tools.compat")
+    logger = logging.getLogger("nni_fedexit.nni_compat")
     records, level = _Records(), logger.level
     logger.addHandler(records)
     logger.setLevel(logging.INFO)

@@ -155,7 +155,7 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
 def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
     from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
-    from nni_fedexit.nni_tools.compat import ctrl_c_not_lost  # a Ctrl-C in a finaliser still stops the run
+    from nni_fedexit.nni_compat import ctrl_c_not_lost  # a Ctrl-C in a finaliser still stops the run
 
     overrides: dict[str, Any] = {}
     if run_dir:
@@ -293,7 +293,7 @@ def resume(target: str, port: int | None) -> None:
     """Go on with a stopped run (TARGET: its run directory, or the id of one of its experiments):
     finished stages are kept, the interrupted stage's NNI experiment is resumed under its id."""
     from nni_fedexit.job.pipeline import STAGES
-    from nni_fedexit.nni_tools.compat import ctrl_c_not_lost
+    from nni_fedexit.nni_compat import ctrl_c_not_lost
     from nni_fedexit.nni_tools.reopen import ReopenError, find_experiment
 
     run_dir = Path(target)
@@ -320,7 +320,7 @@ def resume(target: str, port: int | None) -> None:
 @_user_errors
 def register() -> None:
     """Register SizeAwarePGTuner with nnictl as tuner "SizeAwarePG"; running it again updates it."""
-    from nni_fedexit.nni_tools.compat import import_nni
+    from nni_fedexit.nni_compat import import_nni
 
     nni = import_nni()
     from nni.runtime.config import get_config_file

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from nni_fedexit.nni_tools.compat import accept_import_data
+from nni_fedexit.nni_compat import accept_import_data
 from nni_fedexit.job.config import ConfigError, RunConfig
 from nni_fedexit.data import DataBundle, DataError, DataRoles, ImageData, load_dataset, split_roles
 from nni_fedexit.exits import (

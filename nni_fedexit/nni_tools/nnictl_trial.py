@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 

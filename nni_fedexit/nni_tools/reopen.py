@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nni_fedexit.files import read_json
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 __all__ = ["ExperimentRef", "ReopenError", "check_own_run", "experiment_manifest", "find_experiment", "plain_json_checkpoint_config", "read_nas_config",
            "run_experiments", "view_experiment"]

@@ -234,7 +234,7 @@ def decisions_of_space(space: Any, numerical_bins: int = DEFAULT_BINS, *,
     ``allow`` names the label kinds the caller can run (the shared mode's supernet cannot take a
     continuous value): any other kind is an error naming the label, its kind and what to do.
     """
-    from nni_fedexit.nni_tools.compat import import_nni
+    from nni_fedexit.nni_compat import import_nni
 
     import_nni()
     from nni.mutable import Categorical, CategoricalMultiple, MutableAnnotation, Numerical

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 from nni.nas.profiler import Profiler  # noqa: E402

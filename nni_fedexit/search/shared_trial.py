@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback
 
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 from nni.nas.evaluator import MutableEvaluator  # noqa: E402
 
 from nni_fedexit.data import DataBundle, ImageData, load_dataset, split_roles
 from nni_fedexit.files import read_json, sha256_file, write_atomic, write_json
-from nni_fedexit.nni_tools.nested_trial import OuterTrial
+from nni_fedexit.search.nested_trial import OuterTrial
 from nni_fedexit.search.strategy import SizeAwarePolicyGradient
 from nni_fedexit.space import ResNetBlockPoolSpace, architecture_label, load_space_spec
 

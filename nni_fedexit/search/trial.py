@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 from nni.nas.evaluator import FunctionalEvaluator  # noqa: E402

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 from nni.common.hpo_utils import format_search_space  # noqa: E402

@@ -25,7 +25,7 @@ import torch.nn as nn
 from nni_fedexit.checks import positive_int
 from nni_fedexit.presets import load_preset
 from nni_fedexit.macs import forward_macs
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 from nni_fedexit.space.architecture import architecture_label  # noqa: F401  (also here, where it always was)
 
 import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched

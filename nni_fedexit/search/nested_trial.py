@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from nni_fedexit.nni_tools.compat import import_nni
+from nni_fedexit.nni_compat import import_nni
 
 nni = import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 import nni.trial  # noqa: E402
