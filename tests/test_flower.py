@@ -153,7 +153,7 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     from nni_fedexit.data import load_dataset
     from nni_fedexit.exits import MultiExitNetwork
     from nni_fedexit.federated import FederatedEvaluator, FederatedSettings, federate
-    from nni_fedexit.search.strategy import FixedArchitecture
+    from nni_fedexit.search.labelled import FixedArchitecture
 
     bundle = load_dataset("digits")
     sizes = dict(in_chans=bundle.in_chans, image_size=bundle.image_size, num_classes=bundle.num_classes)

@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from helpers import TINY_SAMPLE, tiny_space
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import MultiExitNetwork
-from nni_fedexit.exits.network import exit_costs
+from nni_fedexit.exits.costs import exit_costs
 from nni_fedexit.federated import FederatedData, FederatedError, FederatedSettings, SimulationBackend, federate
 from nni_fedexit.federated.checkpoint import WEIGHT_FILES, Checkpoint, Resumed, check_state, cpu_tensors
 from nni_fedexit.federated.rounds import RoundEngine

@@ -22,7 +22,7 @@ import torch
 from helpers import TINY_SAMPLE, tiny_space
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import MultiExitNetwork
-from nni_fedexit.exits.network import exit_costs
+from nni_fedexit.exits.costs import exit_costs
 from nni_fedexit.federated import FederatedError, FederatedSettings, UpdateRejected
 from nni_fedexit.federated.aggregators import Aggregator, WeightedMean, register_aggregator
 from nni_fedexit.federated.assign import ClientProfile, client_profiles

@@ -11,7 +11,9 @@ from helpers import run_shared_experiment, tiny_space
 from nni_fedexit.exits import MultiExitNetwork, exit_costs, exit_path_macs, expected_exit_macs
 from nni_fedexit.macs import forward_macs
 from nni_fedexit.search.reward import SizeTarget, target_reward
-from nni_fedexit.search.strategy import FairPathSampler, SizeAwarePolicyGradient, batch_statistics
+from nni_fedexit.search.enas_module import batch_statistics
+from nni_fedexit.search.shared_strategy import FairPathSampler
+from nni_fedexit.search.strategy import SizeAwarePolicyGradient
 
 
 # ---- the reward ------------------------------------------------------------------------------

@@ -17,11 +17,9 @@ from nni.nas.execution import SequentialExecutionEngine
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 from nni.nas.space import BaseModelSpace, SimplifiedModelSpace, current_model, model_context
 
-from nni_fedexit.search.strategy import (
-    SharedSizeAwarePolicyGradient,
-    SizeAwarePolicyGradient,
-    TrialsSizeAwarePolicyGradient,
-)
+from nni_fedexit.search.shared_strategy import SharedSizeAwarePolicyGradient
+from nni_fedexit.search.strategy import SizeAwarePolicyGradient
+from nni_fedexit.search.trials_strategy import TrialsSizeAwarePolicyGradient
 from helpers import run_shared_experiment, run_trials_experiment, tiny_space
 
 
@@ -74,6 +72,21 @@ def test_mode_picks_the_class_and_bad_options_are_refused():
         SizeAwarePolicyGradient(mode="evolution")
     with pytest.raises(ValueError, match="beta"):
         SizeAwarePolicyGradient(beta=0.5)
+
+
+def test_each_mode_refuses_the_other_modes_arguments_by_name():
+    with pytest.raises(ValueError, match=r"mode='trials'\) does not take 'warmup_epochs' \(an argument of mode='shared'\)"):
+        SizeAwarePolicyGradient(mode="trials", warmup_epochs=2)
+    with pytest.raises(ValueError, match=r"mode='shared'\) does not take 'dedup' \(an argument of mode='trials'\)"):
+        SizeAwarePolicyGradient(dedup=False)
+    with pytest.raises(ValueError, match=r"does not take 'numerical_bins' \(an argument of mode='trials'\), 'typo'"):
+        SharedSizeAwarePolicyGradient(numerical_bins=4, typo=1)
+    shared = SizeAwarePolicyGradient(warmup_epochs=1, bn_eval="running", seed=2)
+    assert (shared.warmup_epochs, shared.bn_eval, shared.controller_settings.seed) == (1, "running", 2)
+    trials = TrialsSizeAwarePolicyGradient(dedup=False, numerical_bins=4)
+    assert (trials.dedup, trials.numerical_bins, trials.mode) == (False, 4, "trials")
+    with pytest.raises(ValueError, match="TrialsSizeAwarePolicyGradient runs mode 'trials', not 'shared'"):
+        TrialsSizeAwarePolicyGradient(mode="shared")
 
 
 def test_trials_mode_searches_a_continuous_label_and_the_shared_mode_refuses_it_by_name():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nni_fedexit.exits import early_exit_metrics
-from nni_fedexit.exits.network import ExitCost
+from nni_fedexit.exits.costs import ExitCost
 from nni_fedexit.exits.thresholds import (
     ExitScores, certified_thresholds, drop_upper_bound, per_exit_thresholds, shared_thresholds, threshold_grid,
 )

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nni_fedexit.exits.network import PREDICTIONS, MultiExitNetwork, early_exit_predict, export_errors
+from nni_fedexit.exits.calibration import early_exit_predict
+from nni_fedexit.exits.export import export_errors
+from nni_fedexit.exits.network import PREDICTIONS, MultiExitNetwork
 from nni_fedexit.exits.thresholds import CRITERIA
 from nni_fedexit.files import read_json, sha256_file, write_json
 

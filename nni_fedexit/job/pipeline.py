@@ -42,7 +42,7 @@ from nni_fedexit.search.shared_trial import (
     SearchCheckpoint, SharedSearchEvaluator, block_pool_space, lightning_device, search_trainer_settings,
     shared_search_evaluator,
 )
-from nni_fedexit.search.strategy import FixedArchitecture
+from nni_fedexit.search.labelled import FixedArchitecture
 from nni_fedexit.nni_tools.webui import nni_manager_env, web_ui_message
 
 __all__ = ["PipelineError", "Run", "STAGES", "check_device", "lightning_device", "search_trainer_settings",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from nni_fedexit.exits.network import expected_exit_macs
+from nni_fedexit.exits.costs import expected_exit_macs
 from nni_fedexit.search.profiler import ParamsProfiler
 from nni_fedexit.search.reward import SizeTarget
 

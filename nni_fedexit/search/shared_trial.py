@@ -2,7 +2,7 @@
 
 NNI runs a one-shot strategy on its sequential engine, which has no trials and no web UI. Here
 one trial of a training-service experiment runs exactly that search: the same
-:class:`~nni_fedexit.search.strategy.SharedSizeAwarePolicyGradient`, the same Lightning evaluator
+:class:`~nni_fedexit.search.shared_strategy.SharedSizeAwarePolicyGradient`, the same Lightning evaluator
 (:func:`shared_search_evaluator`) and the same seeds, on NNI's sequential engine inside the trial
 process, so it chooses what the search chose before. Around it, a Lightning callback
 (:class:`SearchMonitor`) does three things after every epoch:
