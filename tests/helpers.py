@@ -240,6 +240,18 @@ def venv_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+# ---- federated settings ------------------------------------------------------------------------
+
+
+def digits_settings(**overrides: object):
+    """FederatedSettings of a small digits run (2 rounds, 4 clients, linear heads); ``overrides``
+    change any field. A test module with other needs binds its own with functools.partial."""
+    from nni_fedexit.federated import FederatedSettings
+
+    base = dict(dataset="digits", rounds=2, num_clients=4, min_clients=2, batch_size=32, lr=0.05, seed=0, head="linear")
+    return FederatedSettings(**{**base, **overrides})
+
+
 # ---- torch -------------------------------------------------------------------------------------
 
 

@@ -27,13 +27,10 @@ from nni_fedexit.federated import (
     train_local,
     validate,
 )
-from helpers import TINY_SAMPLE as SAMPLE, needs_fmnist, run_trials_experiment, tiny_space
+from helpers import TINY_SAMPLE as SAMPLE, digits_settings, needs_fmnist, run_trials_experiment, tiny_space
 
 
-def digits_settings(**overrides):
-    base = dict(dataset="digits", rounds=2, num_clients=4, min_clients=2, batch_size=32, lr=0.05, seed=0, head="linear")
-    base.update(overrides)
-    return FederatedSettings(**base)
+
 
 
 # ---- aggregation -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """S5 training options: self-distillation, FedProx, FedDyn, server optimisers, BatchNorm under
 skew, and the ensemble of exits; each checked against the behaviour it must reduce to."""
 
+import functools
 import copy
 
 import pytest
@@ -20,13 +21,11 @@ from nni_fedexit.federated.batchnorm import bn_keys, is_bn_statistic, reestimate
 from nni_fedexit.federated.objectives import (
     FedDynObjective, FedProxObjective, MultiExitObjective, make_objective, self_distillation,
 )
-from helpers import TINY_SAMPLE as SAMPLE, tiny_space
+from helpers import TINY_SAMPLE as SAMPLE, digits_settings as shared_digits_settings, tiny_space
 
 
-def digits_settings(**overrides):
-    base = dict(dataset="digits", rounds=2, num_clients=4, min_clients=2, batch_size=32, lr=0.05, seed=0, head="conv")
-    base.update(overrides)
-    return FederatedSettings(**base)
+digits_settings = functools.partial(shared_digits_settings, head="conv")
+
 
 
 def tiny_model(seed=0):

@@ -19,6 +19,8 @@ NNI experiment starts. The real deployment with a hostile ClientApp is in tests/
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import inspect
 import json
@@ -41,7 +43,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nni_fedexit.data import DataError, load_dataset, load_image_folder
-from nni_fedexit.federated import FederatedData, FederatedError, FederatedSettings, SimulationBackend, federate
+from nni_fedexit.federated import FederatedData, FederatedError, SimulationBackend, federate
 from nni_fedexit.federated.aggregators import Aggregator, WeightedMean, register_aggregator
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.job.cli import main
@@ -49,7 +51,7 @@ from nni_fedexit import nni_compat as compat
 from nni_fedexit.nni_tools.reopen import (
     ExperimentRef, ReopenError, find_experiment, plain_json_checkpoint_config, read_nas_config,
 )
-from helpers import EXAMPLES, TINY_SAMPLE, TINY_SAMPLE as SAMPLE, needs_flwr, tiny_space
+from helpers import EXAMPLES, TINY_SAMPLE, TINY_SAMPLE as SAMPLE, digits_settings as shared_digits_settings, needs_flwr, tiny_space
 
 
 # ==== 1 and 8. run directories and NNI commands we did not write ==================================
@@ -325,10 +327,8 @@ def test_resumed_channel_skips_unknown_commands_undecoded_and_keeps_listening(tm
     assert "_receive" not in vars(channel)  # the patch leaves nothing on the channel
 
 # ==== 2 to 5 and 9. clients, replies, checkpoints =================================================
-def digits_settings(**overrides):
-    base = dict(dataset="digits", rounds=1, num_clients=4, min_clients=2, batch_size=32, lr=0.05, seed=0, head="linear")
-    base.update(overrides)
-    return FederatedSettings(**base)
+digits_settings = functools.partial(shared_digits_settings, rounds=1)
+
 
 
 class Hostile(SimulationBackend):

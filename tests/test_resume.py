@@ -10,6 +10,8 @@ with consistent hashes), whose changes must carry into the resumed run.
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import hashlib
 import json
@@ -23,11 +25,11 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from helpers import TINY_SAMPLE, tiny_space
+from helpers import TINY_SAMPLE, digits_settings as shared_digits_settings, tiny_space
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import MultiExitNetwork
 from nni_fedexit.exits.costs import exit_costs
-from nni_fedexit.federated import FederatedData, FederatedError, FederatedSettings, SimulationBackend, federate
+from nni_fedexit.federated import FederatedData, FederatedError, SimulationBackend, federate
 from nni_fedexit.federated.checkpoint import WEIGHT_FILES, Checkpoint, Resumed, check_state, cpu_tensors
 from nni_fedexit.federated.rounds import RoundEngine
 
@@ -387,11 +389,9 @@ def test_an_unreadable_state_json_is_refused_on_load(tmp_path):
         Checkpoint(tmp_path).load()
 
 
-def fed_settings(**overrides) -> FederatedSettings:
-    base = dict(dataset="digits", rounds=3, num_clients=2, min_clients=1, lr=0.1, seed=0, head="linear",
-                bn_stats="average", server_steps=0)
-    base.update(overrides)
-    return FederatedSettings(**base)
+fed_settings = functools.partial(shared_digits_settings, rounds=3, num_clients=2, min_clients=1, lr=0.1,
+                                 bn_stats="average", server_steps=0)
+
 
 
 def test_resume_point_follows_the_resume_setting_the_fingerprint_and_the_rounds(tmp_path):
@@ -676,11 +676,8 @@ def test_server_state_of_another_aggregator_is_refused(template, val, costs, tmp
 # ---- a real run stopped and resumed (digits, 2 + 1 rounds) ---------------------------------------------
 
 
-def digits_settings(**overrides) -> FederatedSettings:
-    base = dict(dataset="digits", rounds=2, num_clients=3, min_clients=2, batch_size=64, lr=0.05, seed=0, head="linear",
-                client_samples=120)
-    base.update(overrides)
-    return FederatedSettings(**base)
+digits_settings = functools.partial(shared_digits_settings, num_clients=3, batch_size=64, client_samples=120)
+
 
 
 class Recording(SimulationBackend):

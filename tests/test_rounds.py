@@ -9,6 +9,8 @@ bias, so its logits are that bias for every image and the cross-entropies are ha
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import hashlib
 import logging
@@ -19,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_SAMPLE, tiny_space
+from helpers import TINY_SAMPLE, digits_settings as shared_digits_settings, tiny_space
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import MultiExitNetwork
 from nni_fedexit.exits.costs import exit_costs
-from nni_fedexit.federated import FederatedError, FederatedSettings, UpdateRejected
+from nni_fedexit.federated import FederatedError, UpdateRejected
 from nni_fedexit.federated.aggregators import Aggregator, WeightedMean, register_aggregator
 from nni_fedexit.federated.assign import ClientProfile, client_profiles
 from nni_fedexit.federated.batchnorm import reestimate_bn_statistics
@@ -55,11 +57,8 @@ def hand_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def settings(**overrides) -> FederatedSettings:
-    base = dict(dataset="digits", rounds=3, num_clients=4, min_clients=2, lr=0.1, seed=0, head="linear",
-                bn_stats="average", server_steps=0)
-    base.update(overrides)
-    return FederatedSettings(**base)
+settings = functools.partial(shared_digits_settings, rounds=3, lr=0.1, bn_stats="average", server_steps=0)
+
 
 
 @pytest.fixture(scope="module")

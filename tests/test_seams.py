@@ -1,6 +1,7 @@
 """S5 seams: a new aggregator, client objective or backend is a few lines plus its registration,
 chosen by name in the settings, and its state survives rounds and checkpoints."""
 
+import functools
 import copy
 
 import pytest
@@ -8,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from nni_fedexit.federated import (
-    Aggregator, ClientObjective, FederatedData, FederatedSettings, MultiExitObjective, WeightedMean, federate,
+    Aggregator, ClientObjective, FederatedData, MultiExitObjective, WeightedMean, federate,
     register_aggregator, register_backend, register_objective,
 )
 from nni_fedexit.federated.backends.simulation import run_simulation
-from helpers import TINY_SAMPLE, tiny_space
+from helpers import TINY_SAMPLE, digits_settings as shared_digits_settings, tiny_space
 
 
 @register_aggregator("test-server-momentum")
@@ -67,10 +68,8 @@ class ProximalCounting(ClientObjective):
             ctx.client_state["rounds"] = ctx.client_state.get("rounds", torch.tensor(0)) + 1
 
 
-def settings(**overrides):
-    base = dict(dataset="digits", rounds=2, num_clients=4, min_clients=2, client_fraction=0.5, batch_size=32,
-                lr=0.05, seed=0, head="linear")
-    return FederatedSettings(**{**base, **overrides})
+settings = functools.partial(shared_digits_settings, client_fraction=0.5)
+
 
 
 def run(s, digits, network):
