@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nni-fedexit-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data browser demo test mutation docs clean
+.PHONY: install data browser demo test test-fast mutation docs clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ demo: install data
 
 test: install data browser
 	$(PY) -m pytest -q
+
+# The quick loop while changing code: every test not marked slow (no NNI experiment, Flower or Ray
+# process, browser or docs build); `make test` (what CI runs) runs them all.
+test-fast: install data
+	$(PY) -m pytest -q -m "not slow"
 
 # Mutation testing of the core (not part of `make test`): one mutmut shard per module, results in
 # benchmarks/results/mutation.json; docs/testing.md says what it covers and how long it takes.

@@ -63,7 +63,9 @@ SHARDS = [
     Shard("thresholds", "nni_fedexit/exits/thresholds.py", ("tests/test_guarantee.py",)),
     Shard("runtime", "nni_fedexit/exits/runtime.py", ("tests/test_runtime.py",)),
     Shard("controller", "nni_fedexit/search/controller.py", ("tests/test_policy_gradient.py",)),
+    Shard("controller_settings", "nni_fedexit/search/controller_settings.py", ("tests/test_policy_gradient.py",)),
     Shard("reward", "nni_fedexit/search/reward.py", ("tests/test_reward.py",)),
+    Shard("profiler", "nni_fedexit/search/profiler.py", ("tests/test_reward.py",)),
     Shard("decisions", "nni_fedexit/search/decisions.py", ("tests/test_decisions.py",)),
     Shard("replies", "nni_fedexit/federated/backends/flower/replies.py", ("tests/test_replies.py",)),
 ]

@@ -372,7 +372,7 @@ def _check_strategy(config: RunConfig) -> None:
     from nni_fedexit.presets import PresetError, load_preset
     from nni_fedexit.search.controller import ControllerSettings
     from nni_fedexit.search.shared_trial import SharedSearchSettings
-    from nni_fedexit.search.strategy import SizeAwarePolicyGradient
+    from nni_fedexit.search.strategy import MODES, SizeAwarePolicyGradient, argument_mode, mode_class, strategy_parameters
 
     preset, overrides = config.strategy_arguments()
     try:
@@ -380,12 +380,19 @@ def _check_strategy(config: RunConfig) -> None:
     except PresetError as err:
         key = "search.strategy.preset" if isinstance(config.search.strategy, Mapping) else "search.strategy"
         raise ConfigError(f"{key}: {err}") from err
-    params = {name: p for name, p in inspect.signature(SizeAwarePolicyGradient.__init__).parameters.items()
-              if name != "self" and p.kind is p.KEYWORD_ONLY}
     merged = {**data, **overrides}
+    mode = merged.get("mode") or "shared"
+    if mode not in MODES:
+        source = "" if "mode" in overrides else f" (in the preset {where})"
+        raise ConfigError(f"search.strategy.mode{source}: must be one of {list(MODES)}, got {mode!r}")
+    params = strategy_parameters(mode_class(mode))
     for key, value in merged.items():
         source = "" if key in overrides else f" (in the preset {where})"
         if key not in params:
+            other = argument_mode(key)
+            if other is not None:
+                raise ConfigError(f"search.strategy.{key}{source}: an option of mode {other!r}, not of mode {mode!r}; "
+                                  f"mode {mode!r} takes {sorted({*params, 'preset'})}")
             raise ConfigError(f"search.strategy.{key}: unknown key{source}; search.strategy takes "
                               f"{sorted({*params, 'preset'})}")
         if key == "controller" and value is not None:

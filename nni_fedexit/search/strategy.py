@@ -53,8 +53,8 @@ import_nni()  # before anything from NNI: its torch warnings quieted, its manage
 from nni.mutable import SampleValidationError  # noqa: E402
 from nni.nas.strategy.base import Strategy  # noqa: E402
 
-__all__ = ["MODES", "MODE_KINDS", "SizeAwarePolicyGradient", "accepted_arguments", "check_arguments", "mode_class",
-           "sample_key", "violation"]
+__all__ = ["MODES", "MODE_KINDS", "SizeAwarePolicyGradient", "accepted_arguments", "argument_mode", "check_arguments",
+           "mode_class", "sample_key", "strategy_parameters", "violation"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,16 +74,29 @@ def mode_class(mode: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def accepted_arguments(cls: type) -> set[str]:
-    """The keyword arguments a strategy class takes: its own and those of the classes it extends."""
-    names: set[str] = set()
+def strategy_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword arguments a strategy class takes (its own and those of the classes it extends),
+    by name, with their annotations and defaults."""
+    found: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None or not issubclass(klass, SizeAwarePolicyGradient):
             continue
-        names |= {p.name for p in inspect.signature(init).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")}
-    return names
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"):
+                found.setdefault(p.name, p)
+    return found
+
+
+def accepted_arguments(cls: type) -> set[str]:
+    """The keyword arguments a strategy class takes: its own and those of the classes it extends."""
+    return set(strategy_parameters(cls))
+
+
+def argument_mode(name: str) -> str | None:
+    """The mode whose strategy takes the argument ``name`` and the other does not (None: both or neither)."""
+    modes = [mode for mode in MODES if name in accepted_arguments(mode_class(mode))]
+    return modes[0] if len(modes) == 1 else None
 
 
 def check_arguments(cls: type, kwargs: Mapping[str, Any]) -> None:
@@ -93,11 +106,10 @@ def check_arguments(cls: type, kwargs: Mapping[str, Any]) -> None:
     unknown = sorted(set(kwargs) - known)
     if not unknown:
         return
-    other = {mode: accepted_arguments(mode_class(mode)) for mode in MODES if mode != cls.MODE}
     hints = []
     for name in unknown:
-        modes = [mode for mode, args in other.items() if name in args]
-        hints.append(f"{name!r} (an argument of mode={modes[0]!r})" if modes else repr(name))
+        mode = argument_mode(name)
+        hints.append(f"{name!r} (an argument of mode={mode!r})" if mode else repr(name))
     raise ValueError(f"SizeAwarePolicyGradient(mode={cls.MODE!r}) does not take {', '.join(hints)}; "
                      f"its arguments: {sorted(known)}")
 
