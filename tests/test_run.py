@@ -181,6 +181,38 @@ def test_a_plugin_chosen_in_the_yaml_runs_inside_the_nni_trial(tiny_run, tmp_pat
     assert json.loads((partial / "federated" / "metrics.json").read_text())["rounds"]
 
 
+def test_no_nni_runs_the_same_stages_in_process(tiny_run, tmp_path):
+    """--no-nni: the search and the federated rounds run in this process (no NNI experiment, no
+    web UI) and give the run NNI's trials gave: the same samples and controller steps, the same
+    rounds (clients, branches, seeds; losses equal up to float rounding: the federated trial ran in
+    a process of its own, here it follows the search in this one); the report says it ran without NNI."""
+    first, _ = tiny_run
+    plain = tmp_path / "plain"
+    result = CliRunner().invoke(main, ["run", str(EXAMPLES / "tiny_digits.yaml"), "--run-dir", str(plain), "--no-nni"])
+    assert result.exit_code == 0, result.output
+    assert "in this process (no NNI experiment)" in result.output and "nnictl" not in result.output
+    assert not (plain / "nni-experiments").exists() and not (plain / "search" / "experiment.json").exists()
+    history = [json.loads((d / "search" / "history.json").read_text()) for d in (first, plain)]
+    assert history[1]["experiment_id"] is None
+    assert history[0]["samples"] == history[1]["samples"]
+    assert history[0]["controller_steps"] == history[1]["controller_steps"]
+    rounds = [json.loads((d / "federated" / "metrics.json").read_text()) for d in (first, plain)]
+    assert rounds[1]["experiment_id"] is None and len(rounds[0]["rounds"]) == len(rounds[1]["rounds"])
+    for nni_round, plain_round in zip(rounds[0]["rounds"], rounds[1]["rounds"]):
+        assert nni_round["clients"] == plain_round["clients"] and nni_round["accepted"] == plain_round["accepted"]
+        assert plain_round["total_loss"] == pytest.approx(nni_round["total_loss"], rel=1e-4)
+    assert rounds[0]["best_round"] == rounds[1]["best_round"]
+    assert "without NNI" in (plain / "report.md").read_text()
+
+
+def test_no_nni_refuses_the_trials_mode_by_name(tmp_path):
+    config = yaml.safe_load((EXAMPLES / "tiny_digits.yaml").read_text())
+    config["search"]["strategy"] = {"preset": "size_aware_pg_trials"}
+    (tmp_path / "trials.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["search", str(tmp_path / "trials.yaml"), "--run-dir", str(tmp_path / "r"), "--no-nni"])
+    assert result.exit_code == 2 and "the trials mode runs every sampled network as an NNI trial" in result.output
+
+
 def test_help_of_every_command():
     for command in ("run", "search", "federate", "evaluate", "export", "report", "space"):
         result = CliRunner().invoke(main, [command, "--help"])

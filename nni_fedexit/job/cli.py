@@ -152,7 +152,8 @@ def demo(space_preset: str, dataset: str, data_dir: str | None, download: bool, 
     click.echo(f"total {time.time() - t0:.0f} s")
 
 
-def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None) -> None:
+def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: int | None, run_dir: str | None,
+                use_nni: bool = True) -> None:
     from nni_fedexit.job.config import load_config
     from nni_fedexit.job.pipeline import Run
     from nni_fedexit.nni_compat import ctrl_c_not_lost  # a Ctrl-C in a finaliser still stops the run
@@ -162,7 +163,7 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
         overrides["run_dir"] = run_dir
     if port is not None:
         overrides["nni.port"] = port
-    run = Run(load_config(config_path, overrides), echo=click.echo)  # checked once, here
+    run = Run(load_config(config_path, overrides), echo=click.echo, use_nni=use_nni)  # checked once, here
     try:
         with ctrl_c_not_lost():
             run.run(resume=resume, stages=stages)
@@ -179,7 +180,8 @@ def _summary(run: Any) -> None:
     for name in ("report.md", "search/architecture.json", "federated/metrics.json", "evaluation.json", "model.safetensors", "export"):
         if (d / name).exists():
             click.echo(f"  {d / name}")
-    click.echo(f"NNI experiments: nnictl experiment list (working directory {run.experiments_dir()})")
+    if run.use_nni:
+        click.echo(f"NNI experiments: nnictl experiment list (working directory {run.experiments_dir()})")
 
 
 def _stage_command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -191,27 +193,30 @@ def _stage_command(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--port", type=int, default=None, help="Port of NNI's web UI (default: the config's nni.port)."),
         click.option("--run-dir", default=None, help="Run directory (default: the config's run_dir, else "
                      "runs/<config name>)."),
+        click.option("--nni/--no-nni", "use_nni", default=True, show_default=True,
+                     help="Run the search and federated stages as NNI experiments (watched in NNI's web UI), or "
+                          "in this process with the same results and checkpoints (shared search mode only)."),
     )):
         fn = option(fn)
     return main.command()(_user_errors(fn))
 
 
 @_stage_command
-def run(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
+def run(config: str, resume: bool, port: int | None, run_dir: str | None, use_nni: bool) -> None:
     """S1 to S5 end to end: search, federated training, early-exit evaluation, export, report."""
-    _run_stages(config, ("search", "federate", "evaluate", "export", "report"), resume, port, run_dir)
+    _run_stages(config, ("search", "federate", "evaluate", "export", "report"), resume, port, run_dir, use_nni)
 
 
 @_stage_command
-def search(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
+def search(config: str, resume: bool, port: int | None, run_dir: str | None, use_nni: bool) -> None:
     """S3 only: search the block-pool space; writes search/architecture.json."""
-    _run_stages(config, ("search",), resume, port, run_dir)
+    _run_stages(config, ("search",), resume, port, run_dir, use_nni)
 
 
 @_stage_command
-def federate(config: str, resume: bool, port: int | None, run_dir: str | None) -> None:
+def federate(config: str, resume: bool, port: int | None, run_dir: str | None, use_nni: bool) -> None:
     """S4 + S5: federated training of the searched architecture's exit-point model (needs a search)."""
-    _run_stages(config, ("federate",), True, port, run_dir)
+    _run_stages(config, ("federate",), True, port, run_dir, use_nni)
 
 
 def _existing_run(run_dir: str, port: int | None = None) -> Any:

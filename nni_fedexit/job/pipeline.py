@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -39,7 +39,7 @@ from nni_fedexit.checks import reason
 from nni_fedexit.files import read_json, write_atomic, write_json, write_text
 from nni_fedexit.space import ResNetBlockPoolSpace
 from nni_fedexit.search.shared_trial import (
-    SearchCheckpoint, SharedSearchEvaluator, block_pool_space, lightning_device, search_trainer_settings,
+    SearchCheckpoint, SharedSearchEvaluator, block_pool_space, lightning_device, search_trainer_settings, shared_search,
     shared_search_evaluator,
 )
 from nni_fedexit.search.labelled import FixedArchitecture
@@ -115,10 +115,12 @@ def check_device(device: str) -> None:
 class Run:
     """One run directory and the stages that fill it."""
 
-    def __init__(self, config: RunConfig, echo: Callable[[str], None] = print):
+    def __init__(self, config: RunConfig, echo: Callable[[str], None] = print, use_nni: bool = True):
         self.config = config
         self.dir = Path(config.run_dir).resolve()
         self.echo = echo
+        #: False: the search and federated stages run in this process, not as NNI trials (no web UI)
+        self.use_nni = use_nni
         self._data: DataBundle | None = None
         self._space: ResNetBlockPoolSpace | None = None
         self._federated_data: FederatedData | None = None
@@ -218,7 +220,13 @@ class Run:
 
     def stage_search(self) -> dict[str, Any]:
         strategy = self.config.new_strategy()
-        if strategy.mode == "shared":
+        if not self.use_nni:
+            if strategy.mode != "shared":
+                raise PipelineError("search.strategy: the trials mode runs every sampled network as an NNI trial, so it "
+                                    "needs NNI; without NNI (--no-nni) search in the shared mode (strategy "
+                                    "size_aware_pg), or leave --no-nni out")
+            best, history, costs = self._shared_search_in_process()
+        elif strategy.mode == "shared":
             best, history, costs = self._shared_search()
         else:
             best, history, costs = self._trials_search(strategy)
@@ -307,6 +315,18 @@ class Run:
         costs = {k: result.get(k) for k in ("params", "macs", "early_exit_macs")}
         return dict(result["sample"]), {"experiment_id": exp.id, **result["summary"]}, costs
 
+    def _shared_search_in_process(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Shared mode without NNI: the same search as the NNI trial's (:func:`shared_search`), run
+        here, with the same checkpoints (an interrupted one resumes from its last epoch)."""
+        s = self.config.shared_search_settings()
+        resumes = SearchCheckpoint(s.checkpoint_dir).resume_point(s)
+        after = " from its last checkpoint" if resumes is not None else ""
+        self.echo(f"[search] {s.epochs} epochs of shared weights in this process{after} (no NNI experiment); "
+                  f"checkpoints and TensorBoard log in {s.checkpoint_dir}")
+        result = shared_search(s)
+        costs = {k: result.get(k) for k in ("params", "macs", "early_exit_macs")}
+        return dict(result["sample"]), {"experiment_id": None, **result["summary"]}, costs
+
     def _watch_epochs(self, checkpoint: SearchCheckpoint, epochs: int, stop: threading.Event) -> None:
         """Progress bar of the search trial, read from its checkpoints (the last epoch has none)."""
         from tqdm.auto import tqdm
@@ -374,6 +394,9 @@ class Run:
         Checkpoint(s.checkpoint_dir).resume_point(s)
         if s.server_steps != 0 and self.config.exits.margin == "held_out":
             self.held_out_split()  # images left to certify the early exits on: checked before training
+        if not self.use_nni:
+            self._federate_in_process(arch, s)
+            return
         evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
         # resumed: the experiment of the interrupted stage goes on under its id, and NNI runs its
         # interrupted trial again, which resumes the rounds from the federated checkpoint
@@ -400,8 +423,35 @@ class Run:
         if state["round"] < s.rounds:
             raise PipelineError(f"the federated trial stopped after round {state['round']} of {s.rounds}: see its log "
                                 f"under {self.experiments_dir() / exp.id}; continue with: nni-fedexit resume {self.dir}")
+        self._record_federated(arch, s, state, exp.id)
+
+    def _federate_in_process(self, arch: Mapping[str, Any], s: Any) -> None:
+        """The federated stage without NNI: the network the trial would build (the same seed before
+        it is built), trained by :func:`~nni_fedexit.federated.federate` here, resuming from the
+        stage's checkpoint as the trial does."""
+        from nni_fedexit.federated import federate
+        from nni_fedexit.federated.rounds import stable_seed
+
+        where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
+                 else f"x {s.num_clients} simulated clients")
+        self.echo(f"[federate] {s.rounds} rounds {where} in this process (no NNI experiment); checkpoints in "
+                  f"{s.checkpoint_dir}")
+        from nni.nas.space import SimplifiedModelSpace
+
+        # the network as NNI's trial builds it: the frozen model space instantiated under the same seed
+        frozen = SimplifiedModelSpace.from_model(self.new_space()).freeze(dict(arch["sample"]))
+        torch.manual_seed(stable_seed(s.seed))  # as FederatedEvaluator seeds the trial before NNI builds its network
+        federate(frozen.executable_model(), s, report=False)
+        state = Checkpoint(s.checkpoint_dir).state()
+        if state is None or state["round"] < s.rounds:
+            raise PipelineError(f"the federated rounds stopped before round {s.rounds} (checkpoints in {s.checkpoint_dir}); "
+                                f"continue with: nni-fedexit run CONFIG --resume --no-nni --run-dir {self.dir}")
+        self._record_federated(arch, s, state, None)
+
+    def _record_federated(self, arch: Mapping[str, Any], s: Any, state: Mapping[str, Any], experiment_id: str | None) -> None:
+        """metrics.json, partition.json, model.safetensors and model.json from the stage's checkpoint."""
         write_json(self.dir / "federated" / "metrics.json", {
-            "experiment_id": exp.id, "best_round": state["best_round"], "rounds": state["history"],
+            "experiment_id": experiment_id, "best_round": state["best_round"], "rounds": state["history"],
             "options": {**training_options(s), **server_training(s, len(self.roles.search_train))},
         })
         data = self.federated_data()

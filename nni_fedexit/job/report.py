@@ -233,7 +233,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"{arch['baseline']} baseline at the same widths (P = {arch['baseline_params']:,}); "
         f"the space holds {arch['num_architectures']:,} networks. Search: {search['mode']} mode, "
         f"{len(search['controller_steps'])} controller steps, " + _reward_words(search)
-        + f" (NNI experiment `{search['experiment_id']}`).",
+        + (f" (NNI experiment `{search['experiment_id']}`)." if search.get("experiment_id") else " (run in-process, without NNI)."),
         "",
         f"![reward]({plots['reward']})",
         f"![accuracy vs params]({plots['arch']})",
@@ -242,7 +242,8 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         f"{len(fed['rounds'])} rounds, {len(part['clients'])} clients, partition {part['scheme']} "
         f"(label skew {part['label_skew']:.3f}); best round {fed['best_round']} "
-        f"({_best_rule(fed.get('options', {}))}). NNI experiment `{fed['experiment_id']}`.",
+        f"({_best_rule(fed.get('options', {}))}). "
+        + (f"NNI experiment `{fed['experiment_id']}`." if fed.get("experiment_id") else "Run in-process, without NNI."),
         "",
         *([_options_words(fed["options"]), ""] if fed.get("options") else []),
         "| round | " + " | ".join(f"exit {i + 1} val acc" for i in range(len(best["exit_accuracy"]))) + " | total loss | clients (accepted) |",
