@@ -185,6 +185,7 @@ def test_reestimation_without_data_or_without_batchnorm_does_nothing():
     assert plain.calls == 0
 
 
+@pytest.mark.slow
 def test_the_round_engine_reestimates_after_every_round(digits):
     """bn_stats 'server' over two rounds: the final model's statistics are its own weights' statistics
     on the server's images (a run that re-estimated only after the first round would not match)."""

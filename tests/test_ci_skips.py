@@ -13,6 +13,8 @@ import pytest
 
 from helpers import BIN, ROOT
 
+pytestmark = pytest.mark.slow  # NNI experiments, Flower or Ray processes, a browser: make test-fast leaves them out
+
 #: one test per thing `make test` installs, and the words its skip reason must contain
 NEEDS = {
     "tests/test_data.py::test_fashion_mnist_loads_from_the_debian_package": ("Fashion-MNIST", "make data"),
@@ -24,6 +26,7 @@ NEEDS = {
 SITECUSTOMIZE = """
 from pathlib import Path
 import nni_fedexit.data, nni_fedexit.data.datasets
+
 nni_fedexit.data.FASHION_MNIST_SYSTEM_DIR = nni_fedexit.data.datasets.FASHION_MNIST_SYSTEM_DIR = Path({empty!r})
 """
 

@@ -36,6 +36,7 @@ print("hook restored:", sys.unraisablehook is sys.__unraisablehook__)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "guarded"])
 def test_a_ctrl_c_inside_a_finaliser_interrupts_the_main_thread_only_with_the_guard(mode):
     out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, timeout=60)

@@ -161,6 +161,7 @@ def test_confidence_criteria():
     assert ent[0] > 0.99 and ent[1] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_threshold_zero_exits_everything_at_exit_1_and_above_one_at_the_last(trained, digits):
     logits, labels = exit_outputs(trained, digits.test)
     accs = exit_accuracies(logits, labels)
@@ -256,6 +257,7 @@ def test_per_exit_calibration_is_within_the_drop_and_never_dearer_than_the_share
     assert share == pytest.approx(mine.exit_share)
 
 
+@pytest.mark.slow
 def test_a_held_out_split_certifies_the_drop_and_says_so(trained, digits):
     learn, held_out = digits.test.subset(range(0, 180)), digits.test.subset(range(180, 359))
     result = calibrate(trained, learn, max_accuracy_drop=0.05, held_out=held_out, confidence_level=0.9)
@@ -294,6 +296,7 @@ def test_early_exit_inference_runs_each_stage_only_on_the_samples_still_inside(t
     assert torch.bincount(taken, minlength=4)[1:].tolist() == [inside[0] - inside[1], inside[1] - inside[2], inside[2]]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_exported_branches_match_pytorch(trained, digits, tmp_path):
     import onnxruntime
@@ -334,6 +337,7 @@ class _DataDependent(torch.nn.Module):
         return x if x.sum() > 0 else -x
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # what the two bad stages are about
 def test_an_export_that_fails_or_differs_is_one_error_naming_the_branch_and_file(tmp_path):
     x = torch.randn(2, 1, 8, 8)

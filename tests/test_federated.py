@@ -122,6 +122,7 @@ def test_settings_errors_name_the_key():
         FederatedData(digits_settings(num_clients=5000))
 
 
+@pytest.mark.slow
 def test_one_client_with_all_the_data_equals_central_training(digits):
     """One client holding every training example, the whole network (capability assignment with a
     full budget), one round: the federated model is, bit for bit, a plain PyTorch training loop
@@ -166,6 +167,7 @@ def test_one_client_with_all_the_data_equals_central_training(digits):
         assert torch.equal(fed[k], cen[k]), k
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_federated_run_on_fashion_mnist_raises_validation_accuracy(tmp_path):
     space = ResNetBlockPoolSpace.from_preset("resnet_pool", widths=[8, 16, 16, 32])
@@ -199,6 +201,7 @@ class FaultyBackend(SimulationBackend):
         return update
 
 
+@pytest.mark.slow
 def test_failing_client_and_nan_update_are_dropped_and_named(digits, caplog):
     s = digits_settings(rounds=1, num_clients=4, min_clients=2)
     with caplog.at_level(logging.WARNING, logger="nni_fedexit"):
@@ -213,6 +216,7 @@ def test_failing_client_and_nan_update_are_dropped_and_named(digits, caplog):
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_too_few_updates_stops_with_a_clear_error_and_keeps_trained_rounds(digits, tmp_path):
     class AllFail(SimulationBackend):
         def train_client(self, global_state, task):
@@ -235,6 +239,7 @@ def test_too_few_updates_stops_with_a_clear_error_and_keeps_trained_rounds(digit
     assert (tmp_path / "best.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_to_the_same_model(digits, tmp_path):
     net = tiny_space().build(SAMPLE)
     full = federate(copy.deepcopy(net), digits_settings(rounds=3), data=None, report=False)
@@ -257,6 +262,7 @@ def test_stopped_run_resumes_to_the_same_model(digits, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
 
 
+@pytest.mark.slow
 def test_capability_assignment_run(digits):
     s = digits_settings(rounds=1, num_clients=6, assignment="capability",
                         profile_mix=[["tiny", 0.01, 0.5], ["full", 1.0, 0.5]])
@@ -265,6 +271,7 @@ def test_capability_assignment_run(digits):
     assert depths == {3}  # "tiny" devices afford no branch; "full" ones train the deepest
 
 
+@pytest.mark.slow
 def test_federated_evaluator_runs_as_nni_trials_with_a_curve_per_round(tmp_path):
     """FederatedEvaluator as the evaluator of a trials search: shipped to trial processes by NNI."""
     import json
@@ -297,6 +304,7 @@ def _live_copies(shape: torch.Size) -> int:
     return len({t.untyped_storage().data_ptr() for t in gc.get_objects() if torch.is_tensor(t) and t.shape == shape})
 
 
+@pytest.mark.slow
 def test_memory_holds_the_same_model_copies_for_3_and_15_clients(digits):
     """docs/federated.md: memory holds the global model, one client model, the running aggregate
     and the best round's weights, whatever the number of clients. Counted: the live copies of the
@@ -335,6 +343,7 @@ def test_memory_holds_the_same_model_copies_for_3_and_15_clients(digits):
     assert many == few == 8, (few, many)
 
 
+@pytest.mark.slow
 def test_a_round_that_gets_too_few_updates_is_retried_with_new_draws_and_the_retry_counts(digits, caplog):
     """round_retries=1: every client of round 1's first attempt fails; the retry (its own seeds,
     drawn for attempt 1) trains from the same global weights, and round 1 is the weighted mean of
@@ -416,6 +425,7 @@ def test_best_round_ties_are_broken_as_the_docs_say(digits):
     assert engine.best_round == 1
 
 
+@pytest.mark.slow
 def test_lr_decay_sets_the_learning_rate_each_round_uses(digits, monkeypatch):
     """lr_decay: round t's clients train with lr * lr_decay ** (t - 1) (docs/federated.md), read
     from the optimiser at every step (a subclass of torch's SGD that records it)."""

@@ -44,6 +44,7 @@ def train_once(objective, data, model=None, local=None, client_state=None):
 # ---- client objectives ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_distillation_with_weight_zero_is_the_multi_exit_loss(digits):
     model = tiny_model()
     branch = model.branch(3, all_exits=True)
@@ -67,6 +68,7 @@ def test_distillation_with_weight_zero_is_the_multi_exit_loss(digits):
     assert self_distillation([a]).item() == 0.0  # a branch with one exit has nothing to distil
 
 
+@pytest.mark.slow
 def test_fedprox_with_mu_zero_equals_fedavg_training_and_mu_pulls_towards_the_global_model(digits):
     data = FederatedData(digits_settings(), bundle=digits).clients[0]
     _, plain = train_once(MultiExitObjective(FederatedSettings()), data)  # same distillation as the rows below
@@ -83,6 +85,7 @@ def test_fedprox_with_mu_zero_equals_fedavg_training_and_mu_pulls_towards_the_gl
     assert drift(prox) < 0.8 * drift(plain)
 
 
+@pytest.mark.slow
 def test_feddyn_keeps_a_gradient_state_per_client_that_follows_its_update_rule(digits):
     data = FederatedData(digits_settings(), bundle=digits).clients[0]
     objective = FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.1))
@@ -101,6 +104,7 @@ def test_feddyn_keeps_a_gradient_state_per_client_that_follows_its_update_rule(d
     assert not zero.client_state and all(torch.equal(v, plain.state[k]) for k, v in zero.state.items())
 
 
+@pytest.mark.slow
 def test_feddyn_client_state_survives_a_checkpoint_resume_exactly(digits, tmp_path):
     net = tiny_space().build(SAMPLE)
     opts = dict(objective="feddyn", dyn_alpha=0.05, aggregator="fedadam", bn_stats="server")
@@ -218,6 +222,7 @@ def test_bn_reestimation_changes_only_running_statistics_and_gives_the_data_stat
     assert torch.allclose(bn.running_var, h.var(dim=(0, 2, 3), unbiased=True), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_server_bn_statistics_are_reestimated_in_every_round(digits):
     s = digits_settings(rounds=1, bn_stats="server", bn_samples=200)
     data = FederatedData(s, bundle=digits)
@@ -251,6 +256,7 @@ def test_local_bn_keeps_each_clients_batchnorm_layers_out_of_the_update(digits):
 # ---- ensemble of exits ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ensemble_of_exits_in_evaluation_and_early_exit_calibration(digits):
     s = digits_settings(rounds=1)
     data = FederatedData(s, bundle=digits)

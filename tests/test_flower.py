@@ -42,7 +42,7 @@ from helpers import (
     write_flwr_config,
 )
 
-pytestmark = needs_flwr  # every test here runs Flower
+pytestmark = [needs_flwr, pytest.mark.slow]  # every test here runs Flower
 
 RUN_TIMEOUT = 240  # seconds for the whole run (2 rounds of the digits model take far less)
 

@@ -381,6 +381,7 @@ def test_an_inflated_or_malformed_sample_count_is_rejected_and_the_model_is_the_
             assert torch.isfinite(value).all(), key
 
 
+@pytest.mark.slow
 def test_a_claim_within_the_partition_counts_and_max_client_samples_caps_everyone(digits):
     s = digits_settings()
     data = FederatedData(s, bundle=digits)
@@ -632,6 +633,7 @@ class Killed(BaseException):
     """Stands for SIGKILL: raised instead of a rename, nothing after it runs."""
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_model(digits, tmp_path, monkeypatch):
     net = NET
     s = digits_settings(rounds=3)
@@ -971,6 +973,7 @@ def test_idx_file_with_a_bad_header_says_why(tmp_path, monkeypatch):
     assert "corrupt (AssertionError)" in message
 
 
+@pytest.mark.slow
 def test_a_slow_nni_manager_start_is_waited_for_not_failed():
     """NNI 3.0 gives a new manager 3 s to answer /check-status; a cold start takes longer."""
     import http.server

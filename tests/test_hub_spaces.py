@@ -22,6 +22,8 @@ from nni.mutable import CategoricalMultiple
 
 from nni_fedexit import SizeAwarePolicyGradient
 
+pytestmark = pytest.mark.slow  # NNI experiments, Flower or Ray processes, a browser: make test-fast leaves them out
+
 SPACES = {
     "NasBench201": lambda: hub.NasBench201(stem_out_channels=8, num_modules_per_stack=1, num_labels=10),
     "DARTS": lambda: hub.DARTS(width=8, num_cells=4, dataset="cifar"),

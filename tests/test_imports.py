@@ -60,6 +60,7 @@ def test_cli_help_loads_neither_torch_nor_nni():
     assert loaded["torch"] == [] and loaded["nni"] == [], loaded
 
 
+@pytest.mark.slow
 def test_maths_modules_load_no_nni_module():
     loaded = loaded_after("\n".join(f"import {m}" for m in MATHS))
     if loaded["nni"] or loaded["pytorch_lightning"] or loaded["flwr"]:
@@ -76,6 +77,7 @@ def test_nnictl_tuner_module_loads_no_torch():
     assert "nni.tuner" in loaded["nni"]
 
 
+@pytest.mark.slow
 def test_the_tuner_loads_torch_when_the_search_space_arrives():
     code = ("from nni_fedexit.search.tuner import SizeAwarePGTuner\n"
             "t = SizeAwarePGTuner(seed=3)\n"
@@ -84,6 +86,7 @@ def test_the_tuner_loads_torch_when_the_search_space_arrives():
     assert "torch" in loaded_after(code)["torch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["import nni", "import nni.nas.nn.pytorch", "pass"])
 def test_nni_workarounds_hold_whatever_the_import_order(first):
     code = (f"{first}\nimport nni_fedexit.search.tuner\n"
@@ -94,6 +97,7 @@ def test_nni_workarounds_hold_whatever_the_import_order(first):
     loaded_after(code)
 
 
+@pytest.mark.slow
 def test_workarounds_are_not_applied_by_importing_the_package():
     """Importing us does not patch NNI: only the modules that use NNI apply the workarounds."""
     code = ("import nni_fedexit, nni_fedexit.federated.aggregators\nimport nni\nfrom nni.experiment import launcher\n"
@@ -120,6 +124,7 @@ def test_unknown_attribute_is_an_attribute_error():
     assert not hasattr(nni_fedexit, "_private")
 
 
+@pytest.mark.slow
 def test_subpackages_are_attributes_as_before():
     code = "import nni_fedexit\nassert nni_fedexit.federated.aggregators.make_aggregator"
     assert loaded_after(code)["nni"] == []

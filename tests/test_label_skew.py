@@ -191,6 +191,7 @@ def test_logit_adjustment_is_cross_entropy_when_the_classes_are_balanced():
         adjusted.begin(ObjectiveContext(branch, {}))
 
 
+@pytest.mark.slow
 def test_logit_adjusted_client_pushes_down_the_classes_it_lacks_far_less(digits):
     """A client holding two classes, trained with the plain loss, learns to give the other eight
     almost no probability; with logit adjustment its unshifted outputs keep much more of it there
@@ -302,6 +303,7 @@ def skewed_runs(digits):
 MARGIN = 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["depthwise", "logit_adjusted", "server_steps"])
 def test_each_label_skew_option_keeps_the_last_exit_level_with_the_first(skewed_runs, option):
     """With two classes per client the patent's training ends with its last exit below its first
@@ -318,6 +320,7 @@ def test_server_steps_are_recorded_per_round(skewed_runs):
     assert all("server_loss" not in h for h in skewed_runs["branch"].history)
 
 
+@pytest.mark.slow
 def test_a_run_with_the_label_skew_options_resumes_where_it_stopped(digits, tmp_path):
     """Stopped after round 1 and resumed: rounds 2 and 3 are trained once each (counted), round 1
     is not trained again, and the weights are those of the uninterrupted run: depth-wise clients,

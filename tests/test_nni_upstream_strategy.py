@@ -173,6 +173,7 @@ def test_deduplication(named_model_space, engine):
     assert all(m.sample in trained for m in models if m.status == ModelStatus.Invalid)
 
 
+@pytest.mark.slow
 def test_deduplication_replay(named_model_space, engine):
     name, model_space = named_model_space
     strategy = Chain(ours(dedup=False), Deduplication("replay", retain_history=True))
@@ -283,6 +284,7 @@ def test_multiple_evaluation_messy(named_model_space):
         assert model.status in [ModelStatus.Trained, ModelStatus.Failed]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("middleware", ["filter", "dedup", "failure", "multiple"])
 def test_state_dict_sanity(middleware, named_model_space, engine):
     def middleware_fn():

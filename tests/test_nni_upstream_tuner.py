@@ -99,6 +99,7 @@ def test_search_space_test_all_one_type_at_a_time(single):
     assert len(tuner.records) == TEST_ROUND * PARAMS_EACH_ROUND
 
 
+@pytest.mark.slow
 def test_search_space_test_all_together():
     """upstream's last step: the whole supported space at once."""
     full = {k: v for k, v in SEARCH_SPACE_ALL.items() if "fail" not in k}

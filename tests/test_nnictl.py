@@ -28,7 +28,7 @@ score = 0.4 + sum(0.3 for k, v in PLANTED.items() if params[k] == v)
 nni.report_final_result({{"default": score, "params": 1000}})
 """
 
-pytestmark = pytest.mark.skipif(not NNICTL.exists(), reason=f"nnictl not found next to {sys.executable}")
+pytestmark = [pytest.mark.skipif(not NNICTL.exists(), reason=f"nnictl not found next to {sys.executable}"), pytest.mark.slow]
 
 
 def _nnictl(env, *args, timeout=60):

@@ -75,6 +75,7 @@ def test_a_plugin_that_fails_to_load_is_named(monkeypatch):
         registry.get("broken")
 
 
+@pytest.mark.slow
 def test_plugins_are_read_only_when_a_name_is_looked_up():
     """Importing the registries reads no entry points (a fresh interpreter)."""
     code = ("from nni_fedexit.federated.aggregators.base import AGGREGATORS\nassert AGGREGATORS.plugins is None\n"
@@ -95,6 +96,7 @@ def test_a_plugin_search_space_preset_is_found_by_name(with_plugin):
     assert list(space.spec.sources) == ["resnet18", "resnet50"] and list(space.spec.widths) == [8, 16, 16]
 
 
+@pytest.mark.slow
 def test_a_federated_run_uses_the_plugin(with_plugin, digits, tmp_path, monkeypatch):
     log = tmp_path / "uses.jsonl"
     monkeypatch.setenv("FEDEXIT_PLUGIN_LOG", str(log))

@@ -734,6 +734,7 @@ def true_resume(stopped_run, tmp_path_factory):
     return resume_copy(stopped_run, tmp_path_factory.mktemp("resumed"))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_trains_only_the_rounds_after_the_checkpoint(stopped_run, true_resume):
     """Resumed with rounds=3 from a 2-round checkpoint: the clients train round 3 only (each client
     once), starting from the checkpoint's last weights; rounds 1-2's records are the checkpoint's

@@ -16,6 +16,8 @@ import yaml
 
 from helpers import BIN, EXAMPLES, free_port, plugin_uses, venv_env
 
+pytestmark = pytest.mark.slow  # NNI experiments, Flower or Ray processes, a browser: make test-fast leaves them out
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -293,6 +293,7 @@ def test_export_refuses_a_model_without_thresholds_unknown_formats_and_one_image
     export_early_exit(planted(), tmp_path, x[:2], formats=["torchscript"])  # 2 images are enough
 
 
+@pytest.mark.slow
 def test_export_to_onnx_gives_the_same_answers_as_torchscript(tmp_path):
     """Both formats by default, into one folder; ONNX Runtime runs the segments with a free batch
     size (1 image, 4 images) and gives the hand-computed exits and classes."""
@@ -327,6 +328,7 @@ def test_export_to_onnx_gives_the_same_answers_as_torchscript(tmp_path):
     assert got.shape == (1, 3) and got[0].tolist() == pytest.approx([0.0, 4.0, 0.0], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_segment_that_cannot_be_exported_or_differs_is_one_error_naming_it(tmp_path):
     class DataDependent(nn.Module):  # Python control flow on a value: torch.export refuses it
         def forward(self, x):

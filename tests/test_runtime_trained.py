@@ -39,6 +39,7 @@ def exported(trained, digits, tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("prediction", ["exit", "ensemble"])
 def test_the_runtimes_predictions_equal_early_exit_predicts(exported, digits, fmt, prediction):

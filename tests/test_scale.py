@@ -21,6 +21,8 @@ from nni_fedexit.federated import FederatedData, FederatedSettings
 from nni_fedexit.federated.backends import get_backend
 from nni_fedexit.federated.rounds import stable_seed
 
+pytestmark = pytest.mark.slow  # NNI experiments, Flower or Ray processes, a browser: make test-fast leaves them out
+
 #: FedDyn keeps client state across rounds; depth-wise clients train every stage; the server trains
 #: on its own images after each aggregation: all must come out the same on every backend
 BASE = dict(dataset="digits", rounds=2, num_clients=4, min_clients=2, batch_size=16, lr=0.05, seed=0, head="linear",

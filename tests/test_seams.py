@@ -76,6 +76,7 @@ def run(s, digits, network):
     return federate(copy.deepcopy(network), s, data=FederatedData(s, bundle=digits), report=False)
 
 
+@pytest.mark.slow
 def test_a_registered_aggregator_keeps_its_server_state_across_a_resume(digits, tmp_path):
     net = tiny_space().build(TINY_SAMPLE)
     plain = run(settings(), digits, net)
@@ -91,6 +92,7 @@ def test_a_registered_aggregator_keeps_its_server_state_across_a_resume(digits, 
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+@pytest.mark.slow
 def test_a_registered_objective_sees_the_global_weights_and_keeps_client_state(digits, tmp_path):
     net = tiny_space().build(TINY_SAMPLE)
     s = settings(objective="test-proximal-counting", rounds=1, checkpoint_dir=str(tmp_path))
@@ -108,6 +110,7 @@ def test_a_registered_objective_sees_the_global_weights_and_keeps_client_state(d
     assert first.history[-1]["total_loss"] != plain.history[-1]["total_loss"]  # the objective changed the training
 
 
+@pytest.mark.slow
 def test_a_registered_backend_is_chosen_by_name(digits):
     calls = []
 

@@ -139,6 +139,7 @@ def test_batch_statistics_normalise_by_the_batch_and_leave_running_stats_alone()
     assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-4 + bn.bias.abs().max()  # the batch's own mean
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path_sampling", ["controller", "warmup"])
 def test_warm_up_trains_every_block_alike_before_the_controller_learns(digits, tmp_path, path_sampling):
     """Also the search's CPU run with the Trainer settings a CUDA run gets (bar accelerator, devices),

@@ -24,6 +24,8 @@ from nni_fedexit.space import architecture_label
 from helpers import (BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, sigint_default, trial_processes,
                      wait_until)
 
+pytestmark = pytest.mark.slow  # NNI experiments, Flower or Ray processes, a browser: make test-fast leaves them out
+
 EPOCHS = 3
 
 

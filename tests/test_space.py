@@ -51,6 +51,7 @@ def test_depth_crops_add_deduplicated_candidates(fmnist_space):
     assert fmnist_space.num_architectures() == 5**4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,shape", [("fmnist_space", (1, 28, 28)), ("cifar_space", (3, 32, 32))])
 def test_every_candidate_of_every_pool_runs_forward(request, which, shape):
     space = request.getfixturevalue(which)

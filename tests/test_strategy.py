@@ -218,6 +218,7 @@ def _classification(digits, max_epochs, size=None):
     )
 
 
+@pytest.mark.slow
 def test_shared_mode_nas_experiment_exports_the_best_scored_sample(digits, tmp_path):
     torch.manual_seed(0)
     space = tiny_space(widths=(8, 16, 32))
@@ -238,6 +239,7 @@ def test_shared_mode_nas_experiment_exports_the_best_scored_sample(digits, tmp_p
         assert c["reward"] == pytest.approx(c["accuracy"] * (c["params"] / strategy.baseline_params) ** (-1 / 14))
 
 
+@pytest.mark.slow
 def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
     from nni.nas.hub.pytorch import NasBench201
 
@@ -250,6 +252,7 @@ def test_shared_mode_runs_unchanged_on_an_nni_hub_space(digits, tmp_path):
     assert strategy.baseline_params > 0  # P: the sample of every label's first choice
 
 
+@pytest.mark.slow
 def test_trials_mode_real_experiment_lists_trials_with_metrics(tmp_path):
     from nni_fedexit.search.trial import search_evaluator
 

@@ -100,6 +100,7 @@ def _calibrate_twice(seed: int, skill, target: float, grid):
     return cert, per_exit_thresholds(both, grid, max_accuracy_drop=target)
 
 
+@pytest.mark.slow
 def test_the_margin_rule_keeps_a_planted_target_on_unseen_images_where_the_plain_rule_does_not():
     """10 calibrations on fresh draws of 2 x 3,000 images, each judged on 100,000 new images of the
     same distribution: the certified thresholds keep the 0.5-point target in at least 9 of 10

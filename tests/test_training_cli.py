@@ -10,6 +10,7 @@ from nni_fedexit.training import TrainSettings, evaluate_accuracy, train_classif
 from helpers import tiny_space
 
 
+@pytest.mark.slow
 def test_sampled_architecture_learns_digits(digits):
     space = tiny_space(widths=(8, 16, 32))
     sample = {}

@@ -21,6 +21,8 @@ from nni_fedexit.job.cli import main
 from helpers import (ALL_INTERFACES, BIN, EXAMPLES, free_port, headless_chrome, needs_browser, nni_api, other_address,
                      reachable, sigint_default, trial_processes, wait_until)
 
+pytestmark = pytest.mark.slow  # NNI experiments, Flower or Ray processes, a browser: make test-fast leaves them out
+
 ROUNDS = 8  # of the federated stage: enough that round 1's checkpoint comes well before the last
 
 

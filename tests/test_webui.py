@@ -57,6 +57,7 @@ def _experiment(tmp_path, name):
     return exp, work
 
 
+@pytest.mark.slow
 def test_nni_manager_binds_localhost_only_and_the_local_trial_succeeds(tmp_path, monkeypatch):
     monkeypatch.setenv("NODE_OPTIONS", "--no-deprecation")  # a user's own value: kept, not clobbered
     exp, work = _experiment(tmp_path, "local")
@@ -84,6 +85,7 @@ def test_nni_manager_binds_localhost_only_and_the_local_trial_succeeds(tmp_path,
     assert listening_hosts(port) == set()
 
 
+@pytest.mark.slow
 def test_without_it_nni_binds_all_interfaces(tmp_path):
     """NNI's own behaviour, which the warning in web_ui_message is about."""
     exp, _ = _experiment(tmp_path, "default")

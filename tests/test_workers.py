@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from helpers import TINY_SAMPLE, tiny_space
@@ -76,6 +77,7 @@ def _run(digits, workers: int, meet: bool) -> tuple[dict[str, torch.Tensor], lis
     return {k: v.clone() for k, v in model.state_dict().items()}, records, backends[0]
 
 
+@pytest.mark.slow
 def test_two_workers_train_two_clients_at_once_and_give_the_sequential_weights(digits):
     """With ``workers: 2`` two clients are inside their training at the same time (their time
     spans overlap, in two different pool threads), never more than two; with ``workers: 1`` one
