@@ -168,8 +168,10 @@ def _run_stages(config_path: str, stages: tuple[str, ...], resume: bool, port: i
         with ctrl_c_not_lost():
             run.run(resume=resume, stages=stages)
     except KeyboardInterrupt:
+        again = (f"nni-fedexit resume {run.dir}" if use_nni
+                 else f"nni-fedexit run {config_path} --resume --no-nni --run-dir {run.dir}")
         click.echo(f"\ninterrupted: finished stages and federated rounds are kept in {run.dir}; "
-                   f"continue with: nni-fedexit resume {run.dir}", err=True)
+                   f"continue with: {again}", err=True)
         sys.exit(130)
     _summary(run)
 
