@@ -29,8 +29,16 @@ def _config(tmp_path, **changes):
 @pytest.fixture
 def no_data(monkeypatch):
     """load_config must not read any data: loading a data set here fails the test."""
+    import importlib
+
     import nni_fedexit.data
     import nni_fedexit.data.datasets
+
+    # the modules load_config may import bind the real loader first (imports are lazy: a module
+    # imported while the loader is replaced would keep the replacement for the rest of the session)
+    for name in ("nni_fedexit.job.pipeline", "nni_fedexit.search.shared_trial", "nni_fedexit.search.trial",
+                 "nni_fedexit.federated.client_data"):
+        importlib.import_module(name)
 
     def refuse(*args, **kwargs):
         raise AssertionError("load_config loaded data")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -143,6 +144,28 @@ def test_failed_trials_are_skipped_not_rewarded_zero(caplog):
     assert len(strategy.records) == 20 - len(failed)
     assert all(r["sample"]["a"] != 2 for r in strategy.records)
     assert "without a final metric: skipped" in caplog.text
+
+
+def test_a_final_metric_that_arrives_after_the_training_end_still_counts(caplog):
+    """NNI delivers a trial's FinalMetric and TrainingEnd on different channels: on a busy machine the
+    end comes first. The trained trial waits for its metric and is rewarded when it comes; only a
+    failed trial without a metric is skipped at once."""
+    from types import SimpleNamespace
+
+    from nni.nas.space import ModelStatus
+
+    strategy = SizeAwarePolicyGradient(mode="trials", samples_per_update=1, seed=0)
+    strategy._initialize(number_space(), SequentialExecutionEngine(max_model_count=1))
+    late, failed = SimpleNamespace(metric=None), SimpleNamespace(metric=None)  # NNI's models, as events carry them
+    strategy._running += [(late, {"a": 1, "b": 4, "c": 0}), (failed, {"a": 2, "b": 5, "c": 1})]
+    strategy._on_training_end(SimpleNamespace(model=late, status=ModelStatus.Trained))
+    assert strategy.records == [] and strategy._awaiting_metric == [(late, {"a": 1, "b": 4, "c": 0})]
+    strategy._on_final_metric(SimpleNamespace(model=late, metric=0.5))
+    assert [(r["sample"], r["accuracy"]) for r in strategy.records] == [({"a": 1, "b": 4, "c": 0}, 0.5)]
+    assert strategy._awaiting_metric == [] and strategy.learner.steps == 1
+    with caplog.at_level(logging.WARNING, logger="nni_fedexit.search.strategy"):
+        strategy._on_training_end(SimpleNamespace(model=failed, status=ModelStatus.Failed))
+    assert len(strategy.records) == 1 and "ended failed without a final metric: skipped" in caplog.text
 
 
 def test_stopped_search_resumes_to_the_same_state():

@@ -62,6 +62,9 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
         self._running: list[tuple[Any, dict[str, Any]]] = []
         self._final_metrics: list[tuple[Any, Any]] = []
         self._finished: list[tuple[Any, float]] = []
+        #: trained models whose TrainingEnd came before their FinalMetric (NNI delivers the two
+        #: through different channels, so on a busy machine the order flips): scored when it comes
+        self._awaiting_metric: list[tuple[Any, dict[str, Any]]] = []
         engine.register_model_event_callback(ModelEventType.FinalMetric, self._on_final_metric)
         engine.register_model_event_callback(ModelEventType.TrainingEnd, self._on_training_end)
         return model_space
@@ -100,9 +103,13 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
         deadline = time.monotonic() + self.end_event_wait
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._running:
+                if not self._running and not self._awaiting_metric:
                     break
             time.sleep(0.05)
+        with self._lock:
+            for _, sample in self._awaiting_metric:
+                _logger.warning("Trial of %s ended without a final metric: skipped, no reward", sample)
+            self._awaiting_metric.clear()
 
     def _next_sample(self) -> dict[str, Any] | None:
         """The controller's next valid architecture; with ``dedup``, one not trained or running yet."""
@@ -139,7 +146,11 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
 
     def _on_final_metric(self, event: FinalMetricEvent) -> None:
         with self._lock:
-            self._final_metrics.append((event.model, event.metric))
+            sample = self._pop(self._awaiting_metric, event.model)
+            if sample is not None:  # its TrainingEnd came first
+                self._score(event.model, sample, event.metric)
+            else:
+                self._final_metrics.append((event.model, event.metric))
 
     def _on_training_end(self, event: TrainingEndEvent) -> None:
         with self._lock:
@@ -150,17 +161,24 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
                 return
             if raw is None or (event.status == ModelStatus.Failed and event.model.metric is not None):
                 raw = event.model.metric  # a failed trial: the metric NNI's FailureHandler set, if any
+            if raw is None and event.status != ModelStatus.Failed:  # its final metric may still be on its way
+                self._awaiting_metric.append((event.model, sample))
+                return
             if raw is None:  # a failed trial with a final metric (reported before it failed, or NNI's
                 # FailureHandler's metric) counts: it is a measurement, or what the user chose failures score
                 _logger.warning("Trial of %s ended %s without a final metric: skipped, no reward", sample,
                                 getattr(event.status, "value", event.status))
                 return
-            accuracy, params = parse_metric(raw)
-            if accuracy is None:
-                _logger.warning("Trial of %s reported %r, not a number or {'default': number}: skipped", sample, raw)
-                return
-            reward = self.observe(sample, accuracy, params)
-            self._finished.append((event.model, reward))
+            self._score(event.model, sample, raw)
+
+    def _score(self, model: Any, sample: dict[str, Any], raw: Any) -> None:
+        """Reward a finished trial's reported metric (under the lock) and keep it for list_models."""
+        accuracy, params = parse_metric(raw)
+        if accuracy is None:
+            _logger.warning("Trial of %s reported %r, not a number or {'default': number}: skipped", sample, raw)
+            return
+        reward = self.observe(sample, accuracy, params)
+        self._finished.append((model, reward))
 
     def list_models(self, sort: bool = True, limit: int | None = None) -> Iterator[Any]:
         """Models trained in this run, best *reward* first (NNI's default sorts by the raw metric)."""
