@@ -161,7 +161,7 @@ class TrialsSizeAwarePolicyGradient(SizeAwarePolicyGradient):
                 return
             if raw is None or (event.status == ModelStatus.Failed and event.model.metric is not None):
                 raw = event.model.metric  # a failed trial: the metric NNI's FailureHandler set, if any
-            if raw is None and event.status != ModelStatus.Failed:  # its final metric may still be on its way
+            if raw is None and event.status == ModelStatus.Trained:  # its final metric may still be on its way
                 self._awaiting_metric.append((event.model, sample))
                 return
             if raw is None:  # a failed trial with a final metric (reported before it failed, or NNI's
