@@ -39,7 +39,8 @@ class Registry:
 
     def __init__(self, key: str, entries: dict[str, Any] | None = None, group: str | None = None):
         self.key = key
-        self.group = group
+        #: the entry-point group plugins of this kind are announced in (default: the key's, if it has one)
+        self.group = group or ENTRY_POINT_GROUPS.get(key)
         self.entries: dict[str, Any] = dict(entries or {})
         self.builtin = frozenset(self.entries)
         #: entry points of ``group``, by name (read once, on the first lookup)
@@ -75,6 +76,10 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(set(self.entries) | set(self.discover()))
+
+    def build(self, settings: Any) -> Any:
+        """The implementation ``settings.<key>`` names, built with those settings (``cls(settings)``)."""
+        return self.get(getattr(settings, self.key))(settings)
 
     def get(self, name: str) -> Any:
         """The implementation registered as ``name`` (imported now if it was registered by path or

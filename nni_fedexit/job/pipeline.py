@@ -429,6 +429,8 @@ class Run:
         """The federated stage without NNI: the network the trial would build (the same seed before
         it is built), trained by :func:`~nni_fedexit.federated.federate` here, resuming from the
         stage's checkpoint as the trial does."""
+        from nni.nas.space import SimplifiedModelSpace
+
         from nni_fedexit.federated import federate
         from nni_fedexit.federated.rounds import stable_seed
 
@@ -436,8 +438,6 @@ class Run:
                  else f"x {s.num_clients} simulated clients")
         self.echo(f"[federate] {s.rounds} rounds {where} in this process (no NNI experiment); checkpoints in "
                   f"{s.checkpoint_dir}")
-        from nni.nas.space import SimplifiedModelSpace
-
         # the network as NNI's trial builds it: the frozen model space instantiated under the same seed
         frozen = SimplifiedModelSpace.from_model(self.new_space()).freeze(dict(arch["sample"]))
         torch.manual_seed(stable_seed(s.seed))  # as FederatedEvaluator seeds the trial before NNI builds its network

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from nni_fedexit.checks import positive_int
 
-if TYPE_CHECKING:
-    from nni_fedexit.search.controller import PolicyGradient
 
-__all__ = ["ControllerSettings", "RewardBatch"]
+__all__ = ["ControllerSettings", "Learner", "RewardBatch"]
 
 _logger = logging.getLogger("nni_fedexit.search.controller")
 
@@ -50,6 +48,12 @@ class ControllerSettings:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
+class Learner(Protocol):
+    """What a :class:`RewardBatch` steps: :class:`~nni_fedexit.search.controller.PolicyGradient`."""
+
+    def update(self, samples: Sequence[Mapping[str, Any]], rewards: Sequence[float]) -> dict[str, float]: ...
+
+
 class RewardBatch:
     """Rewarded samples waiting for the controller: one :meth:`PolicyGradient.update` per ``size``.
 
@@ -66,7 +70,7 @@ class RewardBatch:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def add(self, learner: PolicyGradient, sample: Mapping[str, Any], reward: float) -> dict[str, float] | None:
+    def add(self, learner: Learner, sample: Mapping[str, Any], reward: float) -> dict[str, float] | None:
         """Keep one (sample, reward); a full batch is ``learner``'s next step (its stats are returned)."""
         self.pending.append((dict(sample), float(reward)))
         if len(self.pending) < self.size:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -19,9 +19,6 @@ from nni_fedexit.nni_compat import import_nni
 
 import_nni()  # before anything from NNI: its torch warnings quieted, its manager start and tuner errors patched
 from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule  # noqa: E402
-
-if TYPE_CHECKING:
-    from nni_fedexit.search.shared_strategy import SharedSizeAwarePolicyGradient
 
 __all__ = ["SizeAwareEnasModule", "TaggedConcatLoader", "batch_statistics"]
 
@@ -70,12 +67,14 @@ class TaggedConcatLoader:
 class SizeAwareEnasModule(BaseOneShotLightningModule):
     """The training loop of ``shared`` mode: shared weights on train batches, controller on val batches."""
 
-    def __init__(self, training_module: Any, strategy: "SharedSizeAwarePolicyGradient"):
+    def __init__(self, training_module: Any, strategy: Any):
+        """``strategy``: the :class:`~nni_fedexit.search.shared_strategy.SharedSizeAwarePolicyGradient`
+        that configured this module (it draws the paths, scores them and holds the warm-up sampler)."""
         super().__init__(training_module)
         self._strategy = [strategy]  # in a list so Lightning does not treat it as a submodule
 
     @property
-    def strategy(self) -> "SharedSizeAwarePolicyGradient":
+    def strategy(self) -> Any:
         return self._strategy[0]
 
     @property

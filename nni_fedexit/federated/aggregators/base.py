@@ -12,7 +12,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from nni_fedexit.registry import ENTRY_POINT_GROUPS, Registry
+from nni_fedexit.registry import Registry
 
 __all__ = ["AGGREGATORS", "Aggregator", "RoundAggregate", "register_aggregator", "make_aggregator", "aggregator_names"]
 
@@ -56,7 +56,7 @@ AGGREGATORS = Registry("aggregator", {
     "fedavgm": "nni_fedexit.federated.aggregators.server_opt:FedAvgM",
     "fedadam": "nni_fedexit.federated.aggregators.server_opt:FedAdam",
     "fedyogi": "nni_fedexit.federated.aggregators.server_opt:FedYogi",
-}, group=ENTRY_POINT_GROUPS["aggregator"])
+})
 #: class decorator: ``@register_aggregator("name")`` makes an Aggregator subclass ``federated.aggregator: name``
 register_aggregator = AGGREGATORS.register
 aggregator_names = AGGREGATORS.names
@@ -64,4 +64,4 @@ aggregator_names = AGGREGATORS.names
 
 def make_aggregator(settings: Any) -> Aggregator:
     """The aggregator ``settings.aggregator`` names, built for this run (``settings``: its FederatedSettings)."""
-    return AGGREGATORS.get(settings.aggregator)(settings)
+    return AGGREGATORS.build(settings)

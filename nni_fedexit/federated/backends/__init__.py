@@ -13,7 +13,7 @@ the registry imports a backend's module only when a run uses it (so ``flwr`` sta
 
 from __future__ import annotations
 
-from nni_fedexit.registry import ENTRY_POINT_GROUPS, Registry
+from nni_fedexit.registry import Registry
 
 __all__ = ["BACKENDS", "register_backend", "get_backend", "backend_names"]
 
@@ -21,7 +21,7 @@ BACKENDS = Registry("backend", {
     "simulation": "nni_fedexit.federated.backends.simulation:run_simulation",
     "flower": "nni_fedexit.federated.backends.flower.submit:run_on_flower",
     "flower-simulation": "nni_fedexit.federated.backends.flower.simulation_engine:run_on_flower_simulation",
-}, group=ENTRY_POINT_GROUPS["backend"])
+})
 #: ``register_backend(name, run)``: ``run`` a function, or ``"module:function"`` imported on first use
 register_backend = BACKENDS.register
 backend_names = BACKENDS.names

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from nni_fedexit.exits import BranchModel
-from nni_fedexit.registry import ENTRY_POINT_GROUPS, Registry
+from nni_fedexit.registry import Registry
 
 __all__ = ["OBJECTIVES", "ClientObjective", "ObjectiveContext", "register_objective", "make_objective", "objective_names"]
 
@@ -64,7 +64,7 @@ OBJECTIVES = Registry("objective", {
     "logit_adjusted": "nni_fedexit.federated.objectives.label_skew:LogitAdjusted",
     "fedprox": "nni_fedexit.federated.objectives.regularised:FedProxObjective",
     "feddyn": "nni_fedexit.federated.objectives.regularised:FedDynObjective",
-}, group=ENTRY_POINT_GROUPS["objective"])
+})
 #: class decorator: ``@register_objective("name")`` makes a ClientObjective subclass ``federated.objective: name``
 register_objective = OBJECTIVES.register
 objective_names = OBJECTIVES.names
@@ -72,4 +72,4 @@ objective_names = OBJECTIVES.names
 
 def make_objective(settings: Any) -> ClientObjective:
     """The objective ``settings.objective`` names, built for this run (``settings``: its FederatedSettings)."""
-    return OBJECTIVES.get(settings.objective)(settings)
+    return OBJECTIVES.build(settings)
