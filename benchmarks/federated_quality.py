@@ -49,7 +49,6 @@ import dataclasses
 import json
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +264,7 @@ def write(out: Path, args: argparse.Namespace, rows: dict[tuple, dict[str, Any]]
            "today": TODAY, "options": OPTIONS, "ablation": ABLATION,
            #: FederatedSettings() as shipped (the demo-scale "defaults" rows; the small rows' "defaults"
            #: ran with the settings then shipped: "small_scale_defaults")
-           "defaults": {k: v for k, v in asdict(FederatedSettings()).items() if k in REPORTED},
+           "defaults": {k: v for k, v in FederatedSettings().model_dump().items() if k in REPORTED},
            "small_scale_defaults": {k: v for k, v in PREVIOUS_DEFAULTS.items() if k in OPTIONS_BEFORE},
            "demo": {"config": str(DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])), "architecture": DEMO_ARCHITECTURE,
                     "previous_defaults": PREVIOUS_DEFAULTS, "options": DEMO_OPTIONS, "clients_only": CLIENTS_ONLY},
@@ -421,7 +420,7 @@ def demo_settings(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
     """The demo config's federated settings for one data setting and seed (no checkpoint)."""
     from nni_fedexit.job.config import load_config
 
-    base = dataclasses.asdict(load_config(DEMO_CONFIG).federated_settings())
+    base = load_config(DEMO_CONFIG).federated_settings().model_dump()
     base.update(checkpoint_dir=None, seed=seed, device=args.device, data_dir=args.data_dir, **DATA_SETTINGS[name])
     return base
 
@@ -488,7 +487,7 @@ def run_demo(args: argparse.Namespace, rows: dict[tuple, dict[str, Any]], out: P
                         result = federated_row(space, FederatedSettings(**{**base, **options}), data,
                                                single_exit=method == "full_model_fedavg", architecture=DEMO_ARCHITECTURE,
                                                as_the_demo=True)
-                        options = {k: v for k, v in dataclasses.asdict(FederatedSettings(**{**base, **options})).items()
+                        options = {k: v for k, v in FederatedSettings(**{**base, **options}).model_dump().items()
                                    if k in REPORTED}
                     row = data_row(method, name, seed, data, result, time.time() - t0, device, scale="demo",
                                    budget=budget, rounds=result.pop("rounds", base["rounds"]),

@@ -85,12 +85,14 @@ def one_row(args: argparse.Namespace) -> dict:
         from nni_fedexit.federated import FederatedSettings, federate
         from nni_fedexit.federated.rounds import stable_seed
 
+        backend = {"name": args.backend, "workers": args.workers}
+        if args.backend == "flower-simulation":
+            backend["client_num_gpus"] = args.gpu_fraction
         settings = FederatedSettings(
-            backend=args.backend, rounds=args.rounds, num_clients=args.clients,
+            backend=backend, rounds=args.rounds, num_clients=args.clients,
             client_fraction=min(1.0, args.per_round / args.clients), min_clients=min(2, args.clients),
             client_samples=args.per_client * args.clients, val_samples=1000, test_samples=1000, bn_samples=500,
-            local_epochs=args.epochs, batch_size=16, workers=args.workers, client_threads=1, device=args.device,
-            client_num_gpus=args.gpu_fraction if args.backend == "flower-simulation" else 0.0, seed=0,
+            local_epochs=args.epochs, batch_size=16, client_threads=1, device=args.device, seed=0,
         )
         space = ResNetBlockPoolSpace.from_preset("resnet_pool", widths=args.widths)
         arch = {label: ARCH.get(label, "resnet18") for label in space.labels}

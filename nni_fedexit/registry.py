@@ -20,8 +20,9 @@ from __future__ import annotations
 import importlib
 import logging
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, Mapping
 
+from nni_fedexit.components import SettingsError, choose, component_params
 __all__ = ["Registry", "ENTRY_POINT_GROUPS"]
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,25 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(set(self.entries) | set(self.discover()))
 
+    def choose(self, value: Any) -> dict[str, Any]:
+        """A settings section choosing one implementation (a name, or ``{name: ..., <parameters>}``)
+        as its canonical mapping: the name and every parameter the implementation declares."""
+        name = value.get("name") if isinstance(value, Mapping) else value
+        if not isinstance(name, str):
+            return choose(self.key, value, None)  # the error that names the section
+        try:
+            component = self.get(name)
+        except ValueError as err:
+            raise SettingsError(f"{self.key}.name: {str(err).removeprefix(self.key + ': ')}"
+                                if isinstance(value, Mapping) else str(err)) from None
+        return choose(self.key, value, component)
+
     def build(self, settings: Any) -> Any:
-        """The implementation ``settings.<key>`` names, built with those settings (``cls(settings)``)."""
-        return self.get(getattr(settings, self.key))(settings)
+        """The implementation ``settings.<key>`` chooses, built as ``cls(settings, params=...)``
+        with its own validated parameters from that section."""
+        section = self.choose(getattr(settings, self.key))
+        component = self.get(section.pop("name"))
+        return component(settings, params=component_params(component)(**section))
 
     def get(self, name: str) -> Any:
         """The implementation registered as ``name`` (imported now if it was registered by path or

@@ -570,10 +570,11 @@ def train(msg, context):
 '''
 
 
-def hostile_flower_app(folder: Path) -> Path:
-    """The example Flower app with the ClientApp of :data:`HOSTILE_CLIENT` (misbehaving as the node's config says)."""
+def hostile_flower_app(folder: Path, **settings) -> Path:
+    """The example Flower app with the ClientApp of :data:`HOSTILE_CLIENT` (misbehaving as the node's
+    config says), and ``settings`` in its settings table (:func:`flower_app_text`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = (FLOWER_APP / "pyproject.toml").read_text()
+    text = flower_app_text(**settings)
     text = text.replace('clientapp = "nni_fedexit.federated.backends.flower.client_app:app"', 'clientapp = "hostile_client:app"')
     assert "hostile_client:app" in text
     (folder / "pyproject.toml").write_text(text)
@@ -588,11 +589,38 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def flower_app_config(**overrides) -> dict:
-    """The run config of the example Flower app (its pyproject.toml), with ``overrides``."""
-    config = tomllib.loads((FLOWER_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config.update(overrides)
-    return config
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):  # a run config holds no lists or tables of settings: a JSON string
+        value = json.dumps(value)
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def flower_app_text(**settings) -> str:
+    """The example Flower app's pyproject.toml with ``settings`` (FederatedSettings keys) set in its
+    ``[tool.flwr.app.config.settings]`` table (the file's last), replacing the example's own."""
+    import re
+
+    text = (FLOWER_APP / "pyproject.toml").read_text()
+    for key, value in settings.items():
+        line = f"{key} = {_toml(value)}"
+        text, found = re.subn(rf"^{re.escape(key)} = .*$", lambda _: line, text, flags=re.M)
+        if not found:
+            text = text.rstrip("\n") + "\n" + line + "\n"
+    return text
+
+
+def flower_app_config(**settings) -> dict:
+    """The run config of the example Flower app with ``settings`` (:func:`flower_app_text`), as
+    Flower hands it to the apps: nested tables as dotted keys (``settings.rounds``)."""
+    def flat(table: Mapping, prefix: str = "") -> dict:
+        out: dict = {}
+        for key, value in table.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {prefix + key: value})
+        return out
+
+    return flat(tomllib.loads(flower_app_text(**settings))["tool"]["flwr"]["app"]["config"])
 
 
 def flwr_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -175,8 +175,9 @@ def round_two(w1: list[float]) -> list[tuple[dict[str, torch.Tensor], float]]:
 
 
 def settings(aggregator: str) -> FederatedSettings:
-    return FederatedSettings(aggregator=aggregator, server_lr=LR, server_momentum=BETA1, server_beta2=BETA2,
-                             server_tau=TAU)
+    params = {"lr": LR, "momentum": BETA1} if aggregator == "fedavgm" else {"lr": LR, "beta_1": BETA1, "beta_2": BETA2,
+                                                                             "tau": TAU}
+    return FederatedSettings(aggregator={"name": aggregator, **params})
 
 
 def check_plain_entries(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
@@ -281,8 +282,7 @@ def test_fedyogi_two_rounds_by_hand_where_its_sign_term_differs_from_adam():
 
 def test_yogi_leaves_v_unchanged_where_it_equals_the_squared_pseudo_gradient():
     """sign(v - d^2) = 0: Yogi keeps v (Adam would still move it towards d^2)."""
-    agg = FedYogi(FederatedSettings(aggregator="fedyogi", server_lr=1.0, server_momentum=0.5, server_beta2=0.75,
-                                    server_tau=1.0))
+    agg = FedYogi(params=FedYogi.Params(lr=1.0, beta_1=0.5, beta_2=0.75, tau=1.0))
     agg.load_state_dict({"m/w": t(0.0), "v/w": t(4.0)})
     out = run(agg, {"w": t(0.0)}, [({"w": t(2.0)}, 1)])  # d = 2, d^2 = 4 = v
     assert torch.equal(agg.state_dict()["v/w"], t(4.0))
@@ -301,10 +301,10 @@ def test_server_optimiser_defaults_without_settings():
         out = run(agg, {"w": t(0.0)}, [({"w": t(2.0)}, 1)])
         # m = 0.1 * 2 = 0.2; v = 0.01 * 4 = 0.04; w = 0.01 * 0.2 / (0.2 + 0.001)
         assert torch.allclose(out["w"], t(0.002 / 0.201), rtol=0, atol=1e-15), cls
-    # a run's settings leave server_lr None: the optimiser's own default learning rate
+    # a run's settings that leave lr out: the optimiser's own default learning rate
     for name, lr in (("fedavgm", 1.0), ("fedadam", 0.01), ("fedyogi", 0.01)):
-        agg = make_aggregator(FederatedSettings(aggregator=name, server_momentum=0.0, server_beta2=0.0,
-                                                server_tau=1.0))
+        others = {"momentum": 0.0} if name == "fedavgm" else {"beta_1": 0.0, "beta_2": 0.0, "tau": 1.0}
+        agg = make_aggregator(FederatedSettings(aggregator={"name": name, **others}))
         out = run(agg, {"w": t(0.0)}, [({"w": t(3.0)}, 1)])
         # fedavgm: w = lr * 3; adam/yogi with b1 = b2 = 0: w = lr * 3 / (3 + 1)
         expected = lr * 3.0 if name == "fedavgm" else lr * 3.0 / 4.0
@@ -313,7 +313,7 @@ def test_server_optimiser_defaults_without_settings():
 
 def test_server_step_keeps_the_parameters_dtype_and_rejects_bad_updates():
     """A float32 model stays float32; a server optimiser's round refuses what the plain mean refuses."""
-    agg = FedAvgM(FederatedSettings(aggregator="fedavgm", server_lr=0.5, server_momentum=0.8))
+    agg = FedAvgM(params=FedAvgM.Params(lr=0.5, momentum=0.8))
     out = run(agg, {"w": torch.tensor([1.0])}, [({"w": torch.tensor([3.0])}, 2)])
     assert out["w"].dtype == torch.float32 and float(out["w"]) == 2.0  # 1 + 0.5 * 2
     acc = agg.begin({"w": torch.tensor([1.0])})
@@ -325,7 +325,7 @@ def test_server_step_keeps_the_parameters_dtype_and_rejects_bad_updates():
 
 def test_server_optimiser_state_round_trips_and_a_loaded_moment_is_used():
     """load_state_dict replaces the moments (stored in float64) and the next step starts from them."""
-    agg = FedAvgM(FederatedSettings(aggregator="fedavgm", server_lr=0.5, server_momentum=0.8))
+    agg = FedAvgM(params=FedAvgM.Params(lr=0.5, momentum=0.8))
     run(agg, {"w": t(0.0), "u": t(0.0)}, [({"w": t(1.0), "u": t(1.0)}, 1)])
     agg.load_state_dict({"momentum/w": torch.tensor([2.0], dtype=torch.float32)})
     state = agg.state_dict()
@@ -335,7 +335,7 @@ def test_server_optimiser_state_round_trips_and_a_loaded_moment_is_used():
     assert torch.allclose(out["w"], t(11.3), rtol=0, atol=1e-12)
     state["momentum/w"] += 100  # state_dict hands out copies
     assert torch.allclose(agg.state_dict()["momentum/w"], t(2.6), rtol=0, atol=1e-12)
-    twin = FedAvgM(FederatedSettings(aggregator="fedavgm", server_lr=0.5, server_momentum=0.8))
+    twin = FedAvgM(params=FedAvgM.Params(lr=0.5, momentum=0.8))
     twin.load_state_dict(agg.state_dict())
     assert torch.equal(twin.state_dict()["momentum/w"], agg.state_dict()["momentum/w"])
 
@@ -360,11 +360,11 @@ def test_load_state_dict_rejects_foreign_or_non_finite_moments(cls, state, messa
 
 def test_server_optimiser_state_round_trips_keys_holding_a_slash():
     """The moment's name is the part before the first '/': a key with '/' of its own comes back whole."""
-    agg = FedAvgM(FederatedSettings(aggregator="fedavgm", server_lr=0.5, server_momentum=0.8))
+    agg = FedAvgM(params=FedAvgM.Params(lr=0.5, momentum=0.8))
     run(agg, {"block/w": t(0.0)}, [({"block/w": t(1.0)}, 1)])
     state = agg.state_dict()
     assert list(state) == ["momentum/block/w"]
-    twin = FedAvgM(FederatedSettings(aggregator="fedavgm", server_lr=0.5, server_momentum=0.8))
+    twin = FedAvgM(params=FedAvgM.Params(lr=0.5, momentum=0.8))
     twin.load_state_dict(state)
     out = run(twin, {"block/w": t(0.5)}, [({"block/w": t(1.5)}, 1)])
     # v = 0.8 * 1 + 1 = 1.8; w = 0.5 + 0.5 * 1.8 = 1.4
@@ -374,5 +374,44 @@ def test_server_optimiser_state_round_trips_keys_holding_a_slash():
 def test_aggregators_keep_the_runs_settings():
     """Every rule keeps the settings it was built with (a subclass may read its own options from them)."""
     for name in ("fedavg", "fedavgm", "fedadam", "fedyogi"):
-        s = FederatedSettings(aggregator=name, server_lr=0.3)
-        assert make_aggregator(s).settings is s
+        s = FederatedSettings(aggregator={"name": name} if name == "fedavg" else {"name": name, "lr": 0.3})
+        agg = make_aggregator(s)
+        assert agg.settings is s and agg.params == type(agg).Params(**{k: v for k, v in s.aggregator.items()
+                                                                       if k != "name"})
+        assert name == "fedavg" or agg.params.lr == 0.3
+
+
+def test_server_optimisers_declare_their_parameters_once_and_refuse_others_by_dotted_key():
+    """Each rule's parameters, defaults and documentation are on the rule (its Params); the run's
+    section holds every one of them; an unknown or impossible one is refused naming aggregator.<key>."""
+    assert FederatedSettings(aggregator="fedadam").aggregator == {"name": "fedadam", "lr": 0.01, "beta_1": 0.9,
+                                                                  "beta_2": 0.99, "tau": 0.001}
+    assert FederatedSettings(aggregator="fedavgm").aggregator == {"name": "fedavgm", "lr": 1.0, "momentum": 0.9}
+    assert FedAdam.Params.model_fields["tau"].description
+    with pytest.raises(ValueError, match=r"^aggregator\.beta_1: unknown key; aggregator takes \['lr', 'momentum'\]$"):
+        FederatedSettings(aggregator={"name": "fedavgm", "beta_1": 0.5})
+    with pytest.raises(ValueError, match=r"^aggregator\.lr: Input should be greater than 0 \(got -1\.0\)$"):
+        FederatedSettings(aggregator={"name": "fedadam", "lr": -1.0})
+    with pytest.raises(ValueError, match=r"^aggregator\.beta_2: Input should be a valid number \(got '0\.9'\)$"):
+        FederatedSettings(aggregator={"name": "fedyogi", "beta_2": "0.9"})
+    with pytest.raises(ValueError, match=r"^aggregator\.name: must be one of \['fedadam', .*got 'fedsgd'$"):
+        FederatedSettings(aggregator={"name": "fedsgd"})
+
+
+def test_settings_of_earlier_versions_move_into_the_aggregators_section_with_a_warning():
+    """``server_lr`` & co. at the top level (configs and checkpoints of earlier versions) still load:
+    moved to the chosen rule's parameter, with a FutureWarning that names the new key; ignored, as
+    before, where the rule has no such parameter; the checkpoint fingerprint is that of those versions."""
+    with pytest.warns(FutureWarning, match=r"server_lr is now aggregator\.lr"):
+        old = FederatedSettings(aggregator="fedadam", server_lr=0.05, server_beta2=0.9)
+    assert old.aggregator == {"name": "fedadam", "lr": 0.05, "beta_1": 0.9, "beta_2": 0.9, "tau": 0.001}
+    assert old == FederatedSettings(aggregator={"name": "fedadam", "lr": 0.05, "beta_2": 0.9})
+    # written by the version before the move (same arguments): a checkpoint of it resumes
+    assert old.fingerprint() == "ac3a7f1e00ad5b88577100d26bb109b36b400538"
+    assert FederatedSettings().fingerprint() == "79defdb26397c9261879d0eb6e131d8ceeba83fd"
+    with pytest.warns(FutureWarning, match=r"server_momentum is now aggregator\.momentum"):
+        assert FederatedSettings(aggregator="fedavgm", server_momentum=0.5).fingerprint() == \
+            "737976c176512acbb370a925458dc86f281bf9e8"
+    assert FederatedSettings(server_lr=0.3).aggregator == {"name": "fedavg"}  # fedavg has no lr: ignored, as before
+    with pytest.raises(ValueError, match=r"^server_lr: given twice, here and as aggregator\.lr; keep aggregator\.lr$"):
+        FederatedSettings(aggregator={"name": "fedadam", "lr": 0.1}, server_lr=0.2)

@@ -125,10 +125,14 @@ def test_feddyn_client_state_survives_a_checkpoint_resume_exactly(digits, tmp_pa
 def test_every_objective_is_named_in_the_settings_and_refuses_bad_values():
     for name, cls in (("multi_exit", MultiExitObjective), ("fedprox", FedProxObjective), ("feddyn", FedDynObjective)):
         assert type(make_objective(FederatedSettings(objective=name))) is cls
-    for key, value in (("distill_weight", -1.0), ("prox_mu", float("inf")), ("dyn_alpha", -0.1),
-                       ("server_lr", 0.0), ("server_momentum", 1.0), ("bn_stats", "batch")):
-        with pytest.raises(ValueError, match=key):
-            FederatedSettings(**{key: value})
+    for key, value in (("objective.distill_weight", -1.0), ("objective.mu", float("inf")), ("objective.alpha", -0.1),
+                       ("aggregator.lr", 0.0), ("aggregator.momentum", 1.0)):
+        kind, param = key.split(".")
+        name = {"mu": "fedprox", "alpha": "feddyn", "distill_weight": "multi_exit"}.get(param, "fedavgm")
+        with pytest.raises(ValueError, match=f"^{key}: "):
+            FederatedSettings(**{kind: {"name": name, param: value}})
+    with pytest.raises(ValueError, match="^bn_stats: "):
+        FederatedSettings(bn_stats="batch")
 
 
 # ---- server optimisers ---------------------------------------------------------------------------

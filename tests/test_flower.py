@@ -7,7 +7,6 @@ the same seed and partitions.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -66,9 +65,10 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
         dep.superlink()
         for i in range(2):
             dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2" + (" hostile=1" if i else " hostile-from=3"))
-        run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=1 objective="feddyn" '
-                               'dyn-alpha=0.05 distill-weight=0.5 client-training="depthwise" server-steps=3',
-                               app=hostile_flower_app(tmp_path / "hostile_app"))
+        run, run_log = dep.run(f'settings.checkpoint_dir="{ckpt}" settings.client_threads=1 settings.rounds=3 '
+                               'settings.min_clients=1 settings.client_training="depthwise"',
+                               app=hostile_flower_app(tmp_path / "hostile_app", server_steps=3, objective={
+                                   "name": "feddyn", "alpha": 0.05, "distill_weight": 0.5}))
         state = dep.wait_rounds(ckpt, run, 3, RUN_TIMEOUT)
         diag = dep.diag()
         assert state is not None and state["round"] == 3, f"the run did not complete 3 rounds in {RUN_TIMEOUT} s\n{diag}"
@@ -109,10 +109,10 @@ def test_deployment_trains_two_rounds_like_the_simulation_without_its_hostile_no
                 raise ConnectionError("left out")
             return super().train_client(global_state, task)
 
-    config = flower_app_config(objective="feddyn", **{"dyn-alpha": 0.05, "distill-weight": 0.5,
-                                                      "client-training": "depthwise", "server-steps": 3})
+    config = flower_app_config(objective={"name": "feddyn", "alpha": 0.05, "distill_weight": 0.5},
+                               client_training="depthwise", server_steps=3)
     settings = settings_from_config(config, num_clients=2, min_clients=1, checkpoint_dir=str(tmp_path / "sim"))
-    assert settings.objective == "feddyn" and settings.distill_weight == 0.5
+    assert settings.objective == {"name": "feddyn", "alpha": 0.05, "distill_weight": 0.5, "distill_temperature": 1.0}
     assert settings.client_training == "depthwise" and settings.server_steps == 3
     # one torch thread, as the ClientApps ran (client-threads=1, OMP_NUM_THREADS=1): float32
     # reductions depend on the thread count, the data's normalisation statistics included
@@ -162,8 +162,8 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     ckpt = tmp_path / "checkpoint"
     dep = Deployment(tmp_path)
     settings = FederatedSettings(
-        dataset="digits", rounds=1, num_clients=2, min_clients=2, head="linear", backend="flower",
-        flower_superlink="local-deploy", flower_home=dep.env["FLWR_HOME"], client_threads=1,
+        dataset="digits", rounds=1, num_clients=2, min_clients=2, head="linear",
+        backend={"name": "flower", "superlink": "local-deploy", "flwr_home": dep.env["FLWR_HOME"]}, client_threads=1,
         checkpoint_dir=str(ckpt), node_wait=60.0, round_timeout=120.0,
     )
     reported = []
@@ -173,7 +173,7 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
 
     from nni_fedexit.data import load_image_folder
 
-    data = FederatedData(dataclasses.replace(settings, backend="simulation"), bundle=bundle)
+    data = FederatedData(settings.replace(backend="simulation"), bundle=bundle)
     first120 = data.clients[1].subset(range(120))
     save_image_folder(first120, tmp_path / "node1_images", bundle.mean, bundle.std)
     # the simulation's client 1 trains on what node 1 reads (the PNG files, 8-bit); the digits
@@ -187,7 +187,7 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
         dep.supernode("supernode1", f'partition-id=1 num-partitions=2 data-dir="{tmp_path / "node1_images"}"')
         dep.wait_online(2, 90)
         # round 1: the federated trial of an NNI experiment (as `nni-fedexit run` does it)
-        evaluator = FederatedEvaluator(**dataclasses.asdict(settings))
+        evaluator = FederatedEvaluator(**settings.model_dump())
         jobs, metrics, _ = run_trials_experiment(space, evaluator, FixedArchitecture(arch), tmp_path / "nni", trials=1)
         assert [j["status"] for j in jobs] == ["SUCCEEDED"], f"{jobs}\n{dep.diag()}"
         assert sorted(m["type"] for m in metrics) == ["FINAL", "PERIODICAL"]  # one point per round
@@ -199,9 +199,9 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
         model = MultiExitNetwork.from_architecture(space, arch, head="linear")
         initial = load_file(str(ckpt / "initial.safetensors"))  # the NNI trial's initial weights
         model.load_state_dict(initial)
-        result = FederatedEvaluator(**dataclasses.asdict(dataclasses.replace(settings, rounds=2))).fit(model)
+        result = FederatedEvaluator(**settings.replace(rounds=2).model_dump()).fit(model)
         # stopping the submitter (SIGTERM, as `nnictl stop` does) stops its Flower run
-        stopped = _submit_and_stop(dep, dataclasses.replace(settings, rounds=50, checkpoint_dir=str(tmp_path / "stopped")),
+        stopped = _submit_and_stop(dep, settings.replace(rounds=50, checkpoint_dir=str(tmp_path / "stopped")),
                                    sizes, arch)
     finally:
         dep.stop_all()
@@ -219,7 +219,7 @@ def _evaluator_on_flower(tmp_path, monkeypatch):
     # an uninterrupted simulation of both rounds from the same initial weights: same weights
     model = MultiExitNetwork.from_architecture(space, arch, head="linear")
     model.load_state_dict(initial)
-    federate(model, dataclasses.replace(settings, rounds=2, backend="simulation", checkpoint_dir=str(tmp_path / "sim")),
+    federate(model, settings.replace(rounds=2, backend="simulation", checkpoint_dir=str(tmp_path / "sim")),
              data=data, report=False)
     deployed, simulated = load_file(str(ckpt / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
     worst = max_abs_difference(deployed, simulated)
@@ -246,7 +246,7 @@ def _submit_and_stop(dep, settings, sizes, arch):
     (the event: ``flower-run-<id>.log`` appears in its checkpoint folder, see run_on_flower), wait
     for it to exit; (run id, exit code, its output, ``flwr ls`` then)."""
     ckpt = Path(settings.checkpoint_dir)
-    proc, log = dep.start("submitter", [sys.executable, "-c", SUBMITTER, json.dumps(dataclasses.asdict(settings)),
+    proc, log = dep.start("submitter", [sys.executable, "-c", SUBMITTER, settings.to_json(),
                                         json.dumps(arch), json.dumps(sizes), str(Path(__file__).parent)])
     found = wait_until(lambda: next(ckpt.glob("flower-run-*.log"), None) or proc.poll() is not None, 180,
                        lambda: f"no run submitted\n{dep.diag()}", poll=0.2)
@@ -259,7 +259,7 @@ def _submit_and_stop(dep, settings, sizes, arch):
 def test_flower_backend_names_the_missing_superlink(tmp_path):
     from nni_fedexit.federated import FederatedError, FederatedSettings
 
-    with pytest.raises(ValueError, match="flower_superlink"):
+    with pytest.raises(ValueError, match=r"^backend\.superlink: the flower backend needs .*superlink: local-deploy"):
         FederatedSettings(backend="flower")
     from nni_fedexit.exits import MultiExitNetwork
     from nni_fedexit.federated.backends.flower.submit import run_on_flower
@@ -269,8 +269,8 @@ def test_flower_backend_names_the_missing_superlink(tmp_path):
     write_flwr_config(home, "nowhere", f"127.0.0.1:{free_port()}")
     space = tiny_space()
     model = MultiExitNetwork.from_architecture(space, {"stage1": "resnet18", "stage2": "resnet18", "stage3": "resnet50"})
-    settings = FederatedSettings(dataset="digits", num_clients=2, backend="flower", flower_superlink="nowhere",
-                                 flower_home=str(home), checkpoint_dir=str(tmp_path / "ckpt"))
+    settings = FederatedSettings(dataset="digits", num_clients=2, checkpoint_dir=str(tmp_path / "ckpt"),
+                                 backend={"name": "flower", "superlink": "nowhere", "flwr_home": str(home)})
     with pytest.raises(FederatedError, match="(?s)'nowhere'.*unavailable.*Check that the SuperLink runs"):
         run_on_flower(model, settings)
 
@@ -284,18 +284,26 @@ def test_run_config_round_trips_the_settings(tmp_path):
     settings = FederatedSettings(dataset="digits", num_clients=3, loss_weights=[1, 0.5, 2], client_samples=90,
                                  profile_mix=[["phone", 0.3, 0.5], ["edge", 1.0, 0.5]], lr=0.02)
     arch = {"stage1": "resnet50-d1", "stage2": "resnet18", "stage3": "resnet18"}
-    config = run_config(settings, arch, space.spec, **{"checkpoint-dir": str(tmp_path / "c \"quoted\"")})
+    settings = settings.replace(checkpoint_dir=str(tmp_path / 'c "quoted"'), aggregator={"name": "fedadam", "lr": 0.1})
+    config = run_config(settings, arch, space.spec)
     app = write_app(tmp_path / "app", config)
     written = tomllib.loads((app / "pyproject.toml").read_text())
     assert written["tool"]["flwr"]["app"]["config"] == config
     assert written["tool"]["flwr"]["app"]["components"]["serverapp"] == "nni_fedexit.federated.backends.flower.server_app:app"
     back = settings_from_config(config)
-    assert back == dataclasses.replace(settings, checkpoint_dir=str(tmp_path / 'c "quoted"'))
+    assert back == settings  # one JSON document (all but the backend: the deployment is the backend), read back
+    assert json.loads(config["settings"]) == {k: v for k, v in settings.model_dump().items() if k != "backend"}
     rebuilt = space_from_config(config, _Sizes(space.spec))
     assert rebuilt.spec == space.spec and json.loads(config["architecture"]) == arch
+    assert set(config) == {"settings", "architecture", "space-sources", "space-widths", "space-depth-crops",
+                           "space-stem-width", "space-stem-stride", "initial-weights"}  # nothing field by field
     # the example app lists only keys the ServerApp knows
-    known = set(config)
-    assert set(flower_app_config()) <= known, set(flower_app_config()) - known
+    example = flower_app_config()
+    assert {k for k in example if not k.startswith("settings.")} <= set(config)
+    assert {k.split(".")[1] for k in example if k.startswith("settings.")} <= set(FederatedSettings.model_fields)
+    # a run config of an earlier version (settings as hyphenated keys) is refused, naming the key
+    with pytest.raises(ValueError, match=r"^run config key 'local-epochs': the settings are now under settings\.\*"):
+        settings_from_config({**config, "local-epochs": 2})
 
 
 class _Sizes:
@@ -310,10 +318,10 @@ def test_run_config_builds_the_simulation_model_and_checks_branch_arrays():
         branch_keys, build_model, load_branch_state, load_data, settings_from_config, to_array_record, to_state_dict,
     )
 
-    config = flower_app_config(**{"client-samples": 0, "loss-weights": "[1, 0.5, 2]", "batch-size": 16.0})
+    config = flower_app_config(loss_weights=[1, 0.5, 2], batch_size=16)
     settings = settings_from_config(config, num_clients=2, min_clients=2)
     assert (settings.dataset, settings.rounds, settings.head, settings.client_samples) == ("digits", 2, "linear", None)
-    assert settings.loss_weights == [1, 0.5, 2] and settings.batch_size == 16 and settings.backend == "simulation"
+    assert settings.loss_weights == [1, 0.5, 2] and settings.batch_size == 16 and settings.name("backend") == "simulation"
     data = load_data(settings)
     model = build_model(config, settings, data.bundle)
     again = build_model(config, settings, data.bundle)
@@ -353,9 +361,10 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
         nodes = {p: dep.supernode(f"supernode{p}", f"partition-id={p} num-partitions=3" + (
             f' hold-at-round=2 hold-file="{held}"' if p == 2 else ""))[0] for p in range(3)}
         dep.wait_online(3, 90)
-        run, run_log = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1 rounds=3 min-clients=2 '
-                               'round-timeout=120.0 node-wait=60.0 aggregator="logged_fedavg" '
-                               'objective="logged_multi_exit"', app=hostile_flower_app(tmp_path / "app"))
+        run, run_log = dep.run(f'settings.checkpoint_dir="{ckpt}" settings.client_threads=1 settings.rounds=3 '
+                               'settings.min_clients=2 settings.round_timeout=120.0 settings.node_wait=60.0 '
+                               'settings.aggregator="logged_fedavg" settings.objective="logged_multi_exit"',
+                               app=hostile_flower_app(tmp_path / "app"))
         deadline = time.time() + FAULT_TIMEOUT
         wait_until(lambda: held.is_file() or run.poll() is not None, FAULT_TIMEOUT,
                    lambda: f"round 2 never reached the victim\n{dep.diag()}", poll=0.2)
@@ -412,7 +421,7 @@ def test_deployment_over_tls_admits_only_registered_supernodes(tmp_path):
         for i in range(2):
             dep.supernode(f"supernode{i}", f"partition-id={i} num-partitions=2", keys[i])
         dep.wait_online(2, 90)
-        run, _ = dep.run(f'checkpoint-dir="{ckpt}" client-threads=1')
+        run, _ = dep.run(f'settings.checkpoint_dir="{ckpt}" settings.client_threads=1')
         state = dep.wait_rounds(ckpt, run, 2, RUN_TIMEOUT)
         diag = dep.diag()
         assert state is not None and state["round"] == 2, f"the run did not complete 2 rounds in {RUN_TIMEOUT} s\n{diag}"

@@ -424,7 +424,7 @@ def server(digits):
     from nni_fedexit.federated.rounds import RoundEngine
     from helpers import flower_app_config
 
-    config = flower_app_config(**{"server-steps": 3})
+    config = flower_app_config(server_steps=3)
     settings = settings_from_config(config, num_clients=3, min_clients=2)
     data = load_data(settings)
     model = build_model(config, settings, data.bundle)
@@ -593,7 +593,7 @@ def test_node_profiles_cannot_choose_the_run_size_or_a_taken_partition():
     twin = NodeProfile({"partition-id": 1, "num-partitions": 3})
     nodes = {**honest, 1: liar, 2: twin}
     assert run_num_clients({}, nodes) == 3  # the majority, not the largest claim
-    assert run_num_clients({"num-clients": 3}, {1: liar}) == 3  # the run config decides when it says
+    assert run_num_clients({"settings.num_clients": 3}, {1: liar}) == 3  # the run config decides when it says
     holders = {1: 6}  # node 6 claimed partition 1 first
     admitted = admit_nodes(nodes, 3, {}, holders)
     assert sorted(admitted) == [5, 6, 7] and holders == {0: 5, 1: 6, 2: 7}

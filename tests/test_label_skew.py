@@ -234,9 +234,9 @@ def test_the_server_makes_one_pass_over_its_labelled_images_unless_told_a_step_c
     off = FederatedSettings(server_steps=0)
     assert off.server_images(9_600) == 0 and off.server_step_count(4_800) == 0
     assert FederatedSettings(server_steps=7).server_step_count(4_800) == 7
-    # a Flower run config: "" is the default, 0 turns the steps off (not "None", as for counts)
-    assert settings_from_config({"server-steps": ""}).server_steps is None
-    assert settings_from_config({"server-steps": 0}).server_steps == 0
+    # a Flower run config: left out is the default, 0 turns the steps off
+    assert settings_from_config({}).server_steps is None
+    assert settings_from_config({"settings.server_steps": 0}).server_steps == 0
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(ValueError, match="server_steps"):
             FederatedSettings(server_steps=bad)

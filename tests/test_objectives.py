@@ -95,7 +95,8 @@ def test_multi_exit_loss_is_the_weighted_sum_of_the_exits_cross_entropies():
     ce0 = ((math.log(math.e + 2) - 1) + (math.log(math.e ** 2 + 2) - 2)) / 2
     ce1 = (math.log(3) + math.log(2 * math.e + 1 / math.e) - 1) / 2
     assert math.isclose(multi_exit_by_hand(), 0.25 * ce0 + ce1)
-    for objective in (MultiExitObjective(), MultiExitObjective(FederatedSettings(distill_weight=0.0)),
+    for objective in (MultiExitObjective(params=MultiExitObjective.Params(distill_weight=0.0)),
+                      MultiExitObjective(FederatedSettings(distill_weight=0.0)),
                       make_objective(FederatedSettings(objective="multi_exit", distill_weight=0.0))):
         assert type(objective) is MultiExitObjective
         loss = objective.loss(ctx, outputs(), labels())
@@ -163,16 +164,15 @@ def test_multi_exit_objective_adds_the_weighted_distillation():
     objective = MultiExitObjective(FederatedSettings(distill_weight=0.5, distill_temperature=2.0))
     by_hand = multi_exit_by_hand() + 0.5 * 4.0 * (kl(Z1, Z0, 2.0) + kl(Z0, Z1, 2.0))
     assert math.isclose(num(objective.loss(ctx, outputs(), labels())), by_hand, rel_tol=1e-6)
-    # a missing temperature (None, 0) means T = 1; a missing weight means no distillation
-    loose = MultiExitObjective(SimpleNamespace(distill_weight=0.5, distill_temperature=None))
-    by_hand_t1 = multi_exit_by_hand() + 0.5 * (kl(Z1, Z0, 1.0) + kl(Z0, Z1, 1.0))
-    assert math.isclose(num(loose.loss(ctx, outputs(), labels())), by_hand_t1, rel_tol=1e-6)
-    no_temperature = MultiExitObjective(SimpleNamespace(distill_weight=0.5))  # a settings object without it
-    assert math.isclose(num(no_temperature.loss(ctx, outputs(), labels())), by_hand_t1, rel_tol=1e-6)
-    negative = MultiExitObjective(SimpleNamespace(distill_weight=-0.5))  # only a weight > 0 switches it on
-    assert math.isclose(num(negative.loss(ctx, outputs(), labels())), multi_exit_by_hand(), rel_tol=1e-6)
-    none = MultiExitObjective(SimpleNamespace(distill_weight=None))
-    assert math.isclose(num(none.loss(ctx, outputs(), labels())), multi_exit_by_hand(), rel_tol=1e-6)
+    # the parameters are declared (and checked) once, on the objective: weight 1, temperature 1 by default
+    default = MultiExitObjective()
+    by_hand_t1 = multi_exit_by_hand() + 1.0 * (kl(Z1, Z0, 1.0) + kl(Z0, Z1, 1.0))
+    assert math.isclose(num(default.loss(ctx, outputs(), labels())), by_hand_t1, rel_tol=1e-6)
+    off = MultiExitObjective(params=MultiExitObjective.Params(distill_weight=0.0))
+    assert math.isclose(num(off.loss(ctx, outputs(), labels())), multi_exit_by_hand(), rel_tol=1e-6)
+    for bad in ({"distill_weight": -0.5}, {"distill_temperature": 0.0}, {"distill_weight": None}):
+        with pytest.raises(ValueError, match=f"objective.{next(iter(bad))}: "):
+            FederatedSettings(objective={"name": "multi_exit", **bad})
     # one exit: the cross-entropy alone, whatever the weight
     single = TwoExitModel()
     single.loss_weights = (0.5,)
@@ -359,7 +359,7 @@ def test_logit_adjusted_loss_by_hand():
     with_kd = by_hand + 0.5 * (kl(z1, z0, 1.0) + kl(z0, z1, 1.0))
     assert math.isclose(num(kd.loss(ctx, outputs(), labels())), with_kd, rel_tol=1e-5)
     # tau defaults to 1
-    default = LogitAdjusted()
+    default = LogitAdjusted(params=LogitAdjusted.Params(distill_weight=0.0))
     default.begin(ctx)
     shift1 = [math.log(c / 5) for c in (1, 3, 1)]
     by_hand1 = multi_exit_by_hand([[v + s for v, s in zip(row, shift1)] for row in Z0],

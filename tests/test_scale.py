@@ -8,7 +8,6 @@ both sides, as the backends' docs say).
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
@@ -69,7 +68,7 @@ def test_flower_simulation_gives_the_in_process_weights_and_stops_its_ray(simula
     is left afterwards."""
     data, expected, sim_records = simulated
     before = _ray_processes()
-    settings = FederatedSettings(**BASE, backend="flower-simulation", workers=2)
+    settings = FederatedSettings(**BASE, backend={"name": "flower-simulation", "workers": 2})
     with torch_threads(1):
         weights, records = _run(settings, data)
     # the same clients (each virtual SuperNode also names its node id), depths and seeds
@@ -89,7 +88,7 @@ def test_flower_simulation_gives_the_in_process_weights_and_stops_its_ray(simula
 def test_workers_in_threads_give_the_same_weights(simulated):
     """Three clients at a time in threads of this process: the same weights as one at a time."""
     data, expected, sim_records = simulated
-    settings = FederatedSettings(**BASE, workers=3)
+    settings = FederatedSettings(**BASE, backend={"name": "simulation", "workers": 3})
     with torch_threads(1):
         weights, records = _run(settings, data)
     assert max_abs_difference(weights, expected) == 0.0
@@ -123,26 +122,37 @@ def test_flower_simulation_on_a_ray_cluster_of_a_head_and_a_worker(simulated, tm
 
 
 def test_scale_settings_name_the_key_and_the_fix():
-    with pytest.raises(ValueError, match=r"^workers: expected a positive integer"):
-        FederatedSettings(workers=0)
-    with pytest.raises(ValueError, match=r"^client_num_gpus: .*set device: cuda"):
-        FederatedSettings(client_num_gpus=0.25)
-    with pytest.raises(ValueError, match=r"^client_num_cpus: must be a number > 0"):
-        FederatedSettings(client_num_cpus=0)
+    sim = "flower-simulation"
+    with pytest.raises(ValueError, match=r"^backend\.workers: Input should be greater than or equal to 1 \(got 0\)$"):
+        FederatedSettings(backend={"name": "simulation", "workers": 0})
+    with pytest.raises(ValueError, match=r"^backend\.client_num_gpus: .*set device: cuda"):
+        FederatedSettings(backend={"name": sim, "client_num_gpus": 0.25})
+    with pytest.raises(ValueError, match=r"^backend\.client_num_cpus: Input should be greater than 0"):
+        FederatedSettings(backend={"name": sim, "client_num_cpus": 0})
+    with pytest.raises(ValueError, match=r"^backend\.ray_address: String should match pattern"):
+        FederatedSettings(backend={"name": sim, "ray_address": "  "})
     # a fraction of a CPU or GPU is a setting, not an error
-    assert FederatedSettings(client_num_cpus=0.5, client_num_gpus=0.25, device="cuda").client_num_gpus == 0.25
+    gpu = FederatedSettings(backend={"name": sim, "client_num_cpus": 0.5, "client_num_gpus": 0.25}, device="cuda")
+    assert gpu.params("backend").client_num_gpus == 0.25
     # a private Ray is sized by workers and stays local; a cluster is never given sizes (ray.init refuses both)
-    from nni_fedexit.federated.backends.flower.simulation_engine import backend_config, ray_init_args
+    from nni_fedexit.federated.backends.flower.simulation_engine import (
+        FlowerSimulationParams, backend_config, ray_init_args,
+    )
 
-    private = ray_init_args(FederatedSettings(workers=3, client_num_cpus=0.5))
+    private = ray_init_args(FlowerSimulationParams(workers=3, client_num_cpus=0.5))
     assert private["address"] == "local" and private["num_cpus"] == 1.5 and private["_node_ip_address"] == "127.0.0.1"
-    cluster = ray_init_args(FederatedSettings(ray_address="10.0.0.1:6379"))
+    cluster = ray_init_args(FlowerSimulationParams(ray_address="10.0.0.1:6379"))
     assert cluster["address"] == "10.0.0.1:6379" and "num_cpus" not in cluster and "num_gpus" not in cluster
-    assert backend_config(FederatedSettings(client_num_gpus=0.25, device="cuda")) == {
-        "client_resources": {"num_cpus": 1.0, "num_gpus": 0.25}}
+    assert backend_config(gpu.params("backend")) == {"client_resources": {"num_cpus": 0.5, "num_gpus": 0.25}}
     # none of them changes what a run computes: a checkpoint resumes with others
     base = FederatedSettings()
-    assert dataclasses.replace(base, workers=4, client_num_cpus=2, ray_address="127.0.0.1:1").fingerprint() == base.fingerprint()
+    moved = base.replace(backend={"name": sim, "workers": 4, "client_num_cpus": 2.0, "ray_address": "127.0.0.1:1"})
+    assert moved.fingerprint() == base.fingerprint()
+    # the settings of earlier versions (top-level workers, ray_address ...) move into the backend's section
+    with pytest.warns(FutureWarning, match=r"workers is now backend\.workers"):
+        old = FederatedSettings(backend=sim, workers=2, ray_address="10.0.0.1:6379")
+    assert old.backend == {"name": sim, "workers": 2, "client_num_cpus": 1.0, "client_num_gpus": 0.0,
+                           "ray_address": "10.0.0.1:6379"}
 
 
 @needs_flwr
@@ -151,7 +161,7 @@ def test_flower_simulation_refuses_an_address_where_no_cluster_runs(simulated):
     from nni_fedexit.federated import FederatedError
 
     data, _, _ = simulated
-    settings = FederatedSettings(**BASE, backend="flower-simulation", ray_address=f"127.0.0.1:{free_port()}")
+    settings = FederatedSettings(**BASE, backend={"name": "flower-simulation", "ray_address": f"127.0.0.1:{free_port()}"})
     with pytest.raises(FederatedError, match=r"^ray_address: no Ray cluster answers at 127\.0\.0\.1:\d+"):
         _run(settings, data)
 
@@ -159,7 +169,7 @@ def test_flower_simulation_refuses_an_address_where_no_cluster_runs(simulated):
 if __name__ == "__main__":  # the cluster test's driver: python test_scale.py RAY_ADDRESS OUT.safetensors
     from safetensors.torch import save_file
 
-    settings = FederatedSettings(**BASE, backend="flower-simulation", ray_address=sys.argv[1])
+    settings = FederatedSettings(**BASE, backend={"name": "flower-simulation", "ray_address": sys.argv[1]})
     with torch_threads(1):
         weights, _ = _run(settings, FederatedData(FederatedSettings(**BASE)))
     save_file(weights, sys.argv[2])

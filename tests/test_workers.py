@@ -60,7 +60,7 @@ class Watched(SimulationBackend):
 
 def _run(digits, workers: int, meet: bool) -> tuple[dict[str, torch.Tensor], list[dict], Watched]:
     """Two rounds of the simulation backend with ``workers``; final weights, records, the backend."""
-    settings = FederatedSettings(**BASE, workers=workers)
+    settings = FederatedSettings(**BASE, backend={"name": "simulation", "workers": workers})
     data = FederatedData(settings, bundle=digits)
     torch.manual_seed(0)
     model = MultiExitNetwork.from_architecture(tiny_space(), TINY_SAMPLE, head="conv")

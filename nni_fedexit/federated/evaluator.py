@@ -84,7 +84,7 @@ def federate(
             nni.report_intermediate_result(metric_dict(record))
 
     options = {"clients": backend_factory} if backend_factory is not None else {}
-    run = get_backend(s.backend)(model, s, data, costs, on_record, **options)
+    run = get_backend(s.name("backend"))(model, s, data, costs, on_record, **options)
     model.load_state_dict(run.best_state)
     logits, labels = exit_outputs(model, data.test)
     test_accuracy = exit_accuracies(logits, labels)
@@ -125,7 +125,7 @@ class FederatedEvaluator(MutableEvaluator):
         if settings.checkpoint_dir is None and nni.get_trial_id() != "STANDALONE":
             out = os.environ.get("NNI_OUTPUT_DIR")
             if out:
-                settings = dataclasses.replace(settings, checkpoint_dir=str(Path(out) / "federated"))
+                settings = settings.replace(checkpoint_dir=str(Path(out) / "federated"))
         self.result = federate(network, settings, data=data, backend_factory=backend_factory, report=report)
         return self.result
 

@@ -351,7 +351,7 @@ class RoundEngine:
         try:
             self.aggregator.load_state_dict(aggregator)
         except (ValueError, KeyError, RuntimeError) as err:
-            raise FederatedError(f"checkpoint file {path} does not fit the aggregator {self.settings.aggregator!r}: {err}; "
+            raise FederatedError(f"checkpoint file {path} does not fit the aggregator {self.settings.name('aggregator')!r}: {err}; "
                                  "use another checkpoint directory, or resume=False to start over") from None
         self.client_states.update(clients)
 

@@ -41,74 +41,124 @@ Flower boundaries.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from nni_fedexit.checks import check_type, positive_int
+from nni_fedexit.components import SettingsError, validation_message
 
 if TYPE_CHECKING:
     from nni_fedexit.federated import FederatedSettings
     from nni_fedexit.search.shared_trial import SharedSearchSettings
     from nni_fedexit.search.strategy import SizeAwarePolicyGradient
 
-__all__ = ["ConfigError", "RunConfig", "load_config"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "run_config_schema"]
 
 
 class ConfigError(ValueError):
     """A run configuration is invalid; the message names the key."""
 
 
-@dataclass
-class DataConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = False
-    server_fraction: float = 0.2
-    val_fraction: float = 0.2
-    test_samples: int | None = None
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
-@dataclass
-class SearchConfig:
-    strategy: Any = "size_aware_pg"
-    epochs: int = 3
-    batch_size: int = 64
-    learning_rate: float = 0.001
-    train_samples: int | None = None
-    max_trials: int = 10
-    concurrency: int = 1
-    trial: dict = field(default_factory=dict)
+class Section(BaseModel):
+    """A section of the run config: typed, every key known, checked when the file loads."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class DataConfig(Section):
+    """``data``: the data set and the server's share of it (shared by the search and the federated stage)."""
+
+    dataset: str = Field("fashion-mnist", description="the data set: fashion-mnist, digits, cifar10, ...")
+    data_dir: str | None = Field(None, description="where the data set is read (null: the system copy)")
+    download: bool = Field(False, description="download the data set into data_dir when it is not there")
+    server_fraction: Fraction = Field(0.2, description="share of the training images the server keeps (search, "
+                                      "its own steps, calibration); the clients share the rest")
+    val_fraction: Fraction = Field(0.2, description="share of the server's images held out for validation")
+    test_samples: PositiveInt | None = Field(None, description="cap on the test images (null: all)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from nni_fedexit.data import DATASETS
+
+        if value not in DATASETS:
+            raise SettingsError(f"dataset: must be one of {list(DATASETS)}, got {value!r}")
+        return value
+
+
+class SearchConfig(Section):
+    """``search``: the strategy (S3) and the budget of its supernet training or trials."""
+
+    strategy: str | dict[str, Any] = Field(
+        "size_aware_pg", description="a preset name from strategies/, or a mapping of SizeAwarePolicyGradient "
+        "arguments (with preset: to start from one)")
+    epochs: PositiveInt = Field(3, description="shared mode: epochs of supernet training")
+    batch_size: PositiveInt = Field(64, description="shared mode: the supernet's batch size")
+    learning_rate: float = Field(0.001, gt=0, description="shared mode: the supernet's learning rate")
+    train_samples: PositiveInt | None = Field(None, description="shared mode: cap on the supernet's training images")
+    max_trials: PositiveInt = Field(10, description="trials mode: networks trained")
+    concurrency: PositiveInt = Field(1, description="trials mode: trials at the same time")
+    trial: dict[str, Any] = Field(default_factory=dict, description="trials mode: TrialSettings keys (train_samples, "
+                                  "val_samples, epochs, batch_size, lr)")
 
 
 #: how the early-exit thresholds keep their accuracy target (ExitConfig.margin)
 MARGINS = ("held_out", "none")
 
 
-@dataclass
-class ExitConfig:
-    max_accuracy_drop: float | None = 0.01
-    macs_budget: float | None = None
-    criterion: str = "max_prob"
-    #: "exit" (each exit's own softmax) or "ensemble" (mean of the probabilities of exits 1..i)
-    prediction: str = "exit"
-    #: "per_exit" (a threshold per exit) or "shared" (one for every exit)
-    rule: str = "per_exit"
-    #: "held_out" (certify the drop on the server's search-train images) or "none"
-    margin: str = "held_out"
-    confidence_level: float = 0.95
-    #: test images timed one at a time through the exported early-exit runtime (0: no timing)
-    latency_images: int = 1000
+class ExitConfig(Section):
+    """``exits``: the early-exit thresholds (S4) and what they keep."""
+
+    max_accuracy_drop: float | None = Field(0.01, ge=0, le=1, description="the accuracy the thresholds may give up "
+                                            "against the last exit (a share); or give macs_budget")
+    macs_budget: float | None = Field(None, gt=0, description="expected MACs per image the thresholds aim at")
+    criterion: Literal["max_prob", "entropy"] = Field("max_prob", description="an exit's confidence: max_prob or "
+                                                      "entropy")
+    prediction: Literal["exit", "ensemble"] = Field(
+        "exit", description="exit (each exit's own softmax) or ensemble (each exit predicts with the mean "
+        "probability of the exits up to it)")
+    rule: Literal["per_exit", "shared"] = Field("per_exit", description="per_exit (a threshold per exit) or "
+                                                "shared (one for every exit)")
+    margin: Literal[MARGINS] = Field(  # type: ignore[valid-type]
+        "held_out", description="held_out (the drop holds on unseen images with confidence_level) or none (fitted "
+        "to the validation images only)")
+    confidence_level: float = Field(0.95, ge=0.5, lt=1, description="the confidence of the held-out guarantee")
+    latency_images: int = Field(1000, ge=0, description="test images timed one at a time through the exported "
+                                "early-exit runtime (0: no timing)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "ExitConfig":
+        if (self.max_accuracy_drop is None) == (self.macs_budget is None):
+            raise SettingsError("max_accuracy_drop: give exactly one of max_accuracy_drop and macs_budget")
+        if self.margin == "held_out" and self.max_accuracy_drop is None:
+            raise SettingsError("margin: held_out keeps an accuracy drop, and macs_budget is set: set margin: "
+                                "none with macs_budget, or give max_accuracy_drop instead")
+        return self
 
 
-@dataclass
-class NniConfig:
-    port: int = 8080
-    #: where the web UI listens: 127.0.0.1 (only this machine; reach it through an SSH tunnel) or
-    #: "all" (NNI's own behaviour: every interface, with no authentication)
-    host: str = "127.0.0.1"
+class NniConfig(Section):
+    """``nni``: the web UI of the federated stage (and of a trials search)."""
+
+    port: int = Field(8080, ge=1, le=65535, description="the web UI's port")
+    host: str = Field("127.0.0.1", description="where the web UI listens: 127.0.0.1 or localhost (this machine "
+                      "only; reach it through an SSH tunnel) or all (NNI's own behaviour: every interface, no "
+                      "authentication)")
+
+    @field_validator("host")
+    @classmethod
+    def _private_or_all(cls, value: str) -> str:
+        if value not in ("127.0.0.1", "localhost", "all"):
+            raise SettingsError(f"host: must be 127.0.0.1, localhost or all, got {value!r}; to reach a private "
+                                "web UI from another machine use an SSH tunnel (see README)")
+        return value
 
 
 #: FederatedSettings fields the other sections set: the data section's, and the top-level ones
@@ -119,32 +169,43 @@ _TRIAL_OWNED = ("dataset", "data_dir", "server_fraction", "val_fraction", "seed"
 DEFAULT_STRATEGY = "size_aware_pg"
 
 
-@dataclass
-class RunConfig:
-    run_dir: str = ""
-    seed: int = 0
-    device: str = "cpu"
-    data: DataConfig = field(default_factory=DataConfig)
-    space: Any = "resnet_pool"
-    search: SearchConfig = field(default_factory=SearchConfig)
-    #: the federated section as written (FederatedSettings keys); the settings built from it and the
-    #: other sections: :meth:`federated_settings`
-    federated: dict = field(default_factory=dict)
-    exits: ExitConfig = field(default_factory=ExitConfig)
-    nni: NniConfig = field(default_factory=NniConfig)
-    name: str = "run"
+class RunConfig(Section):
+    """One run of ``nni-fedexit run``: search (S1-S3), exits (S4), federated training (S5)."""
+
+    run_dir: str = Field("", description="where everything of the run goes (default: runs/<config file name>)")
+    seed: int = Field(0, ge=0, lt=2 ** 32, description="seeds data splits, search, federated rounds")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N: the supernet training and the federated clients")
+    data: DataConfig = Field(default_factory=DataConfig)
+    space: str | dict[str, Any] = Field(
+        "resnet_pool", description="a preset name from search_spaces/, or a mapping with preset: plus SpaceSpec "
+        "keys to override (sources, widths, depth_crops, ...)")
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    federated: dict[str, Any] = Field(
+        default_factory=dict, description="FederatedSettings keys (rounds, num_clients, partition, aggregator, "
+        "objective, backend, ...); the data section, seed and device set theirs")
+    exits: ExitConfig = Field(default_factory=ExitConfig)
+    nni: NniConfig = Field(default_factory=NniConfig)
+    name: str = Field("run", description="the run's name (the config file's name)")
+
+    _federated: Any = PrivateAttr(None)
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        if value not in ("cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise SettingsError(f"device: must be cpu, cuda or cuda:N (a GPU index), got {value!r}")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as written (what ``config.yaml`` of a run holds): built objects left out."""
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def federated_settings(self) -> "FederatedSettings":
         """The run's S5 settings: built and checked once (by :func:`load_config`); every call
         returns that same object. ``checkpoint_dir`` is ``<run_dir>/federated``."""
-        settings = self.__dict__.get("_federated_settings")
-        if settings is None:
-            settings = self.__dict__["_federated_settings"] = _federated_settings(self)
-        return settings
+        if self._federated is None:
+            self._federated = _federated_settings(self)
+        return self._federated
 
     def strategy_arguments(self) -> tuple[str, dict[str, Any]]:
         """``search.strategy`` as (preset, SizeAwarePolicyGradient arguments over the preset's);
@@ -192,7 +253,14 @@ class RunConfig:
                 "val_fraction": d.val_fraction, "seed": self.seed, **self.search.trial}
 
 
-_SECTIONS = {"data": DataConfig, "search": SearchConfig, "exits": ExitConfig, "nni": NniConfig}
+def run_config_schema() -> dict[str, Any]:
+    """The JSON Schema of a run config (``nni-fedexit config schema``), with the federated section's
+    keys, and the aggregators', objectives' and backends' own parameters, from their models."""
+    from nni_fedexit.federated.settings import federated_section_schema
+
+    schema = RunConfig.model_json_schema()
+    schema["properties"]["federated"] = federated_section_schema(owned={*DATA_KEYS, *TOP_KEYS, "checkpoint_dir"})
+    return schema
 
 
 def _check(key: str, value: Any, annotation: Any) -> None:
@@ -228,27 +296,6 @@ def _keyed(prefix: str, message: str, keys: Iterable[str], where: str | None = N
     return f"{prefix}: {message}"
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of keys to values, got {data!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"{where}: unknown key; {path or 'the config'} takes {sorted(known)}")
-    values = {}
-    for key, value in data.items():
-        f = known[key]
-        if key in _SECTIONS and cls is RunConfig:
-            values[key] = _build(_SECTIONS[key], value, key)
-            continue
-        _check(f"{path}.{key}" if path else key, value, str(f.type))
-        values[key] = value
-    return cls(**values)
-
-
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Parse and check a run configuration file; ``run_dir`` defaults to ``runs/<file stem>``.
 
@@ -270,8 +317,15 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         elif isinstance(data[section], Mapping):
             data[section] = {**data[section], sub: value}
         # else: the section is no mapping, which the checks report
-    config = _build(RunConfig, data, "")
-    config.name = p.stem
+    for key in [k for k, v in data.items() if v is None and k in RunConfig.model_fields]:
+        if isinstance(RunConfig.model_fields[key].default_factory, type):  # an empty section: its defaults
+            del data[key]
+    try:
+        config = RunConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(validation_message(err, "", RunConfig, "the config")) from None
+    if "name" not in data:
+        config.name = p.stem
     if not config.run_dir:
         config.run_dir = str(Path("runs") / p.stem)
     check_values(config)
@@ -279,28 +333,12 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def check_values(config: RunConfig) -> None:
-    """Values that are impossible whatever the data, every section: checked before anything runs.
+    """What the sections' own types cannot say, every section: checked before anything runs.
     Builds the run's FederatedSettings (kept on ``config``) and a strategy from its arguments."""
-    if config.device not in ("cpu", "cuda") and not (config.device.startswith("cuda:") and config.device[5:].isdigit()):
-        raise ConfigError(f"device: must be cpu, cuda or cuda:N (a GPU index), got {config.device!r}")
-    _check_data(config)
     _check_space(config)
-    _check_search(config)
+    _check_trial(config)
+    _check_strategy(config)
     config.federated_settings()
-    _check_exits(config)
-    if not 1 <= config.nni.port <= 65535:
-        raise ConfigError(f"nni.port: must be in 1..65535, got {config.nni.port}")
-    if config.nni.host not in ("127.0.0.1", "localhost", "all"):
-        raise ConfigError(f"nni.host: must be 127.0.0.1, localhost or all, got {config.nni.host!r}; to reach a "
-                          "private web UI from another machine use an SSH tunnel (see README)")
-
-
-def _check_data(config: RunConfig) -> None:
-    """The data set's name; its fractions and caps are FederatedSettings fields, checked with them."""
-    from nni_fedexit.data import DATASETS
-
-    if config.data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: must be one of {list(DATASETS)}, got {config.data.dataset!r}")
 
 
 def _check_space(config: RunConfig) -> None:
@@ -333,18 +371,6 @@ def _check_space(config: RunConfig) -> None:
         load_space_spec(preset, **{**overrides, **stand_in})
     except (SpecError, TypeError) as err:
         raise ConfigError(_keyed("space", str(err), [f.name for f in fields(SpaceSpec)], where)) from err
-
-
-def _check_search(config: RunConfig) -> None:
-    s = config.search
-    for key in ("epochs", "batch_size", "max_trials", "concurrency"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"search.{key}: must be at least 1, got {getattr(s, key)}")
-    _positive("search.train_samples", s.train_samples, optional=True)
-    if not s.learning_rate > 0:
-        raise ConfigError(f"search.learning_rate: must be > 0, got {s.learning_rate}")
-    _check_trial(config)
-    _check_strategy(config)
 
 
 def _check_trial(config: RunConfig) -> None:
@@ -431,42 +457,13 @@ def _check_strategy(config: RunConfig) -> None:
                           "than warmup_epochs, or set search.strategy.warmup_epochs lower")
 
 
-def _check_exits(config: RunConfig) -> None:
-    e = config.exits
-    if (e.max_accuracy_drop is None) == (e.macs_budget is None):
-        raise ConfigError("exits: give exactly one of max_accuracy_drop and macs_budget")
-    if e.max_accuracy_drop is not None and not 0 <= e.max_accuracy_drop <= 1:
-        raise ConfigError(f"exits.max_accuracy_drop: must be in [0, 1] (a share of accuracy), got {e.max_accuracy_drop}")
-    if e.macs_budget is not None and not e.macs_budget > 0:
-        raise ConfigError(f"exits.macs_budget: must be > 0 (expected MACs per image), got {e.macs_budget}")
-    if e.criterion not in ("max_prob", "entropy"):
-        raise ConfigError(f"exits.criterion: must be max_prob or entropy, got {e.criterion!r}")
-    from nni_fedexit.exits import PREDICTIONS
-
-    if e.prediction not in PREDICTIONS:
-        raise ConfigError(f"exits.prediction: must be one of {list(PREDICTIONS)}, got {e.prediction!r}")
-    from nni_fedexit.exits import RULES
-
-    if e.rule not in RULES:
-        raise ConfigError(f"exits.rule: must be one of {list(RULES)}, got {e.rule!r}")
-    if e.margin not in MARGINS:
-        raise ConfigError(f"exits.margin: must be one of {list(MARGINS)}, got {e.margin!r}")
-    if e.margin == "held_out" and e.max_accuracy_drop is None:
-        raise ConfigError("exits.margin: held_out keeps an accuracy drop, and macs_budget is set: set margin: none "
-                          "with macs_budget, or give max_accuracy_drop instead")
-    if not (isinstance(e.confidence_level, (int, float)) and 0.5 <= e.confidence_level < 1):
-        raise ConfigError(f"exits.confidence_level: must be in [0.5, 1), got {e.confidence_level!r}")
-    if not (isinstance(e.latency_images, int) and e.latency_images >= 0):
-        raise ConfigError(f"exits.latency_images: must be a whole number >= 0, got {e.latency_images!r}")
-
-
 def _federated_settings(config: RunConfig) -> "FederatedSettings":
     """The one FederatedSettings of a run: the federated section, plus the keys other sections own."""
-    from nni_fedexit.federated import FederatedSettings
+    from nni_fedexit.federated.settings import MOVED, FederatedSettings
 
-    known = {f.name for f in fields(FederatedSettings)}
+    known = set(FederatedSettings.model_fields)
     owned = {*DATA_KEYS, *TOP_KEYS, "checkpoint_dir"}
-    unknown = sorted(set(config.federated) - known)
+    unknown = sorted(set(config.federated) - known - set(MOVED))
     if unknown:
         raise ConfigError(f"federated.{unknown[0]}: unknown key; federated takes {sorted(known - owned)}")
     clash = sorted(set(config.federated) & owned)
@@ -480,11 +477,11 @@ def _federated_settings(config: RunConfig) -> "FederatedSettings":
     }
     try:
         return FederatedSettings(**values)
-    except (TypeError, ValueError) as err:
+    except ValueError as err:
         message = str(err)
         key = message.split(":", 1)[0]
         if key in DATA_KEYS:
-            raise ConfigError(f"data.{message}") from err
+            raise ConfigError(f"data.{message}") from None
         if key in TOP_KEYS:
-            raise ConfigError(message) from err
-        raise ConfigError(f"federated.{message}") from err
+            raise ConfigError(message) from None
+        raise ConfigError(f"federated.{message}") from None

@@ -59,14 +59,18 @@ class PipelineError(RuntimeError):
 
 
 #: the settings that decide how the federated stage trains, as the report states them
-TRAINING_OPTIONS = ("assignment", "depth_sampling", "client_training", "objective", "logit_tau", "distill_weight",
-                    "aggregator", "bn_stats", "server_steps", "server_samples", "best_by", "client_fraction",
-                    "local_epochs")
+TRAINING_OPTIONS = ("assignment", "depth_sampling", "client_training", "bn_stats", "server_steps", "server_samples",
+                    "best_by", "client_fraction", "local_epochs")
 
 
 def training_options(settings: Any) -> dict[str, Any]:
-    """The run's training options (``TRAINING_OPTIONS``), for ``federated/metrics.json`` and the report."""
-    return {k: getattr(settings, k) for k in TRAINING_OPTIONS}
+    """The run's training options (``TRAINING_OPTIONS``, the aggregator's and the objective's names
+    and parameters), for ``federated/metrics.json`` and the report."""
+    objective = settings.objective
+    return {**{k: getattr(settings, k) for k in TRAINING_OPTIONS}, "objective": objective["name"],
+            "logit_tau": objective.get("tau", 1.0), "distill_weight": objective.get("distill_weight", 0.0),
+            "aggregator": settings.aggregator["name"],
+            "components": {"aggregator": dict(settings.aggregator), "objective": dict(objective)}}
 
 
 def server_training(settings: Any, search_train: int) -> dict[str, int]:
@@ -397,13 +401,13 @@ class Run:
         if not self.use_nni:
             self._federate_in_process(arch, s)
             return
-        evaluator = FederatedEvaluator(**dataclasses.asdict(s))  # NNI ships the settings to the trial as kwargs
+        evaluator = FederatedEvaluator(**s.model_dump())  # NNI ships the settings to the trial as JSON kwargs
         # resumed: the experiment of the interrupted stage goes on under its id, and NNI runs its
         # interrupted trial again, which resumes the rounds from the federated checkpoint
         exp, resumed = self._stage_experiment("federate", self.new_space(), evaluator,
                                               FixedArchitecture(arch["sample"]), self._one_trial, resumable=True)
         port = self.config.nni.port
-        where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
+        where = (f"on the SuperNodes of SuperLink connection {s.backend.get('superlink')!r}" if s.name("backend") == "flower"
                  else f"x {s.num_clients} simulated clients")
         self.echo(f"[federate] {s.rounds} rounds {where}, checkpoints in {s.checkpoint_dir}; experiment "
                   f"{exp.id}{' (resumed)' if resumed else ''}; " + web_ui_message(port, self.config.nni.host))
@@ -434,7 +438,7 @@ class Run:
         from nni_fedexit.federated import federate
         from nni_fedexit.federated.rounds import stable_seed
 
-        where = (f"on the SuperNodes of SuperLink connection {s.flower_superlink!r}" if s.backend == "flower"
+        where = (f"on the SuperNodes of SuperLink connection {s.backend.get('superlink')!r}" if s.name("backend") == "flower"
                  else f"x {s.num_clients} simulated clients")
         self.echo(f"[federate] {s.rounds} rounds {where} in this process (no NNI experiment); checkpoints in "
                   f"{s.checkpoint_dir}")
@@ -458,7 +462,7 @@ class Run:
         write_json(self.dir / "federated" / "partition.json", {
             "scheme": s.partition, "alpha": s.alpha, "label_skew": data.label_skew, "clients": data.summary,
             # flower backend: the SuperNodes that took part (partition-id, or their own data-dir)
-            **({"backend": "flower", "nodes": state.get("nodes", {})} if s.backend == "flower" else {}),
+            **({"backend": "flower", "nodes": state.get("nodes", {})} if s.name("backend") == "flower" else {}),
         })
         from safetensors.torch import save_file
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
+from nni_fedexit.components import ComponentParams, params_for
 from nni_fedexit.registry import Registry
 
 __all__ = ["AGGREGATORS", "Aggregator", "RoundAggregate", "register_aggregator", "make_aggregator", "aggregator_names"]
@@ -33,10 +34,17 @@ class RoundAggregate(Protocol):
 
 
 class Aggregator:
-    """A server aggregation rule. Subclasses implement :meth:`begin`; stateful ones the state methods."""
+    """A server aggregation rule. Subclasses implement :meth:`begin`; stateful ones the state methods.
 
-    def __init__(self, settings: Any = None):
+    A rule with parameters declares them as a nested ``Params`` model (its defaults and their
+    documentation, once); the run config sets them in its section (``aggregator: {name: ..., ...}``)
+    and the rule reads them from ``self.params``."""
+
+    Params = ComponentParams
+
+    def __init__(self, settings: Any = None, params: ComponentParams | None = None):
         self.settings = settings
+        self.params = params_for(type(self), "aggregator", settings, params)
 
     def begin(self, global_state: State) -> RoundAggregate:
         raise NotImplementedError

@@ -5,7 +5,7 @@ for every parameter some client held, its mean ``m``; the pseudo-gradient is ``d
 (``w``: the global value). The server then steps, per parameter and only for the parameters that
 received updates this round (a deep stage no client trained keeps its value and its moments):
 
-- ``fedavgm`` (Hsu et al. 2019): ``v <- beta * v + d``; ``w <- w + lr * v``
+- ``fedavgm`` (Hsu et al. 2019): ``v <- momentum * v + d``; ``w <- w + lr * v``
 - ``fedadam`` (Reddi et al., ICLR 2021): ``m1 <- b1*m1 + (1-b1)*d``; ``v <- b2*v + (1-b2)*d^2``;
   ``w <- w + lr * m1 / (sqrt(v) + tau)``
 - ``fedyogi``: as fedadam, with ``v <- v - (1-b2) * d^2 * sign(v - d^2)``
@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+from pydantic import Field
 
+from nni_fedexit.components import ComponentParams
 from nni_fedexit.federated.aggregators.base import Aggregator
 from nni_fedexit.federated.aggregators.fedavg import WeightedMean
 from nni_fedexit.federated.batchnorm import is_bn_statistic
@@ -53,18 +55,11 @@ class ServerStep(WeightedMean):
 class ServerOptimizer(Aggregator):
     """The depth-aware mean followed by a per-parameter server step (subclasses: :meth:`step`)."""
 
-    #: the server learning rate when ``server_lr`` is None
-    default_lr = 1.0
     #: the moments this rule keeps per parameter
     moments: tuple[str, ...] = ()
 
-    def __init__(self, settings: Any = None):
-        super().__init__(settings)
-        lr = getattr(settings, "server_lr", None)
-        self.lr = float(lr) if lr is not None else self.default_lr
-        self.beta1 = float(getattr(settings, "server_momentum", 0.9))
-        self.beta2 = float(getattr(settings, "server_beta2", 0.99))
-        self.tau = float(getattr(settings, "server_tau", 1e-3))
+    def __init__(self, settings: Any = None, params: ComponentParams | None = None):
+        super().__init__(settings, params)
         self.state: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.moments}
 
     def begin(self, global_state: State) -> ServerStep:
@@ -94,30 +89,41 @@ class ServerOptimizer(Aggregator):
 
 
 class FedAvgM(ServerOptimizer):
-    """``fedavgm``: server momentum on the depth-aware mean (beta = ``server_momentum``)."""
+    """``fedavgm``: server momentum on the depth-aware mean (Hsu et al. 2019)."""
+
+    class Params(ComponentParams):
+        lr: float = Field(1.0, gt=0, description="server step size on the momentum")
+        momentum: float = Field(0.9, ge=0, lt=1, description="server momentum beta")
 
     moments = ("momentum",)
 
     def step(self, key: str, delta: torch.Tensor) -> torch.Tensor:
-        v = self.beta1 * self.moment("momentum", key, delta) + delta
+        v = self.params.momentum * self.moment("momentum", key, delta) + delta
         self.state["momentum"][key] = v
-        return self.lr * v
+        return self.params.lr * v
 
 
 class FedAdam(ServerOptimizer):
-    """``fedadam``: Adam on the server's pseudo-gradient (Reddi et al.; lr 0.01 unless ``server_lr``)."""
+    """``fedadam``: Adam on the server's pseudo-gradient (Reddi et al., ICLR 2021)."""
 
-    default_lr = 0.01
+    class Params(ComponentParams):
+        lr: float = Field(0.01, gt=0, description="server step size (Reddi et al.'s eta)")
+        beta_1: float = Field(0.9, ge=0, lt=1, description="decay of the first moment")
+        beta_2: float = Field(0.99, ge=0, lt=1, description="decay of the second moment")
+        tau: float = Field(0.001, gt=0, description="adaptivity: added to the second moment's root")
+
     moments = ("m", "v")
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.beta2 * v + (1 - self.beta2) * delta ** 2
+        beta_2 = self.params.beta_2
+        return beta_2 * v + (1 - beta_2) * delta ** 2
 
     def step(self, key: str, delta: torch.Tensor) -> torch.Tensor:
-        m = self.beta1 * self.moment("m", key, delta) + (1 - self.beta1) * delta
+        p = self.params
+        m = p.beta_1 * self.moment("m", key, delta) + (1 - p.beta_1) * delta
         v = self.second_moment(self.moment("v", key, delta), delta)
         self.state["m"][key], self.state["v"][key] = m, v
-        return self.lr * m / (v.sqrt() + self.tau)
+        return p.lr * m / (v.sqrt() + p.tau)
 
 
 class FedYogi(FedAdam):
@@ -125,4 +131,4 @@ class FedYogi(FedAdam):
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         d2 = delta ** 2
-        return v - (1 - self.beta2) * d2 * torch.sign(v - d2)
+        return v - (1 - self.params.beta_2) * d2 * torch.sign(v - d2)

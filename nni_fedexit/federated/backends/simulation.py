@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from pydantic import Field
 
+from nni_fedexit.components import ComponentParams
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import ExitCost, MultiExitNetwork
 from nni_fedexit.federated.checkpoint import Checkpoint
@@ -114,6 +116,13 @@ class SimulationBackend:
                 on_update(task, outcome)
 
 
+class SimulationParams(ComponentParams):
+    """The options of backend ``simulation`` (``backend: {name: simulation, workers: 2}``)."""
+
+    workers: int = Field(1, ge=1, description="clients trained at the same time, as threads of this process (each "
+                         "with its own copy of the model)")
+
+
 def run_simulation(
     model: MultiExitNetwork, settings: FederatedSettings, data: FederatedData, costs: Sequence[ExitCost],
     on_record: Callable[[dict[str, Any]], None] | None = None, clients: Callable[..., SimulationBackend] | None = None,
@@ -128,9 +137,11 @@ def run_simulation(
                          server_train=data.server_train, server_labelled=data.server_labelled)
     engine.resume()
     factory = clients or SimulationBackend
+    params = s.params("backend")
+    workers = params.workers if isinstance(params, SimulationParams) else 1
     backend = factory(model, data.clients, s.local_settings(), s.branch_all_exits, make_objective(s),
-                      engine.client_states, **({"workers": s.workers} if s.workers > 1 else {}))
-    threads = s.client_threads or (1 if s.workers > 1 else 0)
+                      engine.client_states, **({"workers": workers} if workers > 1 else {}))
+    threads = s.client_threads or (1 if workers > 1 else 0)
     with _torch_threads(threads):
         _run_rounds(engine, backend, model, s, ckpt)
     return engine.outcome(data.summary)
@@ -180,3 +191,6 @@ def _run_rounds(engine: RoundEngine, backend: SimulationBackend, model: MultiExi
                 + "; lower min_clients or check the failing clients in the log."
             )
         engine.finish(results, new_state)
+
+
+run_simulation.Params = SimulationParams  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from nni_fedexit.components import ComponentParams, params_for
 from nni_fedexit.exits import BranchModel
 from nni_fedexit.registry import Registry
 
@@ -44,8 +45,13 @@ class ObjectiveContext:
 class ClientObjective:
     """A client's training objective. Subclasses implement :meth:`loss`; stateful ones :meth:`end`."""
 
-    def __init__(self, settings: Any = None):
+    #: the objective's parameters, declared once as a nested model (the run config sets them in
+    #: its section: ``objective: {name: ..., ...}``); read from ``self.params``
+    Params = ComponentParams
+
+    def __init__(self, settings: Any = None, params: ComponentParams | None = None):
         self.settings = settings
+        self.params = params_for(type(self), "objective", settings, params)
 
     def begin(self, ctx: ObjectiveContext) -> None:
         """Called before each part's local epochs (e.g. to snapshot the global weights of its parameters)."""

@@ -13,9 +13,10 @@ self-distillation between exits; at inference nothing changes.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
+from pydantic import Field
 
 from nni_fedexit.federated.objectives.base import ObjectiveContext
 from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
@@ -30,16 +31,15 @@ def label_prior_shift(class_counts: torch.Tensor, tau: float = 1.0) -> torch.Ten
 
 
 class LogitAdjusted(MultiExitObjective):
-    """``logit_adjusted``: :class:`MultiExitObjective` on ``z + logit_tau * log p_client`` at every exit."""
+    """``logit_adjusted``: :class:`MultiExitObjective` on ``z + tau * log p_client`` at every exit."""
 
-    def __init__(self, settings: Any = None):
-        super().__init__(settings)
-        self.tau = float(getattr(settings, "logit_tau", 1.0))
+    class Params(MultiExitObjective.Params):
+        tau: float = Field(1.0, gt=0, description="tau of the shift tau * log p_client of every exit's logits")
 
     def begin(self, ctx: ObjectiveContext) -> None:
         if ctx.class_counts is None:
             raise ValueError("objective 'logit_adjusted' needs the client's class counts (ObjectiveContext.class_counts)")
-        ctx.scratch["shift"] = label_prior_shift(ctx.class_counts, self.tau)
+        ctx.scratch["shift"] = label_prior_shift(ctx.class_counts, self.params.tau)
 
     def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         shift = ctx.scratch["shift"].to(outputs[0].device)

@@ -6,11 +6,13 @@ differentiated through)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from nni_fedexit.components import ComponentParams
 from nni_fedexit.exits import multi_exit_loss
 from nni_fedexit.federated.objectives.base import ClientObjective, ObjectiveContext
 
@@ -38,13 +40,14 @@ class MultiExitObjective(ClientObjective):
     """The weighted multi-exit cross-entropy with the branch's ``loss_weights``, plus
     ``distill_weight`` times :func:`self_distillation` (stateless)."""
 
-    def __init__(self, settings: Any = None):
-        super().__init__(settings)
-        self.distill_weight = float(getattr(settings, "distill_weight", 0.0) or 0.0)
-        self.temperature = float(getattr(settings, "distill_temperature", 1.0) or 1.0)
+    class Params(ComponentParams):
+        distill_weight: float = Field(1.0, ge=0, description="self-distillation between the exits a branch holds "
+                                      "(DepthFL): weight of the mutual KL term (0: off)")
+        distill_temperature: float = Field(1.0, gt=0, description="softmax temperature of that KL term")
 
     def loss(self, ctx: ObjectiveContext, outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         total = multi_exit_loss(outputs, labels, ctx.branch.loss_weights)
-        if self.distill_weight > 0 and len(outputs) > 1:
-            total = total + self.distill_weight * self_distillation(outputs, self.temperature)
+        weight = self.params.distill_weight
+        if weight > 0 and len(outputs) > 1:
+            total = total + weight * self_distillation(outputs, self.params.distill_temperature)
         return total

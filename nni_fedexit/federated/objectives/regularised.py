@@ -11,9 +11,10 @@ term that keeps a skewed client from drifting away from the global model.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
+from pydantic import Field
 
 from nni_fedexit.federated.objectives.base import ObjectiveContext
 from nni_fedexit.federated.objectives.multi_exit import MultiExitObjective
@@ -41,8 +42,10 @@ class DriftRegularised(MultiExitObjective):
     """The multi-exit loss plus ``penalty(ctx)``, a term on the branch's distance from the global
     model; :meth:`begin` puts the global weights on the device once per local training."""
 
-    #: the strength of the term, from the settings (0: the plain multi-exit objective)
-    strength = 0.0
+    @property
+    def strength(self) -> float:
+        """The strength of the term, from the parameters (0: the plain multi-exit objective)."""
+        raise NotImplementedError
 
     def begin(self, ctx: ObjectiveContext) -> None:
         ctx.scratch["anchor"] = _anchor(ctx)
@@ -56,11 +59,14 @@ class DriftRegularised(MultiExitObjective):
 
 
 class FedProxObjective(DriftRegularised):
-    """The multi-exit loss plus FedProx's proximal term ``prox_mu / 2 * ||w - w_global||^2``."""
+    """The multi-exit loss plus FedProx's proximal term ``mu / 2 * ||w - w_global||^2``."""
 
-    def __init__(self, settings: Any = None):
-        super().__init__(settings)
-        self.strength = float(getattr(settings, "prox_mu", 0.01))
+    class Params(MultiExitObjective.Params):
+        mu: float = Field(0.01, ge=0, description="mu of the proximal term mu/2 * ||w - w_global||^2")
+
+    @property
+    def strength(self) -> float:
+        return self.params.mu
 
     def penalty(self, ctx: ObjectiveContext) -> torch.Tensor:
         return self.strength / 2 * _squared_distance(ctx.scratch["anchor"])
@@ -69,9 +75,13 @@ class FedProxObjective(DriftRegularised):
 class FedDynObjective(DriftRegularised):
     """The multi-exit loss plus FedDyn's dynamic regulariser, with per-client gradient state."""
 
-    def __init__(self, settings: Any = None):
-        super().__init__(settings)
-        self.strength = float(getattr(settings, "dyn_alpha", 0.01))
+    class Params(MultiExitObjective.Params):
+        alpha: float = Field(0.01, ge=0, description="alpha of FedDyn's regulariser (each client's gradient "
+                             "state is kept across rounds)")
+
+    @property
+    def strength(self) -> float:
+        return self.params.alpha
 
     def begin(self, ctx: ObjectiveContext) -> None:
         super().begin(ctx)

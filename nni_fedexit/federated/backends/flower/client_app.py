@@ -19,7 +19,6 @@ MetricRecord with ``num-examples`` (and ``train-loss``).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
@@ -101,7 +100,7 @@ def node_settings(run_config: Mapping[str, Any], parts: int) -> tuple[FederatedS
     key = repr(sorted(run_config.items())) + f"|{parts}"
     if key not in _SETTINGS_CACHE:
         base = settings_from_config(run_config)
-        settings = dataclasses.replace(base, num_clients=parts, min_clients=min(base.min_clients, parts))
+        settings = base.replace(num_clients=parts, min_clients=min(base.min_clients, parts))
         _SETTINGS_CACHE.clear()
         _SETTINGS_CACHE[key] = (settings, make_objective(settings))
     return _SETTINGS_CACHE[key]

@@ -1,11 +1,10 @@
 """What the Flower ServerApp and ClientApp share: run config -> settings, data, model; arrays.
 
-A Flower run config holds only flat ``bool | int | float | str`` values, so lists travel as
-strings: ``architecture`` is a JSON object (``{"stage1": "resnet18", ...}``), ``space-widths``
-and ``space-sources`` are comma-separated, ``loss-weights`` and ``profile-mix`` are JSON lists.
-Every :class:`~nni_fedexit.federated.settings.FederatedSettings` field can be set under its name with
-hyphens (``local-epochs``, ``client-samples`` ...); for a field whose default is None, ``""``
-(and ``0`` for counts and widths, not for ``server-steps``, where 0 turns the steps off) means None.
+A Flower run config holds only flat ``bool | int | float | str`` values. The settings travel as
+one JSON document under ``settings`` (:class:`~nni_fedexit.federated.settings.FederatedSettings`,
+serialised once), or, in a hand-written app, as a ``[tool.flwr.app.config.settings]`` table
+(:func:`settings_data`); ``architecture`` is a JSON object (``{"stage1": "resnet18", ...}``),
+``space-widths`` and ``space-sources`` are comma-separated.
 
 Both sides build the same :class:`~nni_fedexit.exits.MultiExitNetwork` (the space is sized from
 the data set, the initial weights are seeded as in :func:`~nni_fedexit.federated.federate`),
@@ -28,7 +27,7 @@ from nni_fedexit.exits import MultiExitNetwork
 from nni_fedexit.space import ResNetBlockPoolSpace
 from nni_fedexit.federated.client_data import FederatedData
 from nni_fedexit.federated.rounds import stable_seed
-from nni_fedexit.federated.settings import FederatedSettings
+from nni_fedexit.federated.settings import MOVED, FederatedSettings
 from nni_fedexit.files import write_text
 
 if TYPE_CHECKING:  # flwr is only needed by the apps themselves
@@ -36,7 +35,7 @@ if TYPE_CHECKING:  # flwr is only needed by the apps themselves
 
 __all__ = [
     "DEFAULTS", "DataShape", "architecture_from_config", "branch_keys", "build_model", "load_branch_state", "load_data",
-    "run_config", "settings_from_config", "space_from_config", "task_keys", "to_array_record", "to_state_dict",
+    "run_config", "settings_data", "settings_from_config", "space_from_config", "task_keys", "to_array_record", "to_state_dict",
     "write_app",
 ]
 
@@ -53,62 +52,71 @@ DEFAULTS: dict[str, Any] = {
     "initial-weights": "",
 }
 
-_LIST_FIELDS = ("profile_mix", "loss_weights")
-#: settings of the submitting side only: the deployment is the backend
-_SKIP_FIELDS = ("backend", "flower_superlink", "flower_home")
-
-
-#: None-default fields whose 0 is a value of its own, not None
-_ZERO_IS_A_VALUE = frozenset({"server_steps"})
-
-
 def _get(run_config: Mapping[str, Any], key: str) -> Any:
     return run_config.get(key, DEFAULTS.get(key))
 
 
-def settings_from_config(run_config: Mapping[str, Any], **overrides: Any) -> FederatedSettings:
-    """:class:`FederatedSettings` from a Flower run config (keys with hyphens), then ``overrides``."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(FederatedSettings):
-        key = f.name.replace("_", "-")
-        if f.name in _SKIP_FIELDS or key not in run_config:
+#: the run-config key of the settings: one JSON document (:meth:`FederatedSettings.to_json`)
+SETTINGS_KEY = "settings"
+
+
+def settings_data(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a Flower run config gives, as a mapping (not yet checked).
+
+    The JSON document under ``settings`` (what the ``flower`` backend submits), then the
+    ``settings.<key>`` entries over it: Flower hands a hand-written app's
+    ``[tool.flwr.app.config.settings]`` table (and ``flwr run --run-config "settings.rounds=5"``)
+    over with dotted keys, ``settings.aggregator.name`` for a nested one. A run config holds no
+    lists, so a list is written as a JSON string (``settings.loss_weights = "[1, 0.5, 1]"``).
+    A run config of an earlier version (settings as hyphenated top-level keys) is refused, by key."""
+    fields = set(FederatedSettings.model_fields) | set(MOVED)
+    old = sorted(k for k in run_config if k.replace("-", "_") in fields and k != SETTINGS_KEY)
+    if old:
+        raise ValueError(f"run config key {old[0]!r}: the settings are now under settings.* "
+                         f"(settings.{old[0].replace('-', '_')}), or one JSON document in 'settings'; "
+                         "see examples/flower_deployment/pyproject.toml")
+    text = run_config.get(SETTINGS_KEY, "{}")
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"run config key 'settings': not a JSON document ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"run config key 'settings': expected a JSON object of settings, got {text!r:.80}")
+    for key in sorted(run_config):
+        if not key.startswith(SETTINGS_KEY + "."):
             continue
         value = run_config[key]
-        default = f.default
-        if f.name in _LIST_FIELDS:
-            value = None if value in ("", None) else (json.loads(value) if isinstance(value, str) else value)
-        elif default is None:
-            # 0 means None for counts and widths; for server-steps 0 is a value (the server does not train)
-            value = None if value in ("", None) or (value == 0 and f.name not in _ZERO_IS_A_VALUE) else value
-        elif isinstance(default, bool):
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif isinstance(default, float) and isinstance(value, int):
-            value = float(value)
-        values[f.name] = value
-    values.update(overrides)
-    return FederatedSettings(**values)
+        if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+            try:
+                value = json.loads(value)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ValueError(f"run config key {key!r}: not JSON ({err})") from None
+        *path, last = key.split(".")[1:]
+        target = data
+        for part in path:
+            section = target.get(part)
+            if isinstance(section, str):  # a component chosen by name, given parameters here
+                section = {"name": section}
+            target[part] = section = dict(section) if isinstance(section, Mapping) else {}
+            target = section
+        target[last] = value
+    return data
+
+
+def settings_from_config(run_config: Mapping[str, Any], **overrides: Any) -> FederatedSettings:
+    """:class:`FederatedSettings` from a Flower run config (:func:`settings_data`), then ``overrides``."""
+    return FederatedSettings(**{**settings_data(run_config), **overrides})
 
 
 def run_config(settings: FederatedSettings, arch: Mapping[str, str], spec: Any, **extra: Any) -> dict[str, Any]:
     """The Flower run config of ``settings`` and one architecture of the space ``spec`` (a SpaceSpec).
 
-    The inverse of :func:`settings_from_config` and :func:`space_from_config`: flat TOML values,
-    lists as JSON or comma-separated strings, None as ``""``. ``extra`` sets further keys
-    (``checkpoint-dir``, ``initial-weights`` ...).
+    The inverse of :func:`settings_from_config` and :func:`space_from_config`: the settings as one
+    JSON document (but the backend: the deployment is the backend), the architecture as a JSON
+    object, the space's lists comma-separated. ``extra`` sets further keys (``initial-weights`` ...).
     """
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(FederatedSettings):
-        if f.name in _SKIP_FIELDS:
-            continue
-        value = getattr(settings, f.name)
-        if f.name in _LIST_FIELDS:
-            value = "" if value is None else json.dumps(value)
-        elif value is None:
-            value = ""
-        out[f.name.replace("_", "-")] = value
-    out.update({
+    out: dict[str, Any] = {
+        SETTINGS_KEY: settings.model_dump_json(exclude={"backend"}),
         "architecture": json.dumps(dict(arch)),
         "space-sources": ",".join(spec.sources),
         "space-widths": ",".join(str(w) for w in spec.widths),
@@ -116,7 +124,7 @@ def run_config(settings: FederatedSettings, arch: Mapping[str, str], spec: Any, 
         "space-stem-width": int(spec.stem_width or 0),
         "space-stem-stride": int(spec.stem_stride),
         "initial-weights": "",
-    })
+    }
     out.update(extra)
     return out
 

@@ -30,7 +30,6 @@ The initial weights are seeded as in the simulation backend, or read from ``init
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -49,7 +48,7 @@ from nni_fedexit.exits import exit_costs
 from nni_fedexit.federated.checkpoint import Checkpoint
 from nni_fedexit.federated.errors import UpdateRejected
 from nni_fedexit.federated.rounds import ClientTask, Participant, RoundEngine, RoundPlan, RoundResults, validate
-from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_data, settings_from_config, task_keys, to_array_record, to_state_dict
+from nni_fedexit.federated.backends.flower.common import DataShape, build_model, load_data, settings_data, settings_from_config, task_keys, to_array_record, to_state_dict
 from nni_fedexit.federated.backends.flower.replies import read_reply
 
 __all__ = ["app", "BranchStrategy", "NodeProfile", "admit_nodes", "discover_nodes", "main", "server_path"]
@@ -136,11 +135,12 @@ def admit_nodes(profiles: Mapping[int, NodeProfile], num_clients: int, refused: 
 
 
 def run_num_clients(run_config: Mapping[str, Any], profiles: Mapping[int, NodeProfile]) -> int:
-    """The run's number of partitions: the run config's ``num-clients`` when it sets one, else the
+    """The run's number of partitions: the run config's ``num_clients`` when it sets one, else the
     ``num-partitions`` most nodes report (the smaller on a tie; a single node cannot change it
     against the others), else the number of nodes."""
-    if "num-clients" in run_config:
-        return int(run_config["num-clients"])
+    given = settings_data(run_config)
+    if "num_clients" in given:
+        return int(given["num_clients"])
     counts: dict[int, int] = {}
     for p in profiles.values():
         if p.partition is not None and not p.own_data and p.get("num-partitions", 0) > 0:
@@ -391,9 +391,9 @@ def main(grid: Grid, context: Context) -> None:
     base = settings_from_config(cfg)
     profiles = discover_nodes(grid, base.min_clients, base.node_wait, base.round_timeout)
     if not profiles:
-        raise RuntimeError(f"no SuperNode connected and reported its partition within node-wait={base.node_wait} s")
+        raise RuntimeError(f"no SuperNode connected and reported its partition within node_wait={base.node_wait} s")
     num_clients = run_num_clients(cfg, profiles)
-    settings = dataclasses.replace(base, num_clients=num_clients, min_clients=min(base.min_clients, num_clients))
+    settings = base.replace(num_clients=num_clients, min_clients=min(base.min_clients, num_clients))
     log(INFO, "%d node(s) connected: %s", len(profiles),
         ", ".join(f"node {n} = {p.describe()}" for n, p in profiles.items()))
     if settings.assignment != "capability" and any("budget" in p for p in profiles.values()):

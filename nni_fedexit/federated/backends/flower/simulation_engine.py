@@ -27,7 +27,9 @@ import socket
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from pydantic import Field
 
+from nni_fedexit.components import ComponentParams
 from nni_fedexit.data import ImageData
 from nni_fedexit.exits import ExitCost
 from nni_fedexit.federated.checkpoint import Checkpoint
@@ -42,20 +44,34 @@ __all__ = ["RaySession", "backend_config", "check_reachable", "fetch_partition",
 _LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
-def ray_init_args(settings: FederatedSettings) -> dict[str, Any]:
+class FlowerSimulationParams(ComponentParams):
+    """The options of backend ``flower-simulation`` (``backend: {name: flower-simulation, ...}``)."""
+
+    workers: int = Field(1, ge=1, description="virtual SuperNodes trained at the same time (Ray actors: a Ray "
+                         "instance this run starts gets workers * client_num_cpus CPUs)")
+    client_num_cpus: float = Field(1.0, gt=0, description="CPUs each virtual SuperNode's ClientApp holds "
+                                   "(a fraction is allowed)")
+    client_num_gpus: float = Field(0.0, ge=0, description="GPUs each virtual SuperNode's ClientApp holds "
+                                   "(a fraction is allowed; needs device: cuda)")
+    ray_address: str | None = Field(None, min_length=1, pattern=r"\S", description="a running Ray cluster "
+                                    "(ray start --head), e.g. 127.0.0.1:6379; null: a private Ray instance on this "
+                                    "machine, started and stopped by the run")
+
+
+def ray_init_args(params: FlowerSimulationParams) -> dict[str, Any]:
     """``ray.init`` arguments: a private instance on 127.0.0.1 sized for ``workers`` clients, or
     the cluster at ``ray_address`` (whose own resources then count)."""
-    s = settings
     common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    if s.ray_address:
-        return {"address": s.ray_address, **common}
+    if params.ray_address:
+        return {"address": params.ray_address, **common}
     # GPUs: Ray finds the machine's own; workers * client_num_cpus CPUs bound the actors to ``workers``
-    return {"address": "local", "num_cpus": s.workers * s.client_num_cpus, "_node_ip_address": "127.0.0.1", **common}
+    return {"address": "local", "num_cpus": params.workers * params.client_num_cpus, "_node_ip_address": "127.0.0.1",
+            **common}
 
 
-def backend_config(settings: FederatedSettings) -> dict[str, Any]:
+def backend_config(params: FlowerSimulationParams) -> dict[str, Any]:
     """Flower's simulation backend config: each virtual SuperNode's resources."""
-    return {"client_resources": {"num_cpus": settings.client_num_cpus, "num_gpus": settings.client_num_gpus}}
+    return {"client_resources": {"num_cpus": params.client_num_cpus, "num_gpus": params.client_num_gpus}}
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -75,14 +91,14 @@ class RaySession:
     ServerApp is done, which orphans the actors for a moment: so the processes are noted while the
     run still holds them (:meth:`note_processes`, at the end of the ServerApp) and waited for after."""
 
-    def __init__(self, settings: FederatedSettings):
+    def __init__(self, params: FlowerSimulationParams):
         try:
             import ray
         except ImportError:
             raise FederatedError("backend 'flower-simulation' needs Ray: pip install 'nni-fedexit[flower]' "
                                  "(it installs flwr[simulation], which pins ray)") from None
         self.ray = ray
-        self.settings = settings
+        self.params = params
         self.started = False
         self.before: set[int] = set()
         self.processes: list[Any] = []
@@ -91,17 +107,17 @@ class RaySession:
         import psutil
 
         self.saved = {k: os.environ.get(k) for k in (*_LOCAL_ONLY, "PYTHONPATH")}
-        if self.settings.ray_address is None:  # a cluster's nodes must reach each other: not for it
+        if self.params.ray_address is None:  # a cluster's nodes must reach each other: not for it
             os.environ.update({k: v for k, v in _LOCAL_ONLY.items() if k not in os.environ})
         if not self.ray.is_initialized():
             self.before = {p.pid for p in psutil.Process().children(recursive=True)}
             try:
-                if self.settings.ray_address:  # ray.init retries an absent cluster for minutes
-                    check_reachable(self.settings.ray_address)
-                self.ray.init(**ray_init_args(self.settings))
+                if self.params.ray_address:  # ray.init retries an absent cluster for minutes
+                    check_reachable(self.params.ray_address)
+                self.ray.init(**ray_init_args(self.params))
             except ConnectionError as err:
                 self._restore_env()
-                raise FederatedError(f"ray_address: no Ray cluster answers at {self.settings.ray_address} ({err}); "
+                raise FederatedError(f"ray_address: no Ray cluster answers at {self.params.ray_address} ({err}); "
                                      "start one with `ray start --head --port=PORT` or leave ray_address out") from None
             self.started = True
         return self
@@ -110,7 +126,7 @@ class RaySession:
         """Remember the processes of a Ray instance this run started (raylet, GCS, actors)."""
         import psutil
 
-        if self.started and self.settings.ray_address is None:
+        if self.started and self.params.ray_address is None:
             self.processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in self.before]
 
     def __exit__(self, *exc: Any) -> None:
@@ -203,6 +219,9 @@ def run_on_flower_simulation(
 ) -> RunOutcome:
     """The ``flower-simulation`` backend: ``settings.rounds`` rounds on ``num_clients`` virtual SuperNodes."""
     s = settings
+    params = s.params("backend")
+    if not isinstance(params, FlowerSimulationParams):
+        params = FlowerSimulationParams()
     if getattr(model, "arch", None) is None or getattr(model, "spec", None) is None:
         raise FederatedError("backend 'flower-simulation' rebuilds the network in its ClientApps from its architecture: "
                              "give federate() a network of ResNetBlockPoolSpace (space.build(sample) or NNI's trial model)")
@@ -218,12 +237,15 @@ def run_on_flower_simulation(
     engine.resume()
     if s.rounds > engine.done:
         cfg = run_config(s, model.arch, model.spec)
-        with RaySession(s) as session:
+        with RaySession(params) as session:
             partition = put_partitions(session.ray, data.clients)
             server, client = _apps(engine, cfg, partition, DataShape.of(data.bundle).to_config(), session)
             run_simulation(server_app=server, client_app=client, num_supernodes=s.num_clients,
-                           backend_config=backend_config(s))
+                           backend_config=backend_config(params))
         if engine.done < s.rounds:
             raise FederatedError(f"the Flower simulation ended after round {engine.done} of {s.rounds} (see the log above)"
                                  + (f"; rounds 1..{engine.done} are kept in {ckpt.folder}: rerun to resume" if ckpt else ""))
     return engine.outcome(data.summary)
+
+
+run_on_flower_simulation.Params = FlowerSimulationParams  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 The cloud side runs here, in the NNI trial (or a Python session): the run config is written into
 a Flower app folder, submitted with ``flwr run`` to the SuperLink connection
-``flower_superlink`` (a ``[superlink.NAME]`` entry of ``$FLWR_HOME/config.toml``), and followed
+``backend.superlink`` (a ``[superlink.NAME]`` entry of ``$FLWR_HOME/config.toml``), and followed
 through the checkpoint the ServerApp writes after every round (``state.json`` in
 ``checkpoint_dir``): each new round is reported to NNI, until ``flwr ls`` says the run finished.
 So the ServerApp must be able to write ``checkpoint_dir`` and read the initial weights next to
@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from pydantic import Field, field_validator
 
+from nni_fedexit.components import ComponentParams
 from nni_fedexit.exits import ExitCost
 from nni_fedexit.federated.checkpoint import Checkpoint, cpu_tensors
 from nni_fedexit.federated.client_data import FederatedData
@@ -124,6 +126,22 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+class FlowerParams(ComponentParams):
+    """The options of backend ``flower`` (``backend: {name: flower, superlink: local-deploy}``)."""
+
+    superlink: str = Field("", validate_default=True, description="the SuperLink connection the run is submitted "
+                           "to with flwr run: a [superlink.NAME] entry of $FLWR_HOME/config.toml")
+    flwr_home: str | None = Field(None, description="FLWR_HOME of the flwr CLI (null: the environment's, else ~/.flwr)")
+
+    @field_validator("superlink")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the flower backend needs the name of a SuperLink connection ([superlink.NAME] in "
+                             "$FLWR_HOME/config.toml), e.g. backend: {name: flower, superlink: local-deploy}")
+        return value
+
+
 def run_on_flower(
     model: torch.nn.Module, settings: FederatedSettings, data: FederatedData | None = None,
     costs: Sequence[ExitCost] = (), on_record: Callable[[Mapping[str, Any]], None] | None = None,
@@ -148,7 +166,11 @@ def run_on_flower(
     if getattr(model, "arch", None) is None or getattr(model, "spec", None) is None:
         raise FederatedError("backend 'flower' rebuilds the network on the server and the nodes from its architecture: "
                              "give federate() a network of ResNetBlockPoolSpace (space.build(sample) or NNI's trial model)")
-    cli = FlowerCLI(str(s.flower_superlink), s.flower_home)
+    params = s.params("backend")
+    if not isinstance(params, FlowerParams):
+        raise FederatedError(f"backend 'flower' needs its options (backend: {{name: flower, superlink: ...}}), "
+                             f"the settings choose backend {s.name('backend')!r}")
+    cli = FlowerCLI(params.superlink, params.flwr_home)
     if s.checkpoint_dir:
         ckpt = Checkpoint(Path(s.checkpoint_dir).expanduser().absolute())
     else:
@@ -163,7 +185,7 @@ def run_on_flower(
     from safetensors.torch import save_file
 
     initial = write_atomic(ckpt.folder / "initial.safetensors", lambda p: save_file(cpu_tensors(model.state_dict()), str(p)))
-    config = run_config(s, model.arch, model.spec, **{"checkpoint-dir": str(ckpt.folder), "initial-weights": str(initial)})
+    config = run_config(s.replace(checkpoint_dir=str(ckpt.folder)), model.arch, model.spec, **{"initial-weights": str(initial)})
     app = write_app(ckpt.folder / "flower_app", config)
 
     run_id = cli.submit(app)
@@ -224,3 +246,6 @@ def run_on_flower(
         )
     clients = [{"node": int(n), **p} for n, p in state.get("nodes", {}).items()]
     return RunOutcome(state["history"], int(state["best_round"]), ckpt.best_weights(), clients)
+
+
+run_on_flower.Params = FlowerParams  # type: ignore[attr-defined]
