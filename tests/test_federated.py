@@ -137,8 +137,9 @@ def test_one_client_with_all_the_data_equals_central_training(digits):
     # BatchNorm statistics as the client left them (the server's re-estimation is not central
     # training); no self-distillation, no label-prior shift, no server steps: central training is
     # the plain multi-exit loss
-    s = digits_settings(rounds=1, num_clients=1, min_clients=1, local_epochs=2, bn_stats="average", distill_weight=0.0,
-                        objective="multi_exit", server_steps=0, assignment="capability", profile_mix=[["full", 1.0, 1.0]])
+    s = digits_settings(rounds=1, num_clients=1, min_clients=1, local_epochs=2, bn_stats="average", server_steps=0,
+                        objective={"name": "multi_exit", "distill_weight": 0.0}, assignment="capability",
+                        profile_mix=[["full", 1.0, 1.0]])
     data = FederatedData(s, bundle=digits)
     result = federate(model, s, data=data, report=False)
     (task,) = result.history[0]["clients"]

@@ -52,8 +52,8 @@ def test_distillation_with_weight_zero_is_the_multi_exit_loss(digits):
     outputs = branch(x)
     ctx = ObjectiveContext(branch, {})
     plain = multi_exit_loss(outputs, y, branch.loss_weights)
-    assert torch.equal(MultiExitObjective(FederatedSettings(distill_weight=0.0)).loss(ctx, outputs, y), plain)
-    with_kd = MultiExitObjective(FederatedSettings(distill_weight=0.5)).loss(ctx, outputs, y)
+    assert torch.equal(MultiExitObjective(FederatedSettings(objective={"name": "logit_adjusted", "distill_weight": 0.0})).loss(ctx, outputs, y), plain)
+    with_kd = MultiExitObjective(FederatedSettings(objective={"name": "logit_adjusted", "distill_weight": 0.5})).loss(ctx, outputs, y)
     assert float(with_kd) == pytest.approx(float(plain + 0.5 * self_distillation(outputs)))
     # the KL term: zero between identical exits, positive otherwise, and its teachers carry no gradient
     z = torch.randn(8, 10, requires_grad=True)
@@ -72,11 +72,11 @@ def test_distillation_with_weight_zero_is_the_multi_exit_loss(digits):
 def test_fedprox_with_mu_zero_equals_fedavg_training_and_mu_pulls_towards_the_global_model(digits):
     data = FederatedData(digits_settings(), bundle=digits).clients[0]
     _, plain = train_once(MultiExitObjective(FederatedSettings()), data)  # same distillation as the rows below
-    _, prox0 = train_once(FedProxObjective(FederatedSettings(objective="fedprox", prox_mu=0.0)), data)
+    _, prox0 = train_once(FedProxObjective(FederatedSettings(objective={"name": "fedprox", "mu": 0.0})), data)
     for k, v in plain.state.items():
         assert torch.equal(v, prox0.state[k]), k
     start = tiny_model().state_dict()
-    _, prox = train_once(FedProxObjective(FederatedSettings(objective="fedprox", prox_mu=5.0)), data)
+    _, prox = train_once(FedProxObjective(FederatedSettings(objective={"name": "fedprox", "mu": 5.0})), data)
 
     def drift(update):
         return sum(float(((update.state[n] - start[n]) ** 2).sum()) for n, _ in tiny_model().named_parameters()
@@ -88,7 +88,7 @@ def test_fedprox_with_mu_zero_equals_fedavg_training_and_mu_pulls_towards_the_gl
 @pytest.mark.slow
 def test_feddyn_keeps_a_gradient_state_per_client_that_follows_its_update_rule(digits):
     data = FederatedData(digits_settings(), bundle=digits).clients[0]
-    objective = FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.1))
+    objective = FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.1}))
     start = tiny_model().state_dict()
     model, first = train_once(objective, data)
     names = [n for n, _ in model.branch(3, all_exits=True).named_parameters()]
@@ -99,7 +99,7 @@ def test_feddyn_keeps_a_gradient_state_per_client_that_follows_its_update_rule(d
     assert any(not torch.equal(second.state[n], first.state[n]) for n in names)
     assert all(torch.isfinite(v).all() for v in second.client_state.values())
     # alpha = 0: the plain multi-exit training, and no state
-    _, zero = train_once(FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.0)), data)
+    _, zero = train_once(FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.0})), data)
     _, plain = train_once(MultiExitObjective(FederatedSettings()), data)
     assert not zero.client_state and all(torch.equal(v, plain.state[k]) for k, v in zero.state.items())
 
@@ -107,7 +107,7 @@ def test_feddyn_keeps_a_gradient_state_per_client_that_follows_its_update_rule(d
 @pytest.mark.slow
 def test_feddyn_client_state_survives_a_checkpoint_resume_exactly(digits, tmp_path):
     net = tiny_space().build(SAMPLE)
-    opts = dict(objective="feddyn", dyn_alpha=0.05, aggregator="fedadam", bn_stats="server")
+    opts = dict(aggregator="fedadam", bn_stats="server", objective={"name": "feddyn", "alpha": 0.05})
     full = federate(copy.deepcopy(net), digits_settings(rounds=3, **opts), report=False)
     federate(copy.deepcopy(net), digits_settings(rounds=2, checkpoint_dir=str(tmp_path), **opts), report=False)
     from safetensors.torch import load_file
@@ -166,7 +166,7 @@ def test_server_momentum_with_beta_zero_and_lr_one_equals_fedavg():
     rounds = [[(branch_update(model, 3, 1), 10), (branch_update(model, 1, 2), 30)],
               [(branch_update(model, 2, 3), 5), (branch_update(model, 2, 4), 5)]]
     fedavg = run_rounds(FedAvg(), start, rounds)
-    fedavgm = run_rounds(FedAvgM(FederatedSettings(aggregator="fedavgm", server_lr=1.0, server_momentum=0.0)),
+    fedavgm = run_rounds(FedAvgM(FederatedSettings(aggregator={"name": "fedavgm", "lr": 1.0, "momentum": 0.0})),
                          start, rounds)
     for k, v in fedavg.items():
         assert torch.allclose(v.double(), fedavgm[k].double(), atol=1e-6), k
@@ -193,7 +193,7 @@ def test_server_optimisers_step_only_the_parameters_some_client_held_and_checkpo
         with pytest.raises(ValueError, match="moments"):
             twin.load_state_dict({"velocity/stem.0.weight": torch.zeros(1)})
     # FedAdam's first step: lr * (1 - b1) d / (sqrt(1 - b2) |d| + tau), at most lr with b1 = 0.9, b2 = 0.99
-    adam = FedAdam(FederatedSettings(aggregator="fedadam", server_lr=0.01))
+    adam = FedAdam(FederatedSettings(aggregator={"name": "fedadam", "lr": 0.01}))
     new = run_rounds(adam, start, shallow)
     moved = [float((new[k] - start[k]).abs().max()) for k in shallow[0][0][0]
              if start[k].is_floating_point() and not is_bn_statistic(k)]

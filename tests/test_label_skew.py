@@ -137,7 +137,7 @@ def test_split_segment_data_deals_each_image_to_one_segment(digits):
 
     class Counting(MultiExitObjective):
         def __init__(self):
-            super().__init__(FederatedSettings(distill_weight=0.0))
+            super().__init__(FederatedSettings(objective={"name": "logit_adjusted", "distill_weight": 0.0}))
             self.seen = {}
 
         def loss(self, ctx, outputs, labels):
@@ -166,7 +166,7 @@ def test_logit_adjustment_is_cross_entropy_when_the_classes_are_balanced():
     branch = model.branch(3, all_exits=True)
     x, y = torch.randn(12, 1, 8, 8), torch.arange(12) % 10
     outputs = branch(x)
-    settings = FederatedSettings(objective="logit_adjusted", logit_tau=1.0)
+    settings = FederatedSettings(objective={"name": "logit_adjusted", "tau": 1.0})
     objective = make_objective(settings)
     assert isinstance(objective, LogitAdjusted)
     balanced = ObjectiveContext(branch, {}, class_counts=torch.full((10,), 37))
@@ -175,7 +175,7 @@ def test_logit_adjustment_is_cross_entropy_when_the_classes_are_balanced():
     assert float(objective.loss(balanced, outputs, y).detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     # skewed: the loss is the cross-entropy of z + log p, exit by exit (by hand, no distillation)
     counts = torch.tensor([90, 10, 0, 0, 0, 0, 0, 0, 0, 0])
-    no_kd = FederatedSettings(objective="logit_adjusted", distill_weight=0.0)
+    no_kd = FederatedSettings(objective={"name": "logit_adjusted", "distill_weight": 0.0})
     skewed = ObjectiveContext(branch, {}, class_counts=counts)
     adjusted = make_objective(no_kd)
     adjusted.begin(skewed)
@@ -204,7 +204,7 @@ def test_logit_adjusted_client_pushes_down_the_classes_it_lacks_far_less(digits)
     absent = {}
     for name in ("multi_exit", "logit_adjusted"):
         model = tiny_model()
-        settings = FederatedSettings(objective=name, distill_weight=0.0)
+        settings = FederatedSettings(objective={"name": name, "distill_weight": 0.0})
         train_local(0, model.branch(3, all_exits=True), client, LocalSettings(epochs=3), 0.05, 1, make_objective(settings))
         with torch.no_grad():
             probs = model.eval()(others)[-1].softmax(1)
@@ -243,7 +243,7 @@ def test_the_server_makes_one_pass_over_its_labelled_images_unless_told_a_step_c
 
 
 def test_server_pass_trains_every_exit_on_the_server_images_and_is_seeded(digits):
-    settings = FederatedSettings(dataset="digits", server_steps=5, batch_size=16, distill_weight=0.0)
+    settings = FederatedSettings(dataset="digits", server_steps=5, batch_size=16, objective={"name": "logit_adjusted", "distill_weight": 0.0})
     data = digits.train
     a, b = tiny_model(), tiny_model()
     start = tiny_model().state_dict()

@@ -96,8 +96,8 @@ def test_multi_exit_loss_is_the_weighted_sum_of_the_exits_cross_entropies():
     ce1 = (math.log(3) + math.log(2 * math.e + 1 / math.e) - 1) / 2
     assert math.isclose(multi_exit_by_hand(), 0.25 * ce0 + ce1)
     for objective in (MultiExitObjective(params=MultiExitObjective.Params(distill_weight=0.0)),
-                      MultiExitObjective(FederatedSettings(distill_weight=0.0)),
-                      make_objective(FederatedSettings(objective="multi_exit", distill_weight=0.0))):
+                      MultiExitObjective(FederatedSettings(objective={"name": "multi_exit", "distill_weight": 0.0})),
+                      make_objective(FederatedSettings(objective={"name": "multi_exit", "distill_weight": 0.0}))):
         assert type(objective) is MultiExitObjective
         loss = objective.loss(ctx, outputs(), labels())
         assert loss.shape == () and math.isclose(num(loss), 0.25 * ce0 + ce1, rel_tol=1e-6)
@@ -161,7 +161,7 @@ def test_self_distillation_of_one_or_no_exit_is_zero():
 def test_multi_exit_objective_adds_the_weighted_distillation():
     """distill_weight * self_distillation(outputs, distill_temperature) on top of the weighted cross-entropies."""
     ctx = ObjectiveContext(TwoExitModel(), {})
-    objective = MultiExitObjective(FederatedSettings(distill_weight=0.5, distill_temperature=2.0))
+    objective = MultiExitObjective(params=MultiExitObjective.Params(distill_weight=0.5, distill_temperature=2.0))
     by_hand = multi_exit_by_hand() + 0.5 * 4.0 * (kl(Z1, Z0, 2.0) + kl(Z0, Z1, 2.0))
     assert math.isclose(num(objective.loss(ctx, outputs(), labels())), by_hand, rel_tol=1e-6)
     # the parameters are declared (and checked) once, on the objective: weight 1, temperature 1 by default
@@ -192,7 +192,7 @@ def global_state(a: list[float], b: float) -> dict[str, torch.Tensor]:
 def test_fedprox_penalty_by_hand():
     """fedprox: + mu/2 ||w - w_global||^2 over the trained parameters (frozen ones and other keys do not count)."""
     model = TwoExitModel()
-    objective = make_objective(FederatedSettings(objective="fedprox", prox_mu=0.4, distill_weight=0.0))
+    objective = make_objective(FederatedSettings(objective={"name": "fedprox", "mu": 0.4, "distill_weight": 0.0}))
     assert type(objective) is FedProxObjective
     ctx = ObjectiveContext(model, global_state([0.0, 4.0], 1.5))
     objective.begin(ctx)
@@ -210,7 +210,7 @@ def test_fedprox_penalty_by_hand():
     plain = FedProxObjective()
     plain.begin(ctx)
     assert math.isclose(num(plain.penalty(ctx)), 0.005 * 17, rel_tol=1e-6)
-    off = FedProxObjective(FederatedSettings(objective="fedprox", prox_mu=0.0, distill_weight=0.0))
+    off = FedProxObjective(FederatedSettings(objective={"name": "fedprox", "mu": 0.0, "distill_weight": 0.0}))
     off.begin(ctx)
     assert math.isclose(num(off.loss(ctx, outputs(), labels())), multi_exit_by_hand(), rel_tol=1e-6)
 
@@ -219,7 +219,7 @@ def test_feddyn_penalty_and_client_state_over_two_rounds_by_hand():
     """feddyn: - <h, w> + alpha/2 ||w - g||^2, and h <- h - alpha (w_k - g) after each local training."""
     alpha = 0.5
     model = TwoExitModel()
-    objective = make_objective(FederatedSettings(objective="feddyn", dyn_alpha=alpha, distill_weight=0.0))
+    objective = make_objective(FederatedSettings(objective={"name": "feddyn", "alpha": alpha, "distill_weight": 0.0}))
     assert type(objective) is FedDynObjective
     client_state: dict[str, torch.Tensor] = {}
 
@@ -269,7 +269,7 @@ def test_feddyn_defaults_and_alpha_zero():
     default.begin(ctx)
     # 0.01/2 * (1 + 4 + 0.25) - (1*1 + 1*2)
     assert math.isclose(num(default.penalty(ctx)), 0.005 * 5.25 - 3.0, rel_tol=1e-6)
-    off = FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.0, distill_weight=0.0))
+    off = FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.0, "distill_weight": 0.0}))
     ctx = ObjectiveContext(model, global_state([0.0, 0.0], 0.0), client_state=dict(state))
     off.begin(ctx)
     assert math.isclose(num(off.loss(ctx, outputs(), labels())), multi_exit_by_hand(), rel_tol=1e-6)
@@ -284,7 +284,7 @@ def test_feddyn_defaults_and_alpha_zero():
 def test_feddyn_uses_the_state_of_every_parameter_that_has_one():
     """A parameter without state (new to this client) does not stop the next ones' state from counting."""
     model = TwoExitModel()
-    objective = FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.5))
+    objective = FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.5}))
     ctx = ObjectiveContext(model, global_state([1.0, 2.0], 0.5), client_state={"dyn/b": torch.tensor([[2.0]])})
     objective.begin(ctx)
     # at w = g: ||w - g||^2 = 0; <h, w> = 2 * b = 1
@@ -303,9 +303,9 @@ class Float32Model(nn.Module):
 def test_drift_penalties_are_in_the_parameters_dtype():
     """A float64 global model or client state is cast to the parameter's dtype: the loss stays float32."""
     glob = {"a": torch.tensor([0.1, 0.2], dtype=torch.float64)}
-    for objective, state in ((FedProxObjective(FederatedSettings(objective="fedprox", prox_mu=0.5)), {}),
-                             (FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.5)), {}),
-                             (FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.5)),
+    for objective, state in ((FedProxObjective(FederatedSettings(objective={"name": "fedprox", "mu": 0.5})), {}),
+                             (FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.5})), {}),
+                             (FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.5})),
                               {"dyn/a": torch.tensor([0.3, -0.7], dtype=torch.float64)})):
         ctx = ObjectiveContext(Float32Model(), glob, client_state=state)
         objective.begin(ctx)
@@ -316,7 +316,7 @@ def test_drift_penalties_are_in_the_parameters_dtype():
 def test_feddyn_rejects_a_state_of_the_wrong_shape():
     """A client state that does not fit the parameter (another architecture) is refused by name."""
     model = TwoExitModel()
-    objective = FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.1))
+    objective = FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.1}))
     ctx = ObjectiveContext(model, global_state([0.0, 0.0], 0.0), client_state={"dyn/a": torch.zeros(3)})
     with pytest.raises(ValueError) as caught:
         objective.begin(ctx)
@@ -346,7 +346,7 @@ def test_logit_adjusted_loss_by_hand():
     shift = [tau * math.log(c / 5) for c in (1, 3, 1)]
     z0 = [[v + s for v, s in zip(row, shift)] for row in Z0]
     z1 = [[v + s for v, s in zip(row, shift)] for row in Z1]
-    objective = make_objective(FederatedSettings(objective="logit_adjusted", logit_tau=tau, distill_weight=0.0))
+    objective = make_objective(FederatedSettings(objective={"name": "logit_adjusted", "tau": tau, "distill_weight": 0.0}))
     assert type(objective) is LogitAdjusted
     ctx = ObjectiveContext(TwoExitModel(), {}, class_counts=counts)
     objective.begin(ctx)
@@ -354,7 +354,7 @@ def test_logit_adjusted_loss_by_hand():
     assert abs(by_hand - multi_exit_by_hand()) > 0.1
     assert math.isclose(num(objective.loss(ctx, outputs(), labels())), by_hand, rel_tol=1e-6)
     # with distillation, between the shifted exits
-    kd = LogitAdjusted(FederatedSettings(objective="logit_adjusted", logit_tau=tau, distill_weight=0.5))
+    kd = LogitAdjusted(FederatedSettings(objective={"name": "logit_adjusted", "tau": tau, "distill_weight": 0.5}))
     kd.begin(ctx)
     with_kd = by_hand + 0.5 * (kl(z1, z0, 1.0) + kl(z0, z1, 1.0))
     assert math.isclose(num(kd.loss(ctx, outputs(), labels())), with_kd, rel_tol=1e-5)
@@ -375,7 +375,7 @@ def test_logit_adjusted_with_one_exit():
     """A branch with one exit: the cross-entropy of its shifted logits."""
     model = TwoExitModel()
     model.loss_weights = (0.5,)
-    objective = LogitAdjusted(FederatedSettings(objective="logit_adjusted", logit_tau=1.0, distill_weight=0.5))
+    objective = LogitAdjusted(FederatedSettings(objective={"name": "logit_adjusted", "tau": 1.0, "distill_weight": 0.5}))
     ctx = ObjectiveContext(model, {}, class_counts=torch.tensor([1, 3, 1]))
     objective.begin(ctx)
     shift = [math.log(c / 5) for c in (1, 3, 1)]
@@ -385,7 +385,7 @@ def test_logit_adjusted_with_one_exit():
 
 def test_logit_adjusted_equals_cross_entropy_on_balanced_priors():
     """Balanced classes shift every logit by the same amount: exactly the multi-exit cross-entropy."""
-    objective = LogitAdjusted(FederatedSettings(objective="logit_adjusted", logit_tau=3.0, distill_weight=0.0))
+    objective = LogitAdjusted(FederatedSettings(objective={"name": "logit_adjusted", "tau": 3.0, "distill_weight": 0.0}))
     ctx = ObjectiveContext(TwoExitModel(), {}, class_counts=torch.tensor([7, 7, 7]))
     objective.begin(ctx)
     assert math.isclose(num(objective.loss(ctx, outputs(), labels())), multi_exit_by_hand(), rel_tol=1e-6)
@@ -396,12 +396,12 @@ def test_objectives_move_what_they_read_to_the_models_device():
     to the device of the parameters and logits (torch's meta device stands in for a GPU here)."""
     model = TwoExitModel().to("meta")
     state = {"dyn/a": torch.tensor([1.0, -1.0]), "dyn/b": torch.tensor([[2.0]])}
-    for objective in (FedProxObjective(FederatedSettings(objective="fedprox", prox_mu=0.5)),
-                      FedDynObjective(FederatedSettings(objective="feddyn", dyn_alpha=0.5))):
+    for objective in (FedProxObjective(FederatedSettings(objective={"name": "fedprox", "mu": 0.5})),
+                      FedDynObjective(FederatedSettings(objective={"name": "feddyn", "alpha": 0.5}))):
         ctx = ObjectiveContext(model, global_state([0.0, 4.0], 1.5), client_state=dict(state))
         objective.begin(ctx)
         assert objective.penalty(ctx).device.type == "meta"
-    adjusted = LogitAdjusted(FederatedSettings(objective="logit_adjusted", distill_weight=0.0))
+    adjusted = LogitAdjusted(FederatedSettings(objective={"name": "logit_adjusted", "distill_weight": 0.0}))
     ctx = ObjectiveContext(model, {}, class_counts=torch.tensor([1, 3, 1]))
     adjusted.begin(ctx)
     loss = adjusted.loss(ctx, [z.to("meta") for z in outputs()], labels().to("meta"))

@@ -629,7 +629,7 @@ def test_last_weights_that_do_not_fit_the_model_are_refused_by_name(template, va
 def test_the_server_state_is_restored_into_the_aggregator_and_the_clients(template, val, costs, tmp_path):
     """server.safetensors' aggregator/* entries go to the aggregator (FedAvgM's momentum, here
     perturbed and re-saved), client/<c>/* to that client's objective state."""
-    s = fed_settings(aggregator="fedavgm", server_lr=1.0, server_momentum=0.5)
+    s = fed_settings(aggregator={"name": "fedavgm", "lr": 1.0, "momentum": 0.5})
     engine = make_engine(template, val, costs, tmp_path, s)
     play(engine, 1, planted(template, 0))
     saved = engine.server_state()
