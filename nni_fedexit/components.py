@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ComponentParams", "SettingsError", "choose", "component_params", "error_line", "params_for", "validation_message"]
+__all__ = ["ComponentParams", "MovedSettingWarning", "SettingsError", "choose", "component_params", "error_line", "params_for", "validation_message"]
 
 
 class SettingsError(ValueError):
@@ -29,6 +29,10 @@ class SettingsError(ValueError):
 
     Raised in a model's validator, the key is that model's (``host: ...`` in the ``nni`` section's
     check becomes ``nni.host: ...``)."""
+
+
+class MovedSettingWarning(FutureWarning):
+    """A setting of an earlier version, read under its new key (the message names both)."""
 
 
 class ComponentParams(BaseModel):

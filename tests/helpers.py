@@ -689,6 +689,9 @@ import json
 import os
 import sys
 
+from pydantic import Field
+
+from nni_fedexit.components import ComponentParams
 from nni_fedexit.federated.aggregators import FedAvg
 from nni_fedexit.federated.objectives import MultiExitObjective
 
@@ -707,10 +710,13 @@ PLUGIN_POOL = {"sources": ["resnet18", "resnet50"], "in_chans": 1, "image_size":
 
 
 class LoggedFedAvg(FedAvg):
-    """FedAvg that says where it ran."""
+    """FedAvg that says where it ran, with a parameter of its own."""
+
+    class Params(ComponentParams):
+        tag: str = Field("plugin", description="written into each log line")
 
     def begin(self, global_state):
-        log_use("aggregator")
+        log_use("aggregator", tag=self.params.tag)
         return super().begin(global_state)
 
 

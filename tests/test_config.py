@@ -1,6 +1,7 @@
 """The run configuration: every section checked when it loads, messages that start with the dotted key,
 the run's FederatedSettings built once."""
 
+import json
 import re
 
 import pytest
@@ -223,3 +224,62 @@ def test_the_label_skew_options_come_from_the_yaml(tmp_path, no_data):
     assert (s.client_training, s.segment_data, s.name("objective"), s.server_steps, s.best_by, s.params("objective").tau,
             s.server_samples) == ("branch", "all", "logit_adjusted", 0, "last_exit", 0.5, 1000)
     assert s.local_settings().mode == "branch" and s.local_settings().segment_data == "all"
+
+
+def test_config_schema_describes_every_key_and_validates_the_examples(tmp_path):
+    """``nni-fedexit config schema``: JSON Schema an editor completes keys from; every example config
+    is valid under it, a typo or a wrong type is not, and the components' own parameters are in it."""
+    import jsonschema
+
+    result = CliRunner().invoke(main, ["config", "schema"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, (path.name, errors)
+    federated = schema["properties"]["federated"]["properties"]
+    assert "dataset" not in federated and "seed" not in federated  # set by other sections
+    fedadam = next(c for c in federated["aggregator"]["anyOf"] if c.get("title") == "aggregator fedadam")
+    assert set(fedadam["properties"]) == {"name", "lr", "beta_1", "beta_2", "tau"}
+    assert fedadam["properties"]["lr"]["exclusiveMinimum"] == 0 and fedadam["properties"]["lr"]["description"]
+    for bad in ({"federated": {"roundz": 3}}, {"exits": {"criterion": "margin"}},
+                {"federated": {"aggregator": {"name": "fedadam", "beta1": 0.5}}}, {"nni": {"port": "8080"}}):
+        assert list(validator.iter_errors(bad)), bad
+
+
+def test_config_check_prints_the_resolved_settings_and_moves_old_keys_with_one_line_each(tmp_path):
+    path = _config(tmp_path, federated__aggregator="fedadam", federated__server_lr=0.02)
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("warning: server_lr is now aggregator.lr (e.g. aggregator: {name: fedadam, lr: 0.02}); "
+                             "read as that\n")
+    resolved = json.loads(result.stdout.split("\n", 1)[1])
+    assert resolved["aggregator"] == {"name": "fedadam", "lr": 0.02, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+    assert resolved["objective"]["name"] == "logit_adjusted" and "checkpoint_dir" not in resolved
+    bad = CliRunner().invoke(main, ["config", "check", str(_config(tmp_path, federated__objective={"name": "fedprox",
+                                                                                                 "mu": -1}))])
+    assert bad.exit_code == 2 and bad.output == ("error: federated.objective.mu: Input should be greater than or "
+                                                 "equal to 0 (got -1)\n"), bad.output
+
+
+def test_the_configuration_reference_shows_every_key_the_models_declare():
+    """docs/configuration.md's reference is written from the models: every field of every section
+    and every built-in component's parameters, with its description."""
+    from nni_fedexit.components import component_params
+    from nni_fedexit.federated.settings import COMPONENTS, FederatedSettings
+    from nni_fedexit.job.config import DataConfig, ExitConfig, NniConfig, SearchConfig
+    from nni_fedexit.job.config_reference import reference_markdown
+
+    text = reference_markdown()
+    models = [DataConfig, SearchConfig, ExitConfig, NniConfig, FederatedSettings]
+    models += [component_params(registry.get(name)) for registry in COMPONENTS.values() for name in registry.names()]
+    for model in models:
+        for name, field in model.model_fields.items():
+            if name in ("dataset", "data_dir", "server_fraction", "val_fraction", "test_samples", "seed", "device",
+                        "checkpoint_dir") and model is FederatedSettings:
+                continue  # documented in the section that sets them
+            assert f"| `{name}` |" in text, (model.__name__, name)
+            assert field.description and field.description.split()[0] in text, (model.__name__, name)
+    assert "<!-- config-reference -->" in (EXAMPLES.parent / "docs" / "configuration.md").read_text()

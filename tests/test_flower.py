@@ -363,8 +363,9 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
         dep.wait_online(3, 90)
         run, run_log = dep.run(f'settings.checkpoint_dir="{ckpt}" settings.client_threads=1 settings.rounds=3 '
                                'settings.min_clients=2 settings.round_timeout=120.0 settings.node_wait=60.0 '
-                               'settings.aggregator="logged_fedavg" settings.objective="logged_multi_exit"',
-                               app=hostile_flower_app(tmp_path / "app"))
+                               'settings.objective="logged_multi_exit"',
+                               app=hostile_flower_app(tmp_path / "app", aggregator={"name": "logged_fedavg",
+                                                                                    "tag": "in the app"}))
         deadline = time.time() + FAULT_TIMEOUT
         wait_until(lambda: held.is_file() or run.poll() is not None, FAULT_TIMEOUT,
                    lambda: f"round 2 never reached the victim\n{dep.diag()}", poll=0.2)
@@ -402,6 +403,7 @@ def test_deployment_finishes_when_a_supernode_is_killed_after_round_one(tmp_path
     aggregations = [u for u in uses if u["kind"] == "aggregator"]
     trainings = [u for u in uses if u["kind"] == "objective"]
     assert len(aggregations) == 3 and len({u["pid"] for u in aggregations}) == 1, uses
+    assert {u["tag"] for u in aggregations} == {"in the app"}, uses  # its own parameter, from the run config
     assert len(trainings) >= 7 and aggregations[0]["pid"] not in {u["pid"] for u in trainings}, uses
     assert len({u["pid"] for u in trainings}) >= 2, uses
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nni_fedexit.federated import FederatedData, FederatedSettings, federate
-from nni_fedexit.federated.aggregators import FedAvg, aggregator_names
+from nni_fedexit.federated.aggregators import FedAvg, aggregator_names, make_aggregator
 from nni_fedexit.federated.aggregators.base import AGGREGATORS
 from nni_fedexit.federated.objectives import objective_names
 from nni_fedexit.federated.objectives.base import OBJECTIVES
@@ -48,7 +48,18 @@ def test_installed_plugins_are_found_by_name(with_plugin):
     assert "logged_multi_exit" in objective_names()
     cls = AGGREGATORS.get("logged_fedavg")
     assert cls.__name__ == "LoggedFedAvg" and issubclass(cls, FedAvg)
-    assert FederatedSettings(aggregator="logged_fedavg", objective="logged_multi_exit").aggregator == {"name": "logged_fedavg"}
+    assert FederatedSettings(aggregator="logged_fedavg", objective="logged_multi_exit").aggregator == \
+        {"name": "logged_fedavg", "tag": "plugin"}
+    # the plugin's own parameters: checked where the config loads, built into the component, in the schema
+    chosen = FederatedSettings(aggregator={"name": "logged_fedavg", "tag": "mine"})
+    assert make_aggregator(chosen).params.tag == "mine"
+    with pytest.raises(ValueError, match=r"^aggregator\.trim: unknown key; aggregator takes \['tag'\]$"):
+        FederatedSettings(aggregator={"name": "logged_fedavg", "trim": 0.1})
+    from nni_fedexit.job.config import run_config_schema
+
+    choices = run_config_schema()["properties"]["federated"]["properties"]["aggregator"]["anyOf"]
+    plugin = next(c for c in choices if c.get("properties", {}).get("name") == {"const": "logged_fedavg"})
+    assert plugin["properties"]["tag"]["description"] == "written into each log line"
 
 
 def test_a_plugin_cannot_take_a_built_in_name(with_plugin, caplog):

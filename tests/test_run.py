@@ -167,7 +167,7 @@ def test_a_plugin_chosen_in_the_yaml_runs_inside_the_nni_trial(tiny_run, tmp_pat
         shutil.copy(run_dir / name, partial / name)
     (partial / "stages.json").write_text(json.dumps({"done": ["search"]}))
     config = yaml.safe_load((EXAMPLES / "tiny_digits.yaml").read_text())
-    config["federated"].update(aggregator="logged_fedavg", objective="logged_multi_exit")
+    config["federated"].update(aggregator={"name": "logged_fedavg", "tag": "from the yaml"}, objective="logged_multi_exit")
     (tmp_path / "plugin.yaml").write_text(yaml.safe_dump(config))
     log = tmp_path / "uses.jsonl"
     env = venv_env(PYTHONPATH=os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")]),
@@ -179,6 +179,7 @@ def test_a_plugin_chosen_in_the_yaml_runs_inside_the_nni_trial(tiny_run, tmp_pat
     trial = {u["nni_trial"] for u in uses}
     assert len(trial) == 1 and None not in trial, uses  # every use inside the one NNI trial of the stage
     assert [u["kind"] for u in uses].count("aggregator") == config["federated"]["rounds"]
+    assert {u["tag"] for u in uses if u["kind"] == "aggregator"} == {"from the yaml"}  # its own parameter, set there
     assert any(u["kind"] == "objective" for u in uses)
     assert json.loads((partial / "federated" / "metrics.json").read_text())["rounds"]
 

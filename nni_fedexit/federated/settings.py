@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nni_fedexit.components import ComponentParams, SettingsError, component_params, validation_message
+from nni_fedexit.components import ComponentParams, MovedSettingWarning, SettingsError, component_params, validation_message
 from nni_fedexit.exits import EXIT_HEADS
 from nni_fedexit.federated.aggregators.base import AGGREGATORS
 from nni_fedexit.federated.assign import DEFAULT_PROFILE_MIX, DEPTH_SAMPLING, ClientProfile
@@ -219,7 +219,7 @@ class FederatedSettings(BaseModel):
             if target in section:
                 raise SettingsError(f"{key}: given twice, here and as {kind}.{target}; keep {kind}.{target}")
             warnings.warn(f"{key} is now {kind}.{target} (e.g. {kind}: {{name: {name}, {target}: {value!r}}}); "
-                          "read as that", FutureWarning, stacklevel=2)
+                          "read as that", MovedSettingWarning, stacklevel=2)
             section[target] = value
             data[kind] = section
         return data

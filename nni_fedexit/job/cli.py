@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ _USER_ERRORS = {
     "nni_fedexit.nni_tools.reopen": "ReopenError",
     "nni_fedexit.federated.errors": "FederatedError",
     "nni_fedexit.job.pipeline": "PipelineError",
+    "nni_fedexit.components": "SettingsError",
 }
 
 
@@ -60,11 +62,57 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _show_moved_keys(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                     line: str | None = None) -> None:
+    """A setting of an earlier version read under its new key: one line, as the errors are."""
+    components = sys.modules.get("nni_fedexit.components")
+    if components is not None and issubclass(category, components.MovedSettingWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nni-fedexit")
 def main() -> None:
     """Cloud-edge collaborative training on NNI: ResNet block-pool search, multi-exit networks,
     federated training on edge clients."""
+    warnings.showwarning = _show_moved_keys
+
+
+@main.group()
+def config() -> None:
+    """Run configs: their JSON Schema, and a check of one without running it."""
+
+
+@config.command()
+@click.option("--indent", default=2, show_default=True, help="Spaces per level of the JSON.")
+@_user_errors
+def schema(indent: int) -> None:
+    """Print the JSON Schema of a run config: every key with its type, default and documentation,
+    and the installed aggregators', objectives' and backends' own parameters. Point an editor's
+    YAML support at it (``# yaml-language-server: $schema=run-config.schema.json``) to complete keys."""
+    import json
+
+    from nni_fedexit.job.config import run_config_schema
+
+    click.echo(json.dumps(run_config_schema(), indent=indent))
+
+
+@config.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@_user_errors
+def check(config_path: str) -> None:
+    """Check a run config as ``run`` would (every section, before any data loads) and print the
+    federated settings it resolves to, every default filled in."""
+    from nni_fedexit.job.config import load_config
+
+    settings = load_config(config_path).federated_settings()
+    click.echo(f"{config_path}: valid; its federated settings:")
+    click.echo(settings.model_dump_json(indent=2, exclude={"checkpoint_dir"}))
 
 
 @main.command()
