@@ -18,6 +18,7 @@ takes a built-in name is ignored with a warning (the built-in keeps its meaning)
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Mapping
@@ -33,6 +34,15 @@ ENTRY_POINT_GROUPS = {
     "objective": "nni_fedexit.objectives",
     "backend": "nni_fedexit.backends",
 }
+
+
+def _takes_params(component: Any) -> bool:
+    """Whether ``component(settings, params=...)`` is a valid call."""
+    try:
+        signature = inspect.signature(component)
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "params" or p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
 
 
 class Registry:
@@ -93,10 +103,17 @@ class Registry:
 
     def build(self, settings: Any) -> Any:
         """The implementation ``settings.<key>`` chooses, built as ``cls(settings, params=...)``
-        with its own validated parameters from that section."""
+        with its own validated parameters from that section (a class whose ``__init__`` takes
+        no ``params``, written before components declared theirs, is built as ``cls(settings)``)."""
         section = self.choose(getattr(settings, self.key))
         component = self.get(section.pop("name"))
-        return component(settings, params=component_params(component)(**section))
+        params = component_params(component)(**section)
+        if _takes_params(component):
+            return component(settings, params=params)
+        built = component(settings)
+        if getattr(built, "params", None) is None:
+            built.params = params
+        return built
 
     def get(self, name: str) -> Any:
         """The implementation registered as ``name`` (imported now if it was registered by path or

@@ -403,15 +403,15 @@ def test_settings_of_earlier_versions_move_into_the_aggregators_section_with_a_w
     moved to the chosen rule's parameter, with a FutureWarning that names the new key; ignored, as
     before, where the rule has no such parameter; the checkpoint fingerprint is that of those versions."""
     with pytest.warns(FutureWarning, match=r"server_lr is now aggregator\.lr"):
-        old = FederatedSettings(aggregator={"name": "fedadam", "lr": 0.05, "beta_2": 0.9})
+        old = FederatedSettings(aggregator="fedadam", server_lr=0.05, server_beta2=0.9)
     assert old.aggregator == {"name": "fedadam", "lr": 0.05, "beta_1": 0.9, "beta_2": 0.9, "tau": 0.001}
     assert old == FederatedSettings(aggregator={"name": "fedadam", "lr": 0.05, "beta_2": 0.9})
     # written by the version before the move (same arguments): a checkpoint of it resumes
     assert old.fingerprint() == "ac3a7f1e00ad5b88577100d26bb109b36b400538"
     assert FederatedSettings().fingerprint() == "79defdb26397c9261879d0eb6e131d8ceeba83fd"
     with pytest.warns(FutureWarning, match=r"server_momentum is now aggregator\.momentum"):
-        assert FederatedSettings(aggregator={"name": "fedavgm", "momentum": 0.5}).fingerprint() == \
+        assert FederatedSettings(aggregator="fedavgm", server_momentum=0.5).fingerprint() == \
             "737976c176512acbb370a925458dc86f281bf9e8"
-    assert FederatedSettings(aggregator="fedavg").aggregator == {"name": "fedavg"}  # fedavg has no lr: ignored, as before
+    assert FederatedSettings(server_lr=0.3).aggregator == {"name": "fedavg"}  # fedavg has no lr: ignored, as before
     with pytest.raises(ValueError, match=r"^server_lr: given twice, here and as aggregator\.lr; keep aggregator\.lr$"):
         FederatedSettings(aggregator={"name": "fedadam", "lr": 0.1}, server_lr=0.2)

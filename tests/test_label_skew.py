@@ -340,7 +340,7 @@ def test_a_run_with_the_label_skew_options_resumes_where_it_stopped(digits, tmp_
         settings = FederatedSettings(dataset="digits", rounds=rounds, num_clients=4, client_fraction=0.5,
                                      partition="shards", classes_per_client=3, server_steps=3, seed=0,
                                      checkpoint_dir=str(folder) if folder else None)
-        assert settings.client_training == "depthwise" and settings.objective == "logit_adjusted"  # the defaults
+        assert settings.client_training == "depthwise" and settings.name("objective") == "logit_adjusted"  # the defaults
         torch.manual_seed(0)
         net = tiny_space().build(SAMPLE)
         return federate(copy.deepcopy(net), settings, data=FederatedData(settings, bundle=digits),

@@ -41,7 +41,7 @@ def _run(settings: FederatedSettings, data: FederatedData) -> tuple[dict, list[d
     records: list[dict] = []
     model = _model(settings)
     costs = exit_costs(model, data.val.images[:1])
-    outcome = get_backend(settings.backend)(model, settings, data, costs, records.append)
+    outcome = get_backend(settings.name("backend"))(model, settings, data, costs, records.append)
     assert [r["round"] for r in outcome.history] == list(range(1, settings.rounds + 1))
     return {k: v.clone() for k, v in model.state_dict().items()}, records
 
