@@ -67,7 +67,8 @@ SHARDS = [
     Shard("reward", "nni_fedexit/search/reward.py", ("tests/test_reward.py",)),
     Shard("profiler", "nni_fedexit/search/profiler.py", ("tests/test_reward.py",)),
     Shard("decisions", "nni_fedexit/search/decisions.py", ("tests/test_decisions.py",)),
-    Shard("components", "nni_fedexit/components.py", ("tests/test_components.py", "tests/test_aggregators.py")),
+    Shard("components", "nni_fedexit/components.py",
+          ("tests/test_components.py", "tests/test_aggregators.py", "tests/test_config.py")),
     Shard("replies", "nni_fedexit/federated/backends/flower/replies.py", ("tests/test_replies.py",)),
 ]
 

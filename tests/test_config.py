@@ -282,4 +282,3 @@ def test_the_configuration_reference_shows_every_key_the_models_declare():
                 continue  # documented in the section that sets them
             assert f"| `{name}` |" in text, (model.__name__, name)
             assert field.description and field.description.split()[0] in text, (model.__name__, name)
-    assert "<!-- config-reference -->" in (EXAMPLES.parent / "docs" / "configuration.md").read_text()

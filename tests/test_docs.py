@@ -27,6 +27,12 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"mkdocs build --strict failed (exit {proc.returncode}):\n{output}"
     assert (tmp_path / "site" / "index.html").is_file(), output
     assert (tmp_path / "site" / "api" / "search.html").is_file(), output
+    # the configuration page is written from the settings models and includes the demo config itself
+    page = (tmp_path / "site" / "configuration.html").read_text()
+    assert "federated.aggregator" in page and "beta_1" in page and "<!-- config-reference -->" not in page
+    assert "a round costs a tenth of the data" in page  # a comment of examples/fmnist_quickstart.yaml
+    # the API reference shows the settings models' fields with their descriptions
+    assert "federated rounds to run" in (tmp_path / "site" / "api" / "federated.html").read_text()
 
 
 def test_readme_is_short_and_shows_the_commands() -> None:
