@@ -24,6 +24,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Mapping
 
 from nni_fedexit.components import SettingsError, choose, component_params
+
 __all__ = ["Registry", "ENTRY_POINT_GROUPS"]
 
 log = logging.getLogger(__name__)
