@@ -1,16 +1,15 @@
 """Checks of setting values, shared by every settings dataclass: one error, naming the key.
 
-A settings class calls :func:`check_fields` in ``__post_init__``: each value must fit its field's
-annotation (``int``, ``float``, ``str``, ``bool``, ``list``, ``dict``, each ``| None`` or not), so a
-YAML ``lr: "0.1"`` or ``round_retries: 1.5`` is refused when the settings are built, by name.
+:func:`check_type`: a value must fit a field's annotation (``int``, ``float``, ``str``, ``bool``,
+``list``, ``dict``, each ``| None`` or not), so a YAML ``lr: "0.1"`` is refused by name. Used by
+the settings that are not pydantic models yet (the strategy's arguments, ``search.trial``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
-__all__ = ["check_fields", "check_type", "positive_int", "reason"]
+__all__ = ["check_type", "positive_int", "reason"]
 
 
 def reason(err: BaseException) -> str:
@@ -46,12 +45,6 @@ def check_type(key: str, value: Any, annotation: str) -> None:
     elif "dict" in kinds:
         if not isinstance(value, Mapping):
             raise ValueError(f"{key}: expected a mapping of keys to values, got {value!r}")
-
-
-def check_fields(settings: Any, prefix: str = "") -> None:
-    """:func:`check_type` for every field of the dataclass instance ``settings``."""
-    for f in dataclasses.fields(settings):
-        check_type(prefix + f.name, getattr(settings, f.name), str(f.type))
 
 
 def positive_int(key: str, value: Any) -> int:

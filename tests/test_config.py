@@ -156,7 +156,7 @@ def test_dotted_overrides_are_checked(tmp_path, no_data):
         ({"federated__num_clients": 100000}, "federated.num_clients: 100000 clients but only",
          "use fewer clients or more data"),
         ({"exits__criterion": "margin"}, "exits.criterion: Input should be 'max_prob' or 'entropy'", "(got 'margin')"),
-        ({"exits__rule": "mine"}, "exits.rule: Input should be 'per_exit' or 'shared'", "(got 'mine')"),
+        ({"exits__rule": "mine"}, "exits.rule: Input should be 'shared' or 'per_exit'", "(got 'mine')"),
         ({"exits__margin": "lots"}, "exits.margin: Input should be 'held_out' or 'none'", "(got 'lots')"),
         ({"exits__confidence_level": 1.0}, "exits.confidence_level: Input should be less than 1", "(got 1.0)"),
         ({"nni__host": "0.0.0.0"}, "nni.host: must be 127.0.0.1, localhost or all", "SSH tunnel"),

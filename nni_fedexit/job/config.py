@@ -50,6 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from nni_fedexit.checks import check_type, positive_int
 from nni_fedexit.components import SettingsError, validation_message
+from nni_fedexit.exits.network import PREDICTIONS
+from nni_fedexit.exits.thresholds import CRITERIA, RULES
 
 if TYPE_CHECKING:
     from nni_fedexit.federated import FederatedSettings
@@ -120,13 +122,13 @@ class ExitConfig(Section):
     max_accuracy_drop: float | None = Field(0.01, ge=0, le=1, description="the accuracy the thresholds may give up "
                                             "against the last exit (a share); or give macs_budget")
     macs_budget: float | None = Field(None, gt=0, description="expected MACs per image the thresholds aim at")
-    criterion: Literal["max_prob", "entropy"] = Field("max_prob", description="an exit's confidence: max_prob or "
-                                                      "entropy")
-    prediction: Literal["exit", "ensemble"] = Field(
+    criterion: Literal[CRITERIA] = Field(  # type: ignore[valid-type]
+        "max_prob", description="an exit's confidence: max_prob or entropy")
+    prediction: Literal[PREDICTIONS] = Field(  # type: ignore[valid-type]
         "exit", description="exit (each exit's own softmax) or ensemble (each exit predicts with the mean "
         "probability of the exits up to it)")
-    rule: Literal["per_exit", "shared"] = Field("per_exit", description="per_exit (a threshold per exit) or "
-                                                "shared (one for every exit)")
+    rule: Literal[RULES] = Field(  # type: ignore[valid-type]
+        "per_exit", description="per_exit (a threshold per exit) or shared (one for every exit)")
     margin: Literal[MARGINS] = Field(  # type: ignore[valid-type]
         "held_out", description="held_out (the drop holds on unseen images with confidence_level) or none (fitted "
         "to the validation images only)")
