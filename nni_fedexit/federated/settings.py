@@ -255,18 +255,8 @@ class FederatedSettings(BaseModel):
         return type(self)(**{**self.model_dump(), **changes})
 
     def to_json(self) -> str:
-        """The settings as one JSON document (:meth:`from_json` reads it back, in any process)."""
+        """The settings as one JSON document (``FederatedSettings(**json.loads(text))`` reads it back)."""
         return self.model_dump_json()
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "FederatedSettings":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise SettingsError(f"settings: not a JSON object ({type(err).__name__}: {err})") from None
-        if not isinstance(data, dict):
-            raise SettingsError(f"settings: expected a JSON object of settings, got {type(data).__name__}")
-        return cls(**data)
 
     def profiles(self) -> list[tuple[ClientProfile, float]]:
         """The capability mode's device classes and their shares of the clients."""
